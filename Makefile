@@ -1,0 +1,28 @@
+# The two commands of the README. Each installs what it needs into the current Python environment.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# torch first, pinned, and only where none is installed: an unpinned requirement on a machine without torch pulls
+# the CUDA build (several GB). Where torch exists (Colab, your GPU box) it is left alone.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: train test install install-dev
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e .
+
+install-dev:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[dev]"
+
+## train: the main job: the reference GPT on the embedded corpus with the default (tiny-cpu) config
+train: install
+	$(PYTHON) -m nbtrain.cli train
+
+## test: package in sync with the notebooks, notebook tests, docs preprocessing, pytest
+test: install-dev
+	$(PYTHON) tools/check_sync.py
+	$(PYTHON) tools/readme.py --check
+	nbdev-test --n-workers 2 --flags slow
+	nbdev-proc-nbs
+	$(PYTHON) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
