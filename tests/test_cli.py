@@ -1,0 +1,64 @@
+"""End-to-end runs of the `nbtrain` command in a subprocess, as a user would type them."""
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT/'tests'/'fixtures'
+QUICK = ['--train.max_steps', '6', '--train.eval_every', '3', '--train.eval_batches', '2', '--train.log_every', '2',
+         '--data.corpus_size', '60', '--train.micro_batch_size', '4', '--data.seq_len', '32']
+
+def nbtrain(*args, env=None, cwd=None, timeout=300):
+    e = {**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}
+    return subprocess.run([sys.executable, '-m', 'nbtrain.cli', *args], capture_output=True, text=True,
+                          env=e, cwd=cwd, timeout=timeout)
+
+def only_run(out_dir:Path) -> Path:
+    runs = [p for p in out_dir.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+def test_help_lists_commands():
+    r = nbtrain('--help')
+    assert r.returncode == 0 and 'train' in r.stdout and 'config' in r.stdout
+
+def test_bad_override_is_one_clear_line(tmp_path):
+    r = nbtrain('train', '--optim.lerning_rate', '1e-3', '--output_dir', str(tmp_path))
+    assert r.returncode == 2
+    assert "Unknown config key 'optim.lerning_rate'. Did you mean 'lr'?" in r.stderr
+    assert 'Traceback' not in r.stderr
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+@pytest.mark.slow
+def test_run_folder_complete_and_free_of_secrets(tmp_path):
+    secrets = {'WANDB_API_KEY': 'wandb-key-0123456789abcdef', 'HF_TOKEN': 'hf_SecretToken0123456789'}
+    r = nbtrain('train', *QUICK, '--output_dir', str(tmp_path), env=secrets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = only_run(tmp_path)
+    for f in ('config.yaml', 'metrics.jsonl', 'env.json', 'model.json', 'loss_curve.png',
+              'final/model.safetensors', 'final/config.json', 'final/tokenizer.json'):
+        assert (run/f).is_file() and (run/f).stat().st_size > 0, f
+    rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows if 'loss' in r] == [2, 4, 6]
+    assert [r['step'] for r in rows if 'val_loss' in r] == [0, 3, 6]
+    for p in run.rglob('*'):
+        if p.is_file():
+            data = p.read_bytes()
+            for s in secrets.values(): assert s.encode() not in data, f'secret found in {p}'
+    assert 'validation loss at start' in r.stdout and 'validation loss at end' in r.stdout
+
+@pytest.mark.slow
+def test_gist_export_trains_from_cli(tmp_path):
+    src = FIXTURES/'gist_gpt'
+    args = ['train', '--model.name', 'file', '--model.path', str(src), *QUICK, '--output_dir', str(tmp_path)]
+    r = nbtrain(*args)
+    assert r.returncode == 2 and 'trust_code' in r.stderr  # executing a file must be allowed explicitly
+    r = nbtrain(*args, '--model.trust_code', 'true')
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = only_run(tmp_path)
+    info = json.loads((run/'model.json').read_text())
+    import hashlib
+    assert info['sha256'] == hashlib.sha256((src/'model.py').read_bytes()).hexdigest()
+    assert (run/'final'/'model.safetensors').is_file() and (run/'final'/'model.py').is_file()
+    losses = [json.loads(l)['loss'] for l in (run/'metrics.jsonl').read_text().splitlines() if '"loss"' in l]
+    assert len(losses) == 3 and all(l == l for l in losses)  # finite, logged at steps 2, 4, 6
