@@ -17,14 +17,14 @@ __all__ = ['cmd_train', 'cmd_config', 'main']
 
 # %% ../nbs/12_cli.ipynb #7a3fd4ca
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='nbtrain', description='Check, train, track and ship transformer models.')
+    p = argparse.ArgumentParser(prog='nbtrain', description='Check, train, track and ship transformer models.', allow_abbrev=False)
     p.add_argument('--version', action='version', version=f'nbtrain {__version__}')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
     epilog = ("Any config field can be overridden as --section.key VALUE (e.g. --optim.lr 3e-4 --train.max_steps 100). "
               "Run 'nbtrain config --fields' to list them all.")
     for name, help in (('train', 'train a model and write a run folder'),
                        ('config', 'print the resolved configuration without training')):
-        s = sub.add_parser(name, help=help, description=help, epilog=epilog)
+        s = sub.add_parser(name, help=help, description=help, epilog=epilog, allow_abbrev=False)
         s.add_argument('--config', metavar='FILE', help='YAML or JSON config file')
         s.add_argument('--preset', metavar='NAME', help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
         if name == 'config': s.add_argument('--fields', action='store_true', help='list every config field with its help')
@@ -38,7 +38,7 @@ def cmd_train(cfg) -> int:
     n = tr.model_info.get('n_params', 0)
     say(f"nbtrain {__version__} | run folder: {tr.run_dir}")
     say(f"model: {cfg.model.name} ({n/1e6:.2f}M parameters) | task: {cfg.task.name} | data: {cfg.data.source} "
-        f"({len(tr.data.train):,} train / {len(tr.data.val):,} val examples)")
+        f"({len(tr.data.train):,} train / {len(tr.data.val or ()):,} val examples)")
     say(f"device: {tr.fabric.device} | {tr.precision_note} | {tr.total_steps} optimizer steps of "
         f"{cfg.train.micro_batch_size * cfg.train.grad_accum * tr.fabric.world_size} examples")
     res = tr.fit()

@@ -56,14 +56,14 @@ def _coerce(value, tp, name:str):
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE: return value.strip().lower() in _TRUE
         raise bad(' (use true or false)')
     if tp is int:
-        if isinstance(value, bool): raise bad()
+        if isinstance(value, bool): raise bad(' (a whole number)')
         if isinstance(value, int): return value
         if isinstance(value, float) and value.is_integer(): return int(value)
         if isinstance(value, str):
             try: f = float(value.replace('_', ''))
-            except ValueError: raise bad() from None
+            except ValueError: raise bad(' (a whole number)') from None
             if f.is_integer(): return int(f)
-        raise bad()
+        raise bad(' (a whole number)')
     if tp is float:
         if isinstance(value, bool): raise bad()
         if isinstance(value, (int, float)): return float(value)
@@ -348,12 +348,13 @@ def parse_overrides(args:list[str]) -> dict:
         if not a.startswith('--') or len(a) < 3:
             raise ConfigError(f"Unexpected argument {a!r}: overrides look like --section.key VALUE or --section.key=VALUE")
         key, eq, val = a[2:].partition('=')
+        key = '.'.join(k.replace('-', '_') for k in key.split('.'))
         if not eq:
             if i + 1 >= len(args) or (args[i+1].startswith('--') and not _is_number(args[i+1])):
                 raise ConfigError(f"Override --{key} has no value: write --{key} VALUE")
             val, i = args[i+1], i + 1
         i += 1
-        _set_dotted(out, key.replace('-', '_') if '.' not in key else key, val)
+        _set_dotted(out, key, val)
     return out
 
 def _is_number(s):
@@ -374,6 +375,8 @@ def dotted_to_nested(over:dict) -> dict:
     return out
 
 # %% ../nbs/02_config.ipynb #b0bf94ae
+_STOP_KEYS = ('max_steps', 'max_epochs', 'max_time')
+
 def load_config(file=None, preset:str|None=None, overrides:dict|list[str]|None=None) -> RunConfig:
     "Resolve a `RunConfig` from defaults < `preset` < `file` < `overrides` (a dict, dotted dict or CLI list)."
     fd = read_config_file(file) if file else {}
@@ -382,7 +385,10 @@ def load_config(file=None, preset:str|None=None, overrides:dict|list[str]|None=N
     fd.pop('preset', None)
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset '{name}'.{did_you_mean(name, PRESETS)} Available presets: {format_choices(PRESETS)}.")
-    d = deep_merge(deep_merge(PRESETS[name], fd), over)
+    base = copy.deepcopy(PRESETS[name])
+    if any(k in (src.get('train') or {}) for src in (fd, over) for k in _STOP_KEYS):
+        for k in _STOP_KEYS: base.get('train', {}).pop(k, None)  # your stopping rule replaces the preset's
+    d = deep_merge(deep_merge(base, fd), over)
     d['preset'] = name
     return RunConfig.from_dict(d)
 

@@ -257,7 +257,8 @@ def read_utf8(path) -> str:
     "The text of a UTF-8 file; a `DataError` naming the file and what is wrong when it is missing, empty or not UTF-8."
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"Data file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ''))
+        raise DataError(f"data.source={str(path)!r}: the data file does not exist" + (" (it is a folder)" if path.is_dir() else '')
+                        + f" (relative to {Path.cwd()}). Use embedded, digits, synthetic, or the path of an existing .txt/.jsonl/.csv file")
     raw = path.read_bytes()
     bom = 3 if raw.startswith(b'\xef\xbb\xbf') else 0
     try: text = raw[bom:].decode('utf-8')

@@ -152,7 +152,7 @@ def construct(cls:type, cfg:dict, full:dict|None=None, overrides=()) -> nn.Modul
 # %% ../nbs/06_loading.ipynb #9cfe55b8
 def _export_files(path) -> tuple[Path, Path]:
     p = Path(path).expanduser()
-    if not p.exists(): raise ModelLoadError(f"{path} does not exist: give the export folder (model.py + config.json) or its model.py.")
+    if not p.exists(): raise ModelLoadError(f"model.path={str(path)!r} does not exist: give the export folder (model.py + config.json) or its model.py.")
     if p.is_dir(): folder, model_py = p, p / 'model.py'
     elif p.suffix == '.py' or p.name == 'config.json': folder, model_py = p.parent, p.parent / 'model.py' if p.suffix == '.json' else p
     else: raise ModelLoadError(f"{path} is neither a folder nor a model.py: give the export folder (model.py + config.json) or its model.py.")

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from fastcore.basics import patch
-from .config import RunConfig, load_config, save_config
-from .errors import ConfigError, DataError
+from .config import RunConfig, load_config, save_config, redact
+from .errors import ConfigError, DataError, did_you_mean
 from .hardware import device_info, resolve_accelerator, resolve_precision, explain_precision, enable_fast_math
 from .repro import seed_everything, write_env
 from .models import unwrap_model
@@ -63,8 +63,8 @@ class Trainer:
         self.data = data if data is not None else build_data(cfg.data, cfg.task.name, t.seed)
         self.task = task if task is not None else build_task(cfg.task)
         if model is None:
-            di, tok = self.data.info, self.data.tokenizer
-            image_shape = (di['num_channels'], di['image_size'], di['image_size']) if 'image_size' in di else None
+            tok, sample = self.data.tokenizer, self.data.train[0]
+            image_shape = tuple(sample['pixel_values'].shape) if 'pixel_values' in sample else None
             loaded = build_model(cfg.model, vocab_size=self.data.vocab_size, num_labels=cfg.task.num_labels or self.data.num_labels,
                                  max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len, task=cfg.task.name,
                                  pad_id=getattr(tok, 'pad_id', None), image_shape=image_shape)
@@ -72,8 +72,10 @@ class Trainer:
         else:
             loaded = build_model(model)
             model, self.model_info = loaded.module, dict(loaded.info, kind=loaded.kind)
+        self.model_info = redact(self.model_info)
         self.model_info.setdefault('n_params', sum(p.numel() for p in unwrap_model(model).parameters()))
         self.raw_model = model
+        self._check_labels()
 
         self.train_loader, self.val_loader = self._loaders()
         self.steps_per_epoch = len(self.train_loader) // t.grad_accum
@@ -82,6 +84,8 @@ class Trainer:
                             f"epoch, fewer than train.grad_accum={t.grad_accum}: lower train.micro_batch_size or "
                             f"train.grad_accum, or use more data")
         self.total_steps = self._total_steps()
+        self.step_capped = bool(t.max_steps or t.max_epochs)  # else only max_time (or a callback) ends the run
+        self._check_early_stopping()
 
         optimizer = build_optimizer(model, cfg.optim, device_type=self.fabric.device.type)
         if t.compile: model = self._compile(model)
@@ -120,12 +124,14 @@ def _to_device(self:Trainer, batch:dict) -> dict:
     return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 @patch
-def _epoch_batches(self:Trainer, epoch:int):
-    "An iterator over the training micro-batches of `epoch`, in the order fixed by (seed, epoch)."
+def _epoch_batches(self:Trainer, epoch:int, skip:int=0):
+    "The training micro-batches of `epoch` in the order fixed by (seed, epoch), after skipping the first `skip`."
     loader = self.train_loader
     set_epoch(getattr(loader, '_dataloader', loader), epoch)
     if hasattr(loader, '_num_iter_calls'): loader._num_iter_calls = epoch  # Fabric's loader sets the sampler epoch from this
-    return (self._to_device(b) for b in loader)
+    it = iter(loader)
+    for _ in range(skip): next(it)  # resuming inside an epoch: batches already trained on are not moved to the device
+    return (self._to_device(b) for b in it)
 
 @patch
 def _total_steps(self:Trainer) -> int:
@@ -151,8 +157,35 @@ def _default_callbacks(self:Trainer) -> list:
     cbs = [JSONLLogger(), LossCurve()]
     if t.progress_bar: cbs.append(ProgressBar())
     if t.early_stopping_patience:
-        cbs.append(EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, t.early_stopping_mode, t.early_stopping_min_delta))
+        es = EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, t.early_stopping_mode, t.early_stopping_min_delta)
+        es.critical = True  # a run asked to stop early must not silently run to the end
+        cbs.append(es)
     return cbs
+
+# %% ../nbs/11_trainer.ipynb #264336e3
+@patch
+def _check_labels(self:Trainer):
+    n, have = self.cfg.task.num_labels, self.data.num_labels
+    if n is not None and have is not None and n < have:
+        raise ConfigError(f"task.num_labels={n} but the data has {have} classes: set task.num_labels >= {have} "
+                          f"(or leave it unset to take it from the data)")
+
+@patch
+def eval_metric_names(self:Trainer) -> list[str]:
+    "The metrics `evaluate` reports for this task."
+    return ['val_loss', 'val_acc'] + (['val_ppl'] if self.task.name in LM_TASKS else [])
+
+@patch
+def _check_early_stopping(self:Trainer):
+    t = self.cfg.train
+    if not t.early_stopping_patience: return
+    if self.val_loader is None:
+        raise ConfigError(f"train.early_stopping_patience={t.early_stopping_patience} needs a validation set, but this "
+                          f"data has none: set data.val_fraction > 0 or turn early stopping off")
+    names = self.eval_metric_names()
+    if t.early_stopping_metric not in names:
+        raise ConfigError(f"train.early_stopping_metric={t.early_stopping_metric!r} is not reported by evaluation."
+                          f"{did_you_mean(t.early_stopping_metric, names)} Choose one of: {', '.join(names)}")
 
 # %% ../nbs/11_trainer.ipynb #ad7459d8
 @patch
@@ -188,6 +221,7 @@ def optimizer_step(self:Trainer) -> torch.Tensor|None:
     "Clip, step, zero the gradients and advance the schedule; returns the gradient norm before clipping."
     clip = self.cfg.train.grad_clip
     norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=clip, error_if_nonfinite=False) if clip else None
+    self.lr = self.optimizer.param_groups[0]['lr']  # the rate this step used, for the log
     self.optimizer.step()
     self.optimizer.zero_grad(set_to_none=True)
     self.scheduler.step()
@@ -218,7 +252,9 @@ def evaluate(self:Trainer) -> dict:
 
 @patch
 def _evaluate(self:Trainer):
+    t0 = time.monotonic()
     m = self.evaluate()
+    self._win_t += time.monotonic() - t0  # throughput windows exclude evaluation
     if m:
         self.last_eval = m
         if self.first_eval is None: self.first_eval = m
@@ -230,47 +266,31 @@ def _evaluate(self:Trainer):
 @patch
 def fit(self:Trainer) -> FitResult:
     "Train until a stopping rule fires; returns a `FitResult`."
-    t, A = self.cfg.train, self.cfg.train.grad_accum
+    t, A, cb = self.cfg.train, self.cfg.train.grad_accum, self.callbacks
     self.first_eval = self.last_eval = self.last_log = None
     self._last_eval_step, self._t0 = -1, time.monotonic()
-    deadline = self._t0 + t.max_time * 60 if t.max_time else None
-    cb = self.callbacks
+    self._deadline = self._t0 + t.max_time * 60 if t.max_time else None
+    self._new_window()
     cb.fire('on_fit_start', self)
     try:
         if t.eval_at_start: self._evaluate()
         self.model.train()
-        win_loss, win_steps, win_tokens, win_samples, win_t = 0., 0, 0, 0, time.monotonic()
-        while self.step < self.total_steps and not self.should_stop:
+        first = True
+        while not self._stopping():
             epoch, pos = divmod(self.step, self.steps_per_epoch)
-            it = self._epoch_batches(epoch)
-            for _ in range(pos * A): next(it)  # resume inside an epoch: skip what was already seen
+            it = self._epoch_batches(epoch, skip=pos * A)
             for _ in range(pos, self.steps_per_epoch):
                 batches = [next(it) for _ in range(A)]
-                win_loss = win_loss + self.backward_window(batches)
+                if first: self._validate_batch(batches[0]); first = False
+                self._win_loss = self._win_loss + self.backward_window(batches)
                 norm = self.optimizer_step()
-                win_steps += 1
-                for b in batches:
-                    x = b.get('input_ids')
-                    win_tokens += x.numel() if x is not None else 0
-                    win_samples += len(next(iter(b.values())))
+                self._count(batches)
                 cb.fire('on_step_end', self)
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    now = time.monotonic()
-                    loss = win_loss.item() / win_steps  # the one host sync of the hot path
-                    dt, ws = max(now - win_t, 1e-9), self.fabric.world_size
-                    m = dict(loss=loss, lr=self.optimizer.param_groups[0]['lr'], samples_per_s=win_samples * ws / dt)
-                    if win_tokens: m['tokens_per_s'] = win_tokens * ws / dt
-                    if norm is not None: m['grad_norm'] = float(norm)
-                    self.last_log = m
-                    cb.fire('on_log', self, m)
-                    win_loss, win_steps, win_tokens, win_samples, win_t = 0., 0, 0, 0, time.monotonic()
-                if t.eval_every and self.step % t.eval_every == 0: self._evaluate()
-                if self.step >= self.total_steps: self.stop_reason = f'reached {self.total_steps} steps'
-                elif deadline and time.monotonic() >= deadline: self.should_stop, self.stop_reason = True, f'reached max_time={t.max_time} min'
-                if self.stop_reason or self.should_stop: break
-            else:
-                cb.fire('on_epoch_end', self)
-                if self._last_eval_step != self.step: self._evaluate()
+                if self.step % t.log_every == 0 or self.step == self.total_steps: self._log(norm)
+                epoch_end = self.step % self.steps_per_epoch == 0
+                if epoch_end: cb.fire('on_epoch_end', self)
+                if epoch_end or (t.eval_every and self.step % t.eval_every == 0): self._evaluate()
+                if self._stopping(): break
     except KeyboardInterrupt:
         self.stop_reason = f'interrupted at step {self.step}'
         warnings.warn(f"Training interrupted at step {self.step}; writing the final model and metrics.")
@@ -283,6 +303,46 @@ def fit(self:Trainer) -> FitResult:
     self.fabric.barrier()
     return FitResult(self.run_dir, self.step, self.epoch, self.first_eval, self.last_eval, self.last_log,
                      self.stop_reason or 'stopped', time.monotonic() - self._t0, list(cb.failures))
+
+# %% ../nbs/11_trainer.ipynb #938695a9
+@patch
+def _stopping(self:Trainer) -> bool:
+    if self.step_capped and self.step >= self.total_steps: self.stop_reason = f'reached {self.total_steps} steps'
+    elif self._deadline and time.monotonic() >= self._deadline: self.stop_reason = f'reached max_time={self.cfg.train.max_time} min'
+    elif self.should_stop: self.stop_reason = self.stop_reason or f'stopped by a callback at step {self.step}'
+    return bool(self.stop_reason)
+
+@patch
+def _new_window(self:Trainer):
+    self._win_loss, self._win_steps, self._win_tokens, self._win_samples, self._win_t = 0., 0, 0, 0, time.monotonic()
+
+@patch
+def _count(self:Trainer, batches:list):
+    for b in batches:
+        mask, ids = b.get('attention_mask'), b.get('input_ids')
+        if mask is not None: self._win_tokens = self._win_tokens + mask.sum()  # real tokens, not padding; stays on device
+        elif ids is not None: self._win_tokens += ids.numel()
+        self._win_samples += len(next(iter(b.values())))
+    self._win_steps += 1
+
+@patch
+def _log(self:Trainer, norm):
+    f, ws = self.fabric, self.fabric.world_size
+    loss = self._win_loss
+    if ws > 1: loss = f.all_reduce(loss, reduce_op='sum')  # each process holds its share of the mean
+    dt = max(time.monotonic() - self._win_t, 1e-9)
+    m = dict(loss=loss.item() / self._win_steps, lr=self.lr, samples_per_s=self._win_samples * ws / dt)
+    if self._win_tokens: m['tokens_per_s'] = float(self._win_tokens) * ws / dt
+    if norm is not None: m['grad_norm'] = float(norm)
+    self.last_log = m
+    self.callbacks.fire('on_log', self, m)
+    self._new_window()
+
+@patch
+@torch.no_grad()
+def _validate_batch(self:Trainer, batch:dict):
+    "Value checks on the first batch (labels in range): one host sync per run, an error instead of a device assert."
+    self.task.validate_batch(batch, self.task.forward(self.model, batch))
 
 # %% ../nbs/11_trainer.ipynb #0a863f6a
 @patch
@@ -299,8 +359,8 @@ def save_final(self:Trainer) -> Path|None:
     elif mcfg is not None and hasattr(mcfg, '__dataclass_fields__'):
         from dataclasses import asdict
         mcfg = asdict(mcfg)
-    info = dict(model=self.model_info, model_config=mcfg if isinstance(mcfg, dict) else None,
-                task=self.cfg.task.name, run_config=self.cfg.to_dict())
+    info = redact(dict(model=self.model_info, model_config=mcfg if isinstance(mcfg, dict) else None,
+                       task=self.cfg.task.name, run_config=self.cfg.to_dict()))
     (d/'config.json').write_text(json.dumps(info, indent=2, default=str))
     if getattr(self.data, 'tokenizer', None) is not None: self.data.tokenizer.save(d)
     src = self.model_info.get('model_py')
