@@ -16,8 +16,9 @@ from .errors import TaskError
 
 # %% auto #0
 __all__ = ['SIZES', 'ModelOutputError', 'ModelOutput', 'unwrap_model', 'call_model', 'TransformerConfig', 'make_config',
-           'SelfAttention', 'MLP', 'Block', 'Trunk', 'attn_mask', 'init_weights', 'ReferenceModel', 'GPTConfig', 'GPT',
-           'EncoderConfig', 'EncoderClassifier', 'ViTConfig', 'ViT', 'get_reference']
+           'SelfAttention', 'MLP', 'Block', 'Trunk', 'attn_mask', 'init_weights', 'ReferenceModel', 'TextConfig',
+           'TextTransformer', 'GPTConfig', 'GPT', 'EncoderConfig', 'EncoderClassifier', 'ViTConfig', 'ViT',
+           'get_reference']
 
 # %% ../nbs/05_models.ipynb #c1cc5569
 class ModelOutputError(TaskError, TypeError):
@@ -205,7 +206,8 @@ class ReferenceModel(nn.Module):
 
 # %% ../nbs/05_models.ipynb #a4594e35
 @dataclass
-class GPTConfig(TransformerConfig):
+class TextConfig(TransformerConfig):
+    "A transformer over token ids: the vocabulary (padded to a multiple for fast matmuls) and the longest sequence."
     vocab_size: int = 256
     max_seq_len: int = 256
     pad_vocab_multiple: int = 64
@@ -213,27 +215,41 @@ class GPTConfig(TransformerConfig):
     @property
     def padded_vocab(self) -> int: return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple
 
-@MODELS.register('gpt', tasks=('causal_lm',))
-class GPT(ReferenceModel):
-    "Decoder-only transformer language model; `GPT(size='mini', vocab_size=65)` or `GPT(GPTConfig(...))`."
-    config_class = GPTConfig
+class TextTransformer(ReferenceModel):
+    "Token plus learned position embeddings into the shared trunk. GPT and the encoder differ in `causal` and the head."
+    causal = True
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
         self.tok_emb = nn.Embedding(c.padded_vocab, c.d_model)
         self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.trunk = Trunk(c, causal=True)
+        self.trunk = Trunk(c, causal=self.causal)
+
+    def hidden(self, input_ids:Tensor, attention_mask:Tensor|None=None) -> Tensor:
+        "Final hidden states, (B, T, d_model)."
+        T = input_ids.shape[1]
+        self._check_len(T)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb.weight[:T])
+        return self.trunk(x, None if attention_mask is None else attn_mask(attention_mask, causal=self.causal))
+
+@dataclass
+class GPTConfig(TextConfig):
+    "Settings of the reference GPT."
+
+@MODELS.register('gpt', tasks=('causal_lm',))
+class GPT(TextTransformer):
+    "Decoder-only transformer language model; `GPT(size='mini', vocab_size=65)` or `GPT(GPTConfig(...))`."
+    config_class, causal = GPTConfig, True
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config, **kwargs)
+        c = self.config
         self.lm_head = nn.Linear(c.d_model, c.padded_vocab, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied
         init_weights(self, c.n_layer)
 
     def forward(self, input_ids:Tensor, attention_mask:Tensor|None=None) -> ModelOutput:
-        T = input_ids.shape[1]
-        self._check_len(T)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb.weight[:T])
-        x = self.trunk(x, None if attention_mask is None else attn_mask(attention_mask, causal=True))
-        logits = self.lm_head(x)
+        logits = self.lm_head(self.hidden(input_ids, attention_mask))
         return ModelOutput(logits if self.config.padded_vocab == self.config.vocab_size else logits[..., :self.config.vocab_size])
 
     def flops_per_token(self, seq_len:int|None=None) -> int:
@@ -243,35 +259,23 @@ class GPT(ReferenceModel):
 
 # %% ../nbs/05_models.ipynb #dabb10da
 @dataclass
-class EncoderConfig(TransformerConfig):
-    vocab_size: int = 256
-    max_seq_len: int = 256
+class EncoderConfig(TextConfig):
+    "Settings of the reference encoder: a head over `num_labels` classes, on the first position or `per_token`."
     num_labels: int = 2
     per_token: bool = False
-    pad_vocab_multiple: int = 64
-
-    @property
-    def padded_vocab(self) -> int: return -(-self.vocab_size // self.pad_vocab_multiple) * self.pad_vocab_multiple
 
 @MODELS.register('encoder_classifier', tasks=('sequence_classification', 'token_classification', 'masked_lm'))
-class EncoderClassifier(ReferenceModel):
+class EncoderClassifier(TextTransformer):
     "Bidirectional transformer encoder with a classification head on the first token (or every token)."
-    config_class = EncoderConfig
+    config_class, causal = EncoderConfig, False
     def __init__(self, config=None, **kwargs):
         super().__init__(config, **kwargs)
         c = self.config
-        self.tok_emb = nn.Embedding(c.padded_vocab, c.d_model)
-        self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model)
-        self.drop = nn.Dropout(c.dropout)
-        self.trunk = Trunk(c, causal=False)
         self.head = nn.Linear(c.d_model, c.num_labels)
         init_weights(self, c.n_layer)
 
     def forward(self, input_ids:Tensor, attention_mask:Tensor|None=None) -> ModelOutput:
-        T = input_ids.shape[1]
-        self._check_len(T)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb.weight[:T])
-        x = self.trunk(x, None if attention_mask is None else attn_mask(attention_mask, causal=False))
+        x = self.hidden(input_ids, attention_mask)
         return ModelOutput(self.head(self.drop(x if self.config.per_token else x[:, 0])))
 
 # %% ../nbs/05_models.ipynb #1722f281
