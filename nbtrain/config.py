@@ -244,6 +244,20 @@ class TrainConfig(Section):
 class CheckpointConfig(Section):
     _name = 'checkpoint'
     save_final: bool = opt(True, "Write final/ (safetensors weights and config) at the end")
+    every_steps: int|None = opt(None, "Save a checkpoint every N optimizer steps", ge=1)
+    every_minutes: float|None = opt(15.0, "Save a checkpoint every M minutes of wall clock", gt=0)
+    on_epoch_end: bool = opt(False, "Save a checkpoint at the end of every epoch")
+    on_interrupt: bool = opt(True, "Save a checkpoint on Ctrl-C / the notebook's stop button and on SIGTERM, then stop cleanly")
+    at_end: bool = opt(True, "Save a checkpoint when training ends")
+    keep_last_n: int|None = opt(2, "Keep the newest N checkpoints (None: keep all)", ge=0)
+    keep_best_k: int = opt(1, "Also keep the best K checkpoints on `monitor`", ge=0)
+    monitor: str = opt('val_loss', "Metric that ranks checkpoints for keep_best_k")
+    mode: str = opt('min', "Whether a lower or higher `monitor` is better", choices=['min', 'max'])
+    mirror: str|None = opt(None, "A second folder (e.g. on Google Drive) that receives a copy of every checkpoint")
+    mirror_slots: int = opt(2, "Checkpoint slots reused in the mirror (bounded disk use)", ge=2)
+    async_save: bool = opt(True, "Write checkpoints in a background thread (the loop only copies state to host memory)")
+    on_error: str = opt('raise', "A failed save stops training ('raise') or warns and goes on ('warn')", choices=['raise', 'warn'])
+    resume: str = opt('auto', "'auto' (newest valid checkpoint of this run, if any), 'never', or a checkpoint / run folder path")
 
 @dataclass
 class TrackingConfig(Section):
@@ -303,21 +317,24 @@ PRESETS = {
         optim=dict(lr=2e-3, weight_decay=0.1),
         schedule=dict(name='cosine', warmup_steps=20),
         train=dict(micro_batch_size=32, grad_accum=1, max_steps=800, eval_every=200, eval_batches=20, log_every=10,
-                   accelerator='cpu', precision='32-true')),
+                   accelerator='cpu', precision='32-true'),
+        checkpoint=dict(every_steps=200)),
     'colab-t4': dict(
         model=dict(name='gpt', size='small'),
         data=dict(source='embedded', tokenizer='char', seq_len=256, corpus_size=20000),
         optim=dict(lr=1e-3),
         schedule=dict(name='cosine', warmup_steps=100),
         train=dict(micro_batch_size=32, grad_accum=2, max_steps=3000, eval_every=250, eval_batches=50, log_every=25,
-                   precision='auto', compile=False)),
+                   precision='auto', compile=False),
+        checkpoint=dict(every_steps=500, every_minutes=10.0)),
     'a100': dict(
         model=dict(name='gpt', size='gpt2-small'),
         data=dict(source='embedded', tokenizer='char', seq_len=1024, corpus_size=50000),
         optim=dict(lr=6e-4),
         schedule=dict(name='cosine', warmup_steps=200),
         train=dict(micro_batch_size=16, grad_accum=4, max_steps=5000, eval_every=500, eval_batches=50, log_every=50,
-                   precision='bf16-mixed', compile=True)),
+                   precision='bf16-mixed', compile=True),
+        checkpoint=dict(every_steps=1000)),
 }
 DEFAULT_PRESET = 'tiny-cpu'
 

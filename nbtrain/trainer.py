@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/trainer.html.md"""
 
 # %% ../nbs/11_trainer.ipynb #1d77f6f1
 from __future__ import annotations
-import json, math, os, shutil, time, warnings
+import json, math, os, shutil, signal, threading, time, warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -16,13 +16,14 @@ from fastcore.basics import patch
 from .config import RunConfig, load_config, save_config, redact
 from .errors import ConfigError, DataError, did_you_mean
 from .hardware import device_info, resolve_accelerator, resolve_precision, explain_precision, enable_fast_math
-from .repro import seed_everything, write_env
+from .repro import seed_everything, write_env, rng_state, set_rng_state
 from .models import unwrap_model
 from .loading import build_model
 from .tasks import build_task
 from .data import build_data, make_loader, set_epoch
 from .optim import build_optimizer, build_scheduler
-from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve
+from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
+from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, model_state, MANIFEST
 
 # %% auto #0
 __all__ = ['LM_TASKS', 'FitResult', 'Trainer', 'train']
@@ -46,7 +47,7 @@ LM_TASKS = ('causal_lm', 'masked_lm', 'seq2seq')
 # %% ../nbs/11_trainer.ipynb #a6b0f946
 class Trainer:
     "Train a model as described by a `RunConfig`. `fit()` runs the loop and returns a `FitResult`."
-    def __init__(self, cfg:RunConfig|None=None, *, model=None, data=None, task=None, callbacks=(), run_dir=None):
+    def __init__(self, cfg:RunConfig|None=None, *, model=None, data=None, task=None, callbacks=(), run_dir=None, resume=None):
         from lightning_fabric import Fabric
         self.cfg = cfg = cfg if cfg is not None else load_config()
         t = cfg.train
@@ -95,6 +96,13 @@ class Trainer:
         self.step, self.should_stop, self.stop_reason = 0, False, ''
         self.run_dir = self._run_dir(run_dir)
         self.callbacks = CallbackList(self._default_callbacks() + list(callbacks))
+        c = cfg.checkpoint
+        self.ckpt = CheckpointManager(self.run_dir/'checkpoints', keep_last_n=c.keep_last_n, keep_best_k=c.keep_best_k,
+                                      monitor=c.monitor, mode=c.mode, mirror=Path(c.mirror)/self.run_dir.name if c.mirror else None,
+                                      mirror_slots=c.mirror_slots, async_save=c.async_save, on_error=c.on_error)
+        self.resume = c.resume if resume is None else resume
+        self.first_eval = self.last_eval = self.last_log = None
+        self._last_eval_step, self._elapsed_before, self._last_ckpt_step = -1, 0.0, -1
 
     @property
     def is_global_zero(self) -> bool: return self.fabric.is_global_zero
@@ -191,8 +199,13 @@ def _check_early_stopping(self:Trainer):
 @patch
 def _run_dir(self:Trainer, run_dir=None) -> Path:
     cfg = self.cfg
-    name = cfg.name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.name}-{cfg.task.name}"
-    d = Path(run_dir) if run_dir is not None else Path(cfg.output_dir)/name
+    if run_dir is not None: d = Path(run_dir)
+    elif cfg.name: d = Path(cfg.output_dir)/cfg.name  # a named run: the same folder again resumes it
+    else:  # a new folder per run; every process takes the name chosen by the first
+        base = Path(cfg.output_dir)/f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model.name}-{cfg.task.name}"
+        d, i = base, 1
+        while d.exists(): d, i = base.with_name(f'{base.name}-{i}'), i + 1
+        d = Path(self.fabric.broadcast(str(d), src=0))
     if self.is_global_zero:
         d.mkdir(parents=True, exist_ok=True)
         save_config(cfg, d/'config.yaml')
@@ -265,49 +278,63 @@ def _evaluate(self:Trainer):
 # %% ../nbs/11_trainer.ipynb #aa63c567
 @patch
 def fit(self:Trainer) -> FitResult:
-    "Train until a stopping rule fires; returns a `FitResult`."
+    "Train until a stopping rule fires (resuming from a checkpoint first, if there is one); returns a `FitResult`."
     t, A, cb = self.cfg.train, self.cfg.train.grad_accum, self.callbacks
-    self.first_eval = self.last_eval = self.last_log = None
-    self._last_eval_step, self._t0 = -1, time.monotonic()
-    self._deadline = self._t0 + t.max_time * 60 if t.max_time else None
+    self._t0 = time.monotonic()
+    resumed = self._resume()
+    self._deadline = self._t0 + t.max_time * 60 - self._elapsed_before if t.max_time else None
+    self._last_ckpt_t, self._stop_signal, self._in_step = time.monotonic(), None, False
     self._new_window()
     cb.fire('on_fit_start', self)
     try:
-        if t.eval_at_start: self._evaluate()
-        self.model.train()
-        first = True
-        while not self._stopping():
-            epoch, pos = divmod(self.step, self.steps_per_epoch)
-            it = self._epoch_batches(epoch, skip=pos * A)
-            for _ in range(pos, self.steps_per_epoch):
-                batches = [next(it) for _ in range(A)]
-                if first: self._validate_batch(batches[0]); first = False
-                self._win_loss = self._win_loss + self.backward_window(batches)
-                norm = self.optimizer_step()
-                self._count(batches)
-                cb.fire('on_step_end', self)
-                if self.step % t.log_every == 0 or self.step == self.total_steps: self._log(norm)
-                epoch_end = self.step % self.steps_per_epoch == 0
-                if epoch_end: cb.fire('on_epoch_end', self)
-                if epoch_end or (t.eval_every and self.step % t.eval_every == 0): self._evaluate()
-                if self._stopping(): break
-    except KeyboardInterrupt:
+        with self._signals_stop_cleanly():
+            if t.eval_at_start and not resumed: self._evaluate()
+            self.model.train()
+            first = True
+            while not self._stopping():
+                epoch, pos = divmod(self.step, self.steps_per_epoch)
+                it = self._epoch_batches(epoch, skip=pos * A)
+                for _ in range(pos, self.steps_per_epoch):
+                    batches = [next(it) for _ in range(A)]
+                    if first: self._validate_batch(batches[0]); first = False
+                    self._in_step = True
+                    self._win_loss = self._win_loss + self.backward_window(batches)
+                    norm = self.optimizer_step()
+                    self._in_step = False
+                    self.ckpt.check()  # a failed background write surfaces here, with its cause
+                    self._count(batches)
+                    cb.fire('on_step_end', self)
+                    if self.step % t.log_every == 0 or self.step == self.total_steps: self._log(norm)
+                    epoch_end = self.step % self.steps_per_epoch == 0
+                    if epoch_end: cb.fire('on_epoch_end', self)
+                    if epoch_end or (t.eval_every and self.step % t.eval_every == 0): self._evaluate()
+                    if why := self._checkpoint_due(epoch_end): self.save_checkpoint(why)
+                    if self._stopping(): break
+    except KeyboardInterrupt:  # a second Ctrl-C, or one raised by code: maybe in the middle of a step
         self.stop_reason = f'interrupted at step {self.step}'
-        warnings.warn(f"Training interrupted at step {self.step}; writing the final model and metrics.")
+        if self._in_step: warnings.warn(f"Interrupted inside step {self.step + 1}: no checkpoint is written for it; "
+                                        f"the newest checkpoint is at step {self._last_ckpt_step}.")
     except BaseException as e:
+        self.ckpt.wait()  # let a checkpoint being written complete
         cb.fire('on_exception', self, e)
         raise
-    if self._last_eval_step != self.step: self._evaluate()
+    interrupted = self._stop_signal is not None or self.stop_reason.startswith('interrupted')
+    if self._last_eval_step != self.step and not interrupted: self._evaluate()
+    c = self.cfg.checkpoint
+    if (c.at_end or (interrupted and c.on_interrupt)) and not self._in_step and self._last_ckpt_step != self.step:
+        self.save_checkpoint('interrupt' if interrupted else 'end')
+    self.ckpt.close()
     if self.cfg.checkpoint.save_final: self.save_final()
     cb.fire('on_fit_end', self)
     self.fabric.barrier()
     return FitResult(self.run_dir, self.step, self.epoch, self.first_eval, self.last_eval, self.last_log,
-                     self.stop_reason or 'stopped', time.monotonic() - self._t0, list(cb.failures))
+                     self.stop_reason or 'stopped', self.elapsed_s, list(cb.failures))
 
 # %% ../nbs/11_trainer.ipynb #938695a9
 @patch
 def _stopping(self:Trainer) -> bool:
-    if self.step_capped and self.step >= self.total_steps: self.stop_reason = f'reached {self.total_steps} steps'
+    if self._stop_signal: self.stop_reason = f'interrupted by {self._stop_signal} at step {self.step}'
+    elif self.step_capped and self.step >= self.total_steps: self.stop_reason = f'reached {self.total_steps} steps'
     elif self._deadline and time.monotonic() >= self._deadline: self.stop_reason = f'reached max_time={self.cfg.train.max_time} min'
     elif self.should_stop: self.stop_reason = self.stop_reason or f'stopped by a callback at step {self.step}'
     return bool(self.stop_reason)
@@ -342,7 +369,112 @@ def _log(self:Trainer, norm):
 @torch.no_grad()
 def _validate_batch(self:Trainer, batch:dict):
     "Value checks on the first batch (labels in range): one host sync per run, an error instead of a device assert."
-    self.task.validate_batch(batch, self.task.forward(self.model, batch))
+    self.model.eval()  # no dropout: this extra forward must not consume random numbers
+    try: self.task.validate_batch(batch, self.task.forward(self.model, batch))
+    finally: self.model.train()
+
+@patch(as_prop=True)
+def elapsed_s(self:Trainer) -> float:
+    "Seconds of training in this run, across resumes."
+    return self._elapsed_before + (time.monotonic() - self._t0)
+
+# %% ../nbs/11_trainer.ipynb #9c7a3b4e
+@patch
+def state_parts(self:Trainer) -> dict:
+    "Everything a checkpoint holds, as tensors and plain values (`torch.load(weights_only=True)` can read it)."
+    scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
+    epoch, pos = divmod(self.step, self.steps_per_epoch)
+    return dict(model=model_state(self.model), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
+                sampler=dict(epoch=epoch, position=pos, micro_batches_done=pos * self.cfg.train.grad_accum, seed=self.cfg.train.seed),
+                callbacks=self.callbacks.state_dict(),
+                trainer=dict(step=self.step, elapsed_s=self.elapsed_s, first_eval=self.first_eval or {},
+                             last_eval=self.last_eval or {}, last_eval_step=self._last_eval_step))
+
+@patch
+def save_checkpoint(self:Trainer, reason:str='', pinned:bool=False) -> Path|None:
+    "Checkpoint the run now (written in the background); returns the checkpoint's path."
+    self._last_ckpt_t, self._last_ckpt_step = time.monotonic(), self.step
+    if not self.is_global_zero: return None
+    return self.ckpt.save(self.state_parts(), step=self.step, epoch=self.epoch, metrics=self.last_eval or {},
+                          pinned=pinned, reason=reason)
+
+@patch
+def _checkpoint_due(self:Trainer, epoch_end:bool) -> str:
+    c = self.cfg.checkpoint
+    if c.every_steps and self.step % c.every_steps == 0: return 'every_steps'
+    if c.every_minutes and time.monotonic() - self._last_ckpt_t >= c.every_minutes * 60: return 'every_minutes'
+    if c.on_epoch_end and epoch_end: return 'epoch_end'
+    return ''
+
+# %% ../nbs/11_trainer.ipynb #e3b505d0
+import contextlib
+
+@patch
+@contextlib.contextmanager
+def _signals_stop_cleanly(self:Trainer):
+    if not self.cfg.checkpoint.on_interrupt or threading.current_thread() is not threading.main_thread():
+        yield; return
+    old = {}
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self._stop_signal:  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = name
+        warnings.warn(f"{name} received: stopping after step {self.step + 1} with a checkpoint (Ctrl-C again to stop at once)")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try: old[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError): pass
+    try: yield
+    finally:
+        for sig, h in old.items(): signal.signal(sig, h)
+
+# %% ../nbs/11_trainer.ipynb #00dff887
+@patch
+def _find_resume(self:Trainer) -> CheckpointInfo|None:
+    r = self.resume
+    if r in (None, False, 'never', 'none'): return None
+    if r == 'auto': return self.ckpt.latest_valid()
+    p = Path(r)
+    if (p/MANIFEST).exists(): return CheckpointInfo.read(p)
+    found = CheckpointManager(p/'checkpoints' if (p/'checkpoints').is_dir() else p, keep_last_n=None).latest_valid(include_mirror=False)
+    if found is None: raise CheckpointError(f"checkpoint.resume={str(r)!r}: no valid checkpoint there. Give a checkpoint folder "
+                                            f"(with {MANIFEST}), a run folder, 'auto' or 'never'")
+    return found
+
+@patch
+def _resume(self:Trainer) -> bool:
+    info = self._find_resume()
+    if info is None:
+        self._truncate_metrics(-1)  # a fresh start: rows from an earlier attempt without a checkpoint are stale
+        return False
+    ck = self.ckpt.load(info)
+    st = ck['state']
+    unwrap_model(self.model).load_state_dict(ck['model'])
+    self.optimizer.load_state_dict(st['optimizer'])
+    self.scheduler.load_state_dict(st['scheduler'])
+    scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
+    if scaler is not None and st.get('scaler'): scaler.load_state_dict(st['scaler'])
+    set_rng_state(st['rng'])
+    self.callbacks.load_state_dict(st['callbacks'])
+    self.ckpt.restore(ck)
+    tr = st['trainer']
+    self.step, self._elapsed_before, self._last_eval_step = int(tr['step']), float(tr['elapsed_s']), int(tr['last_eval_step'])
+    self.first_eval, self.last_eval = tr['first_eval'] or None, tr['last_eval'] or None
+    self._last_ckpt_step = self.step
+    self._truncate_metrics(self.step)
+    if self.is_global_zero: print(f"Resumed from {ck['path']} at step {self.step}")
+    return True
+
+@patch
+def _truncate_metrics(self:Trainer, step:int):
+    "Keep only the rows of metrics.jsonl up to `step` (atomically)."
+    p = Path(self.run_dir)/'metrics.jsonl'
+    if not self.is_global_zero or not p.exists(): return
+    rows = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step]
+    tmp = p.with_name(p.name + '.tmp')
+    tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows), encoding='utf-8')
+    os.replace(tmp, p)
 
 # %% ../nbs/11_trainer.ipynb #0a863f6a
 @patch
