@@ -108,7 +108,7 @@ def write_checkpoint(dest, weights:dict, state:dict, meta:dict, aliases:dict|Non
         stage = f'writing {WEIGHTS}'
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp/WEIGHTS), metadata={'format': 'pt'})
         stage = f'writing {STATE}'
-        torch.save(state, tmp/STATE)
+        with open(tmp/STATE, 'wb') as f: torch.save(state, f)  # a Python file: write errors keep their errno
         stage = 'hashing'
         files = {n: dict(sha256=sha256_file(tmp/n), bytes=(tmp/n).stat().st_size) for n in (WEIGHTS, STATE)}
         stage = f'writing {MANIFEST}'
@@ -123,9 +123,18 @@ def write_checkpoint(dest, weights:dict, state:dict, meta:dict, aliases:dict|Non
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception):
-            raise CheckpointError(f"Saving checkpoint {dest} failed while {stage}: {type(e).__name__}: {e}. "
+            raise CheckpointError(f"Saving checkpoint {dest} failed while {stage}: {type(e).__name__}: {e}.{_disk_hint(e, dest.parent)} "
                                   f"The previous checkpoints in {dest.parent} are untouched.") from e
         raise
+
+def _disk_hint(e:BaseException, where:Path) -> str:
+    import errno
+    codes = {getattr(x, 'errno', None) for x in (e, e.__cause__, e.__context__)}
+    if not codes & {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}: return ''
+    try: free = f'{shutil.disk_usage(where).free / 2**30:.1f} GB free there'
+    except OSError: free = 'free space unknown'
+    return (f" The disk is full or a size limit was hit ({free}): free some space, lower checkpoint.keep_last_n, "
+            f"or point the run's output_dir elsewhere.")
 
 def read_manifest(path) -> dict:
     return json.loads((Path(path)/MANIFEST).read_text())
