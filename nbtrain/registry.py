@@ -10,9 +10,18 @@ from typing import Any, Callable, Iterator
 from .errors import RegistryError, did_you_mean, format_choices
 
 # %% auto #0
-__all__ = ['MODELS', 'TASKS', 'OPTIMIZERS', 'SCHEDULERS', 'COLLATORS', 'TOKENIZERS', 'Registry']
+__all__ = ['MODELS', 'TASKS', 'OPTIMIZERS', 'SCHEDULERS', 'COLLATORS', 'TOKENIZERS', 'TRACKERS', 'Registry']
 
 # %% ../nbs/01_registry.ipynb #95f43932
+class _Lazy:
+    "A registry entry imported on first use, so that optional dependencies stay optional."
+    def __init__(self, target:str): self.target = target
+    def load(self):
+        import importlib
+        mod, _, attr = self.target.partition(':')
+        return getattr(importlib.import_module(mod), attr)
+    def __repr__(self): return f'<lazy {self.target}>'
+
 class Registry:
     "Names → objects of one `kind` (for example 'model'), with a `register` decorator and helpful lookups."
     def __init__(self, kind:str):
@@ -37,13 +46,19 @@ class Registry:
         "Register `obj` under `name` without decorator syntax."
         return self.register(name, **meta)(obj)
 
+    def add_lazy(self, name:str, target:str, **meta):
+        "Register `target` ('package.module:attr') under `name`, imported only when first looked up."
+        self._items[name.lower()], self._meta[name.lower()] = _Lazy(target), meta
+
     def get(self, name:str) -> Any:
         "The object registered as `name`; an error naming the available ones otherwise."
         key = str(name).lower()
         if key not in self._items:
             raise RegistryError(f"No {self.kind} named '{name}'.{did_you_mean(name, self._items)} "
                                 f"Available {self.kind}s: {format_choices(self._items) or '(none registered)'}.")
-        return self._items[key]
+        obj = self._items[key]
+        if isinstance(obj, _Lazy): obj = self._items[key] = obj.load()
+        return obj
 
     def meta(self, name:str) -> dict:
         "Metadata given to `register` for `name`."
@@ -66,3 +81,4 @@ OPTIMIZERS = Registry('optimizer')
 SCHEDULERS = Registry('scheduler')
 COLLATORS = Registry('collator')
 TOKENIZERS = Registry('tokenizer')
+TRACKERS = Registry('tracker')  # callbacks that send metrics somewhere, chosen by `tracking.backends`
