@@ -16,7 +16,8 @@ __all__ = ['EVENTS', 'Callback', 'CallbackList', 'JSONLLogger', 'read_metrics', 
            'LossCurve']
 
 # %% ../nbs/10_callbacks.ipynb #f1480563
-EVENTS = ('on_fit_start', 'on_step_end', 'on_log', 'on_eval_end', 'on_epoch_end', 'on_fit_end', 'on_exception')
+EVENTS = ('on_fit_start', 'on_step_end', 'on_log', 'on_eval_batch', 'on_eval_metrics', 'on_eval_end', 'on_epoch_end',
+          'on_checkpoint', 'on_alert', 'on_fit_end', 'on_exception')
 
 class Callback:
     "Base class: override the events you need. `critical=True` makes this callback's errors stop training."
@@ -24,10 +25,14 @@ class Callback:
     order: int = 0  # lower runs first
 
     def on_fit_start(self, trainer): pass
-    def on_step_end(self, trainer): pass
-    def on_log(self, trainer, metrics:dict): pass
-    def on_eval_end(self, trainer, metrics:dict): pass
+    def on_step_end(self, trainer): pass                        # every optimizer step: keep it cheap
+    def on_log(self, trainer, metrics:dict): pass               # every `log_every` steps, with the step's metrics
+    def on_eval_batch(self, trainer, output, batch): pass       # each validation batch (a `ModelOutput` and the batch)
+    def on_eval_metrics(self, trainer, metrics:dict): pass      # add evaluation metrics to `metrics` in place
+    def on_eval_end(self, trainer, metrics:dict): pass          # the evaluation's metrics, complete
     def on_epoch_end(self, trainer): pass
+    def on_checkpoint(self, trainer, path): pass                # a checkpoint finished writing at `path`
+    def on_alert(self, trainer, title:str, text:str, level:str): pass  # something a person should know ('info', 'warn', 'error')
     def on_fit_end(self, trainer): pass
     def on_exception(self, trainer, exc:BaseException): pass
 

@@ -180,7 +180,7 @@ class CheckpointManager:
         self.mirror, self.mirror_slots = (Path(mirror) if mirror else None), mirror_slots
         self.async_save, self.on_error = async_save, on_error
         self.objects: dict[str, Any] = {}
-        self._thread, self._error, self._buffers = None, None, None
+        self._thread, self._error, self._buffers, self._completed = None, None, None, []
         self.last_save_stall_s = 0.0
         self.dir.mkdir(parents=True, exist_ok=True)
         for t in self.dir.glob('.tmp-*'): shutil.rmtree(t, ignore_errors=True)  # left by a crash mid-write
@@ -222,8 +222,15 @@ def _run(self:CheckpointManager, job:Callable):
 @patch
 def _write(self:CheckpointManager, dest, weights, state, meta, aliases):
     write_checkpoint(dest, weights, state, meta, aliases)
+    self._completed.append(dest)
     self.apply_retention()
     if self.mirror is not None: self._mirror(dest)
+
+@patch
+def pop_completed(self:CheckpointManager) -> list[Path]:
+    "Checkpoints whose write finished since the last call (for upload to trackers, say)."
+    done, self._completed = self._completed, []
+    return [p for p in done if p.exists()]
 
 @patch
 def wait(self:CheckpointManager):

@@ -12,7 +12,8 @@ import torch
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['DeviceInfo', 'device_info', 'resolve_accelerator', 'resolve_precision', 'explain_precision', 'enable_fast_math']
+__all__ = ['PEAK_TFLOPS', 'DeviceInfo', 'device_info', 'resolve_accelerator', 'resolve_precision', 'explain_precision',
+           'enable_fast_math', 'peak_flops']
 
 # %% ../nbs/04_hardware.ipynb #aad96335
 @dataclass
@@ -86,3 +87,21 @@ def enable_fast_math(deterministic:bool=False):
     if deterministic: return
     torch.set_float32_matmul_precision('high')
     torch.backends.cudnn.allow_tf32 = True
+
+# %% ../nbs/04_hardware.ipynb #71e5360f
+# dense TFLOP/s: (bf16/fp16 tensor cores, tf32, fp32) by a substring of the device name
+PEAK_TFLOPS = {
+    'H200': (989, 494, 67), 'H100 SXM': (989, 494, 67), 'H100 PCIe': (756, 378, 51), 'H100': (989, 494, 67),
+    'A100': (312, 156, 19.5), 'A10G': (70, 35, 31.2), 'A10': (125, 62.5, 31.2), 'L40S': (362, 183, 91.6),
+    'L4': (121, 60, 30.3), 'RTX 4090': (165, 82.6, 82.6), 'RTX 3090': (71, 35.6, 35.6), 'V100': (125, 15.7, 15.7),
+    'T4': (65, 8.1, 8.1), 'P100': (18.7, 9.3, 9.3),
+}
+
+def peak_flops(info:DeviceInfo, precision:str) -> float|None:
+    "Peak FLOP/s of device 0 at `precision`, or None when unknown (CPUs, unlisted GPUs)."
+    if info.accelerator != 'cuda': return None
+    row = next((v for k, v in PEAK_TFLOPS.items() if k in info.name), None)
+    if row is None: return None
+    half, tf32, fp32 = row
+    if precision.startswith(('bf16', '16')): return half * 1e12
+    return (tf32 if info.tf32 else fp32) * 1e12
