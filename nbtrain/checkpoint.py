@@ -229,6 +229,7 @@ def _write(self:CheckpointManager, dest, weights, state, meta, aliases):
 @patch
 def pop_completed(self:CheckpointManager) -> list[Path]:
     "Checkpoints whose write finished since the last call (for upload to trackers, say)."
+    if not self._completed: return []
     done, self._completed = self._completed, []
     return [p for p in done if p.exists()]
 

@@ -16,8 +16,8 @@ from .errors import ConfigError, closest, did_you_mean, format_choices
 # %% auto #0
 __all__ = ['ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SECRET_ENV_VARS', 'REDACTED', 'opt', 'Section', 'ModelConfig', 'TaskConfig',
            'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig', 'TrackingConfig',
-           'RunConfig', 'deep_merge', 'read_config_file', 'parse_overrides', 'dotted_to_nested', 'load_config',
-           'secret_values', 'redact', 'save_config', 'describe_fields']
+           'MonitorConfig', 'RunConfig', 'deep_merge', 'read_config_file', 'parse_overrides', 'dotted_to_nested',
+           'load_config', 'secret_values', 'redact', 'save_config', 'describe_fields']
 
 # %% ../nbs/02_config.ipynb #763115bf
 def opt(default=None, help:str='', *, choices=None, ge=None, gt=None, le=None, lt=None):
@@ -265,9 +265,23 @@ class TrackingConfig(Section):
     backends: list[str] = opt(['jsonl'], "Where metrics go: jsonl (always on)")
     project: str = opt('nbtrain', "Project name used by experiment trackers")
 
+# %% ../nbs/02_config.ipynb #e1f13e90
+@dataclass
+class MonitorConfig(Section):
+    _name = 'monitor'
+    every_steps: int|None = opt(10, "Check gradient and loss health every N optimizer steps (None: off; 1 protects every step at one host sync per step)", ge=1)
+    nan_policy: str = opt('halt', "On NaN/Inf gradients: warn, skip the update, or skip and halt after `halt_after` bad steps in a row", choices=['warn', 'skip', 'halt'])
+    spike_policy: str = opt('warn', "On a loss spike: warn, skip the update, or skip and halt after `halt_after` in a row", choices=['warn', 'skip', 'halt'])
+    halt_after: int = opt(5, "Bad checked steps in a row before a halt", ge=1)
+    spike_z: float = opt(6.0, "Robust z-score above which a loss is a spike", gt=0.0)
+    spike_window: int = opt(50, "Checked steps the spike detector remembers", ge=8)
+    vanishing: float = opt(1e-7, "Warn when the global gradient norm falls below this", ge=0.0)
+    exploding: float = opt(1e4, "Warn when the global gradient norm rises above this", gt=0.0)
+    log_layer_norms: bool = opt(False, "Add per-layer gradient norms to the metrics at log steps that are checked")
+
 # %% ../nbs/02_config.ipynb #21276b30
 _SECTIONS = dict(model=ModelConfig, task=TaskConfig, data=DataConfig, optim=OptimConfig, schedule=ScheduleConfig,
-                 train=TrainConfig, checkpoint=CheckpointConfig, tracking=TrackingConfig)
+                 train=TrainConfig, checkpoint=CheckpointConfig, monitor=MonitorConfig, tracking=TrackingConfig)
 
 @dataclass
 class RunConfig:
@@ -279,6 +293,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = 'runs'
     name: str|None = None

@@ -71,6 +71,12 @@ class GradientMonitor:
         "Whether optimizer step `step` (1-based, the one about to happen) is checked."
         return bool(self.every_steps) and step % self.every_steps == 0
 
+    def state_dict(self) -> dict:
+        return dict(losses=list(self.losses), consecutive_bad=self.consecutive_bad, skipped=self.skipped, bad_steps=self.bad_steps)
+    def load_state_dict(self, s:dict):
+        self.losses.clear(); self.losses.extend(s['losses'])
+        self.consecutive_bad, self.skipped, self.bad_steps = s['consecutive_bad'], s['skipped'], s['bad_steps']
+
 # %% ../nbs/09b_monitor.ipynb #a0448872
 @patch
 @torch.no_grad()

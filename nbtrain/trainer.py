@@ -15,7 +15,9 @@ from torch import nn
 from fastcore.basics import patch
 from .config import RunConfig, load_config, save_config, redact
 from .errors import ConfigError, DataError, did_you_mean
-from .hardware import device_info, resolve_accelerator, resolve_precision, explain_precision, enable_fast_math
+from .hardware import device_info, resolve_accelerator, resolve_precision, explain_precision, enable_fast_math, peak_flops
+from .monitor import GradientMonitor, describe
+from .registry import TRACKERS
 from .repro import seed_everything, write_env, rng_state, set_rng_state
 from .models import unwrap_model
 from .loading import build_model
@@ -76,6 +78,13 @@ class Trainer:
         self.model_info = redact(self.model_info)
         self.model_info.setdefault('n_params', sum(p.numel() for p in unwrap_model(model).parameters()))
         self.raw_model = model
+        fpt = getattr(unwrap_model(model), 'flops_per_token', None)  # for MFU: the model's own count, else 6N
+        self.flops_per_token = fpt(cfg.data.seq_len) if callable(fpt) else 6 * self.model_info['n_params']
+        self.peak_flops = peak_flops(info, self.precision)
+        m = cfg.monitor
+        self.monitor = GradientMonitor(model, every_steps=m.every_steps, nan_policy=m.nan_policy, spike_policy=m.spike_policy,
+                                       halt_after=m.halt_after, spike_z=m.spike_z, spike_window=m.spike_window,
+                                       vanishing=m.vanishing, exploding=m.exploding) if m.every_steps else None
         self._check_labels()
 
         self.train_loader, self.val_loader = self._loaders()
@@ -163,6 +172,7 @@ def _compile(self:Trainer, model):
 def _default_callbacks(self:Trainer) -> list:
     t = self.cfg.train
     cbs = [JSONLLogger(), LossCurve()]
+    cbs += [TRACKERS.get(name)(self.cfg) for name in self.cfg.tracking.backends if name != 'jsonl']
     if t.progress_bar: cbs.append(ProgressBar())
     if t.early_stopping_patience:
         es = EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, t.early_stopping_mode, t.early_stopping_min_delta)
@@ -230,16 +240,34 @@ def backward_window(self:Trainer, batches:list) -> torch.Tensor:
     return total
 
 @patch
-def optimizer_step(self:Trainer) -> torch.Tensor|None:
-    "Clip, step, zero the gradients and advance the schedule; returns the gradient norm before clipping."
-    clip = self.cfg.train.grad_clip
-    norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=clip, error_if_nonfinite=False) if clip else None
-    self.lr = self.optimizer.param_groups[0]['lr']  # the rate this step used, for the log
-    self.optimizer.step()
+def optimizer_step(self:Trainer, loss:torch.Tensor|None=None) -> torch.Tensor|None:
+    "Check health (on monitored steps), clip, step, zero the gradients, advance the schedule; returns the gradient norm."
+    self.lr = self.optimizer.param_groups[0]['lr']  # the rate this step uses, for the log
+    if self.monitor is not None and loss is not None and self.monitor.due(self.step + 1) and self._health(loss) == 'skip':
+        norm = None  # no update: the weights and optimizer state stay as they were; the step still counts
+    else:
+        clip = self.cfg.train.grad_clip
+        norm = self.fabric.clip_gradients(self.model, self.optimizer, max_norm=clip, error_if_nonfinite=False) if clip else None
+        self.optimizer.step()
     self.optimizer.zero_grad(set_to_none=True)
     self.scheduler.step()
     self.step += 1
     return norm
+
+@patch
+def _health(self:Trainer, loss:torch.Tensor) -> str:
+    "Ask the monitor about the gradients of the step about to be taken; report, alert or halt as its policies say."
+    mon, scaler = self.monitor, getattr(self.fabric.strategy.precision, 'scaler', None)
+    h = mon.judge(mon.inspect(self.step + 1, loss, scaler._scale if scaler is not None else None), scaler=scaler is not None)
+    if h.bad or h.vanishing or h.exploding:
+        msg = describe(h) + (' (update skipped)' if h.action == 'skip' else '')
+        if mon.bad_steps <= 3 or mon.bad_steps % 100 == 0: warnings.warn(msg, RuntimeWarning)
+        if h.nonfinite and mon.bad_steps == 1: self.callbacks.fire('on_alert', self, 'Non-finite gradients', msg, 'warn')
+    if h.halt:
+        err = mon.halt_error()
+        self.callbacks.fire('on_alert', self, 'Training halted', str(err), 'error')
+        raise err
+    return h.action
 
 # %% ../nbs/11_trainer.ipynb #013e65c6
 @patch
@@ -252,7 +280,9 @@ def evaluate(self:Trainer) -> dict:
     for i, b in enumerate(self.val_loader or ()):
         if limit and i >= limit: break
         b = self._to_device(b)
-        s = self.task.eval_stats(self.task.forward(self.model, b), b)
+        out = self.task.forward(self.model, b)
+        s = self.task.eval_stats(out, b)
+        self.callbacks.fire('on_eval_batch', self, out, b)
         v = torch.stack([s[k].double() for k in keys])
         sums = v if sums is None else sums + v
     self.model.train()
@@ -261,6 +291,7 @@ def evaluate(self:Trainer) -> dict:
     loss_sum, weight, correct, count = sums.tolist()
     m = dict(val_loss=loss_sum / max(weight, 1e-12), val_acc=correct / max(count, 1))
     if self.task.name in LM_TASKS: m['val_ppl'] = math.exp(min(m['val_loss'], 50))
+    self.callbacks.fire('on_eval_metrics', self, m)  # callbacks add their own evaluation metrics
     return m
 
 @patch
@@ -298,10 +329,12 @@ def fit(self:Trainer) -> FitResult:
                     batches = [next(it) for _ in range(A)]
                     if first: self._validate_batch(batches[0]); first = False
                     self._in_step = True
-                    self._win_loss = self._win_loss + self.backward_window(batches)
-                    norm = self.optimizer_step()
+                    loss = self.backward_window(batches)
+                    self._win_loss = self._win_loss + loss
+                    norm = self.optimizer_step(loss)
                     self._in_step = False
                     self.ckpt.check()  # a failed background write surfaces here, with its cause
+                    for p in self.ckpt.pop_completed(): cb.fire('on_checkpoint', self, p)
                     self._count(batches)
                     cb.fire('on_step_end', self)
                     if self.step % t.log_every == 0 or self.step == self.total_steps: self._log(norm)
@@ -324,7 +357,10 @@ def fit(self:Trainer) -> FitResult:
     if (c.at_end or (interrupted and c.on_interrupt)) and not self._in_step and self._last_ckpt_step != self.step:
         self.save_checkpoint('interrupt' if interrupted else 'end')
     self.ckpt.close()
+    for p in self.ckpt.pop_completed(): cb.fire('on_checkpoint', self, p)
     if self.cfg.checkpoint.save_final: self.save_final()
+    summary = f"{self.stop_reason or 'stopped'}" + (f"; val_loss {self.last_eval['val_loss']:.4f}" if self.last_eval else '')
+    cb.fire('on_alert', self, 'Training finished', f"{self.run_dir}: {summary}", 'info')
     cb.fire('on_fit_end', self)
     self.fabric.barrier()
     return FitResult(self.run_dir, self.step, self.epoch, self.first_eval, self.last_eval, self.last_log,
@@ -359,8 +395,16 @@ def _log(self:Trainer, norm):
     if ws > 1: loss = f.all_reduce(loss, reduce_op='sum')  # each process holds its share of the mean
     dt = max(time.monotonic() - self._win_t, 1e-9)
     m = dict(loss=loss.item() / self._win_steps, lr=self.lr, samples_per_s=self._win_samples * ws / dt)
-    if self._win_tokens: m['tokens_per_s'] = float(self._win_tokens) * ws / dt
+    if self._win_tokens:
+        m['tokens_per_s'] = float(self._win_tokens) * ws / dt
+        if self.peak_flops: m['mfu'] = m['tokens_per_s'] * self.flops_per_token / (self.peak_flops * ws)
     if norm is not None: m['grad_norm'] = float(norm)
+    if f.device.type == 'cuda': m['gpu_mem_gb'] = torch.cuda.max_memory_allocated(f.device) / 2**30
+    mon = self.monitor
+    if mon is not None:
+        if mon.skipped: m['skipped_steps'] = mon.skipped
+        if self.cfg.monitor.log_layer_norms and mon.last is not None and mon.last.step == self.step:
+            m.update({f'grad_norm/{k}': v for k, v in mon.layer_norms().items()})
     self.last_log = m
     self.callbacks.fire('on_log', self, m)
     self._new_window()
@@ -388,6 +432,7 @@ def state_parts(self:Trainer) -> dict:
                 scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
                 sampler=dict(epoch=epoch, position=pos, micro_batches_done=pos * self.cfg.train.grad_accum, seed=self.cfg.train.seed),
                 callbacks=self.callbacks.state_dict(),
+                monitor=self.monitor.state_dict() if self.monitor is not None else {},
                 trainer=dict(step=self.step, elapsed_s=self.elapsed_s, first_eval=self.first_eval or {},
                              last_eval=self.last_eval or {}, last_eval_step=self._last_eval_step))
 
@@ -456,6 +501,7 @@ def _resume(self:Trainer) -> bool:
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
     if scaler is not None and st.get('scaler'): scaler.load_state_dict(st['scaler'])
     set_rng_state(st['rng'])
+    if self.monitor is not None and st.get('monitor'): self.monitor.load_state_dict(st['monitor'])
     self.callbacks.load_state_dict(st['callbacks'])
     self.ckpt.restore(ck)
     tr = st['trainer']
