@@ -6,6 +6,9 @@ cross-entropy, backward, clip, AdamW step, schedule step, loss read back every `
 full loop: Fabric, task loss normalised over the accumulated batch, callbacks (metrics.jsonl, progress bar), logging.
 Evaluation is off in both. Prints the median step time of each and the ratio. Target on CPU: ratio <= 1.05.
 
+A third arm runs nbtrain with the gradient/loss monitor checking every step (`monitor.every_steps=1`) and a fourth
+with the monitor off, and prints the ratio of the two. Target: every-step checks at most 3 % slower.
+
     python benchmarks/overhead.py [--rounds 5] [--steps 60] [--size tiny] [--seq-len 128] [--batch 32]
 """
 import argparse, statistics, sys, tempfile, time, warnings
@@ -50,7 +53,10 @@ def plain_loop(cfg, data, steps, warmup):
         times.append(time.perf_counter())
     return per_step(times, warmup)
 
-def nbtrain_loop(cfg, data, steps, warmup):
+def nbtrain_loop(cfg, data, steps, warmup, **over):
+    if over:
+        from nbtrain.config import RunConfig, deep_merge, dotted_to_nested
+        cfg = RunConfig.from_dict(deep_merge(cfg.to_dict(), dotted_to_nested(over)))
     clock = StepClock()
     tr = Trainer(cfg, data=data, callbacks=[clock])
     tr.fit()
@@ -73,18 +79,22 @@ def main(argv=None):
     data = build_data(cfg.data, cfg.task.name, cfg.train.seed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | GPT {a.size}, batch {a.batch} x {a.seq_len} "
           f"tokens | {a.rounds} rounds of {a.steps} timed steps, alternating", flush=True)
-    plain, ours = [], []
+    plain, ours, every, off = [], [], [], []
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         for r in range(a.rounds):
             plain.append(plain_loop(cfg, data, a.steps, a.warmup))
             ours.append(nbtrain_loop(cfg, data, a.steps, a.warmup))
-            print(f"round {r+1}: plain {plain[-1]*1e3:7.2f} ms/step | nbtrain {ours[-1]*1e3:7.2f} ms/step | "
-                  f"ratio {ours[-1]/plain[-1]:.3f}", file=sys.stderr, flush=True)
-    mp, mo = statistics.median(plain), statistics.median(ours)
-    ratio = mo / mp
-    print(f"median step time: plain loop {mp*1e3:.2f} ms, nbtrain {mo*1e3:.2f} ms")
+            every.append(nbtrain_loop(cfg, data, a.steps, a.warmup, **{'monitor.every_steps': 1}))
+            off.append(nbtrain_loop(cfg, data, a.steps, a.warmup, **{'monitor.every_steps': None}))
+            print(f"round {r+1}: plain {plain[-1]*1e3:7.2f} | nbtrain {ours[-1]*1e3:7.2f} | monitor every step "
+                  f"{every[-1]*1e3:7.2f} | monitor off {off[-1]*1e3:7.2f} ms/step", file=sys.stderr, flush=True)
+    mp, mo, me, mf = (statistics.median(x) for x in (plain, ours, every, off))
+    ratio, mon = mo / mp, me / mf
+    print(f"median step time: plain loop {mp*1e3:.2f} ms, nbtrain {mo*1e3:.2f} ms (monitor every "
+          f"{cfg.monitor.every_steps} steps), monitor every step {me*1e3:.2f} ms, monitor off {mf*1e3:.2f} ms")
     print(f"step-time ratio nbtrain / plain: {ratio:.3f} (target <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'})")
+    print(f"step-time ratio monitor every step / off: {mon:.3f} (target <= 1.03: {'met' if mon <= 1.03 else 'NOT met'})")
     return ratio
 
 if __name__ == '__main__': main()
