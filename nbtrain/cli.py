@@ -13,10 +13,24 @@ from .config import PRESETS, DEFAULT_PRESET, load_config, redact, describe_field
 from .errors import NbtrainError
 
 # %% auto #0
-__all__ = ['cmd_train', 'cmd_config', 'main']
+__all__ = ['COMMANDS', 'cmd_train', 'cmd_config', 'main']
 
 # %% ../nbs/12_cli.ipynb #7a3fd4ca
-def _parser() -> argparse.ArgumentParser:
+COMMANDS = {  # name: ('module:object', help)
+    'search': ('nbtrain.hpo:SearchCommand', 'hyperparameter search with Optuna that survives disconnects'),
+    'export': ('nbtrain.export:ExportCommand', "export a run's model (safetensors, TorchScript, ONNX) with parity checks"),
+    'push': ('nbtrain.hub:PushCommand', "publish a run's model to the Hugging Face Hub with a model card"),
+}
+
+def _command(name:str):
+    import importlib
+    mod, _, attr = COMMANDS[name][0].partition(':')
+    try: return getattr(importlib.import_module(mod), attr)()
+    except (ImportError, AttributeError) as e:
+        raise NbtrainError(f"nbtrain {name} is not available in this installation ({e}); "
+                           f"install the extras with pip install 'nbtrain[train]'") from None
+
+def _parser(command:str|None=None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='nbtrain', description='Check, train, track and ship transformer models.', allow_abbrev=False)
     p.add_argument('--version', action='version', version=f'nbtrain {__version__}')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
@@ -28,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument('--config', metavar='FILE', help='YAML or JSON config file')
         s.add_argument('--preset', metavar='NAME', help=f"one of: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
         if name == 'config': s.add_argument('--fields', action='store_true', help='list every config field with its help')
+    for name, (_, help) in COMMANDS.items():
+        s = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
+        if name == command: _command(name).add_arguments(s)  # only the command being run is imported
     return p
 
 # %% ../nbs/12_cli.ipynb #114c60e1
@@ -64,17 +81,19 @@ def cmd_config(cfg, fields:bool=False) -> int:
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `nbtrain` command."
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = _parser()
-    args, rest = p.parse_known_args(argv)
-    if args.command is None:
-        p.print_help()
-        return 0
+    command = next((a for a in argv if not a.startswith('-')), None)
     try:
+        p = _parser(command if command in COMMANDS else None)
+        args, rest = p.parse_known_args(argv)
+        if args.command is None:
+            p.print_help()
+            return 0
+        if args.command in COMMANDS: return _command(args.command).run(args, rest)
         cfg = load_config(args.config, args.preset, rest)
         if args.command == 'config': return cmd_config(cfg, args.fields)
         return cmd_train(cfg)
     except NbtrainError as e:
-        print(f"nbtrain {args.command}: error: {e}", file=sys.stderr)
+        print(f"nbtrain {command or ''}: error: {e}", file=sys.stderr)
         return 2
 
 # %% ../nbs/12_cli.ipynb #62530425
