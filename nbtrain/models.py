@@ -10,7 +10,7 @@ import inspect, math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-import torch
+import torch, torch.utils.checkpoint
 from torch import nn, Tensor
 from .errors import TaskError
 
@@ -158,13 +158,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 class Trunk(nn.Module):
-    "`n_layer` blocks and the final LayerNorm."
+    "`n_layer` blocks and the final LayerNorm; with `gradient_checkpointing`, blocks recompute activations in backward."
     def __init__(self, c:TransformerConfig, causal:bool):
         super().__init__()
         self.blocks = nn.ModuleList(Block(c, causal) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.d_model, bias=c.bias)
+        self.gradient_checkpointing = False
     def forward(self, x, mask=None):
-        for b in self.blocks: x = b(x, mask)
+        for b in self.blocks:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(b, x, mask, use_reentrant=False)
+            else: x = b(x, mask)
         return self.ln_f(x)
 
 # %% ../nbs/05_models.ipynb #6fd8183e
@@ -198,6 +202,11 @@ class ReferenceModel(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         pos = getattr(self, 'pos_emb', None)
         return n - (pos.weight.numel() if non_embedding and isinstance(pos, nn.Embedding) else 0)
+
+    def gradient_checkpointing_enable(self, enable:bool=True):
+        "Recompute each block's activations in the backward pass: activation memory / n_layer, about 30% more compute."
+        for m in self.modules():
+            if isinstance(m, Trunk): m.gradient_checkpointing = enable
 
     def _check_len(self, T:int):
         if T > self.config.max_seq_len:
