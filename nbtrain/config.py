@@ -14,10 +14,10 @@ import yaml
 from .errors import ConfigError, closest, did_you_mean, format_choices
 
 # %% auto #0
-__all__ = ['ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SECRET_ENV_VARS', 'REDACTED', 'opt', 'Section', 'ModelConfig', 'TaskConfig',
-           'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig', 'TrackingConfig',
-           'MonitorConfig', 'RunConfig', 'deep_merge', 'read_config_file', 'parse_overrides', 'dotted_to_nested',
-           'load_config', 'secret_values', 'redact', 'save_config', 'describe_fields']
+__all__ = ['ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SHORTCUTS', 'SECRET_ENV_VARS', 'REDACTED', 'opt', 'Section', 'ModelConfig',
+           'TaskConfig', 'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig',
+           'TrackingConfig', 'MonitorConfig', 'RunConfig', 'deep_merge', 'read_config_file', 'parse_overrides',
+           'dotted_to_nested', 'load_config', 'secret_values', 'redact', 'save_config', 'describe_fields']
 
 # %% ../nbs/02_config.ipynb #763115bf
 def opt(default=None, help:str='', *, choices=None, ge=None, gt=None, le=None, lt=None):
@@ -228,7 +228,10 @@ class TrainConfig(Section):
     grad_clip: float|None = opt(1.0, "Clip the global gradient norm to this value (None or 0: off)", ge=0.0)
     precision: str = opt('auto', "'auto' (bf16 where supported, fp16 with a scaler on older GPUs, fp32 on CPU) or a Fabric precision",
                          choices=['auto', '32-true', '32', 'bf16-mixed', '16-mixed', 'bf16-true', '16-true', '64-true'])
-    compile: bool = opt(False, "torch.compile the model")
+    compile: bool|str = opt('auto', "torch.compile the model: true, false, or 'auto' (on for CUDA GPUs of compute capability 7.0+)", choices=[True, False, 'auto'])
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, about 30% more compute)")
+    auto_micro_batch: bool = opt(False, "Find the largest micro-batch that fits (keeping the effective batch through grad_accum)")
+    oom_recovery: bool = opt(True, "On out-of-memory: halve the micro-batch, double grad_accum, redo the step and go on")
     accelerator: str = opt('auto', "Device type", choices=['auto', 'cpu', 'cuda', 'gpu', 'mps'])
     devices: int|str = opt('auto', "Devices per node: a count, 'auto', or a list like '0,1'")
     strategy: str = opt('auto', "Fabric strategy: auto, ddp, fsdp, deepspeed, ...")
@@ -340,7 +343,7 @@ PRESETS = {
         optim=dict(lr=1e-3),
         schedule=dict(name='cosine', warmup_steps=100),
         train=dict(micro_batch_size=32, grad_accum=2, max_steps=3000, eval_every=250, eval_batches=50, log_every=25,
-                   precision='auto', compile=False),
+                   precision='auto', compile='auto'),
         checkpoint=dict(every_steps=500, every_minutes=10.0)),
     'a100': dict(
         model=dict(name='gpt', size='gpt2-small'),
@@ -372,6 +375,10 @@ def read_config_file(path) -> dict:
     if not isinstance(d, dict): raise ConfigError(f"Config file '{p}' must hold a mapping of sections, got {type(d).__name__}")
     return d
 
+SHORTCUTS = {'devices': 'train.devices', 'strategy': 'train.strategy', 'num_nodes': 'train.num_nodes',
+             'precision': 'train.precision', 'accelerator': 'train.accelerator'}
+"Command-line options that stand for a config field: `--devices 4` is `--train.devices 4`."
+
 def parse_overrides(args:list[str]) -> dict:
     "Turn `['--optim.lr', '3e-4', '--train.compile=true']` into `{'optim': {'lr': '3e-4'}, 'train': {'compile': 'true'}}`."
     out, i = {}, 0
@@ -381,6 +388,7 @@ def parse_overrides(args:list[str]) -> dict:
             raise ConfigError(f"Unexpected argument {a!r}: overrides look like --section.key VALUE or --section.key=VALUE")
         key, eq, val = a[2:].partition('=')
         key = '.'.join(k.replace('-', '_') for k in key.split('.'))
+        key = SHORTCUTS.get(key, key)
         if not eq:
             if i + 1 >= len(args) or (args[i+1].startswith('--') and not _is_number(args[i+1])):
                 raise ConfigError(f"Override --{key} has no value: write --{key} VALUE")

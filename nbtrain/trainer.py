@@ -17,6 +17,7 @@ from .config import RunConfig, load_config, save_config, redact
 from .errors import ConfigError, DataError, did_you_mean
 from .hardware import device_info, resolve_accelerator, resolve_precision, explain_precision, enable_fast_math, peak_flops
 from .monitor import GradientMonitor, describe
+from .memory import estimate_memory, recommend, find_micro_batch, is_oom, free_memory, split_batch, smaller_micro_batch
 from .registry import TRACKERS
 from .repro import seed_everything, write_env, rng_state, set_rng_state
 from .models import unwrap_model
@@ -28,7 +29,7 @@ from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlySt
 from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, model_state, MANIFEST
 
 # %% auto #0
-__all__ = ['LM_TASKS', 'FitResult', 'Trainer', 'train']
+__all__ = ['LM_TASKS', 'compile_options', 'FitResult', 'Trainer', 'train']
 
 # %% ../nbs/11_trainer.ipynb #11a756d8
 @dataclass
@@ -76,6 +77,7 @@ class Trainer:
             loaded = build_model(model)
             model, self.model_info = loaded.module, dict(loaded.info, kind=loaded.kind)
         self.model_info = redact(self.model_info)
+        if t.gradient_checkpointing: self._enable_gradient_checkpointing(model)
         self.model_info.setdefault('n_params', sum(p.numel() for p in unwrap_model(model).parameters()))
         self.raw_model = model
         fpt = getattr(unwrap_model(model), 'flops_per_token', None)  # for MFU: the model's own count, else 6N
@@ -87,19 +89,21 @@ class Trainer:
                                        vanishing=m.vanishing, exploding=m.exploding) if m.every_steps else None
         self._check_labels()
 
-        self.train_loader, self.val_loader = self._loaders()
-        self.steps_per_epoch = len(self.train_loader) // t.grad_accum
-        if self.steps_per_epoch == 0:
-            raise DataError(f"The training set gives {len(self.train_loader)} micro-batches of {t.micro_batch_size} per "
-                            f"epoch, fewer than train.grad_accum={t.grad_accum}: lower train.micro_batch_size or "
-                            f"train.grad_accum, or use more data")
+        self.effective_batch = t.micro_batch_size * t.grad_accum  # per process; kept when the micro-batch changes
+        self._build_loaders()
         self.total_steps = self._total_steps()
         self.step_capped = bool(t.max_steps or t.max_epochs)  # else only max_time (or a callback) ends the run
         self._check_early_stopping()
 
+        self.memory_estimate = estimate_memory(model, micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
+                                               precision=self.precision, optimizer=cfg.optim.name,
+                                               gradient_checkpointing=t.gradient_checkpointing)
+        self.memory_note = recommend(self.memory_estimate, info, t.grad_accum)
         optimizer = build_optimizer(model, cfg.optim, device_type=self.fabric.device.type)
-        if t.compile: model = self._compile(model)
+        self.compiled = t.compile is True or (t.compile == 'auto' and acc == 'cuda' and (info.capability or (0,)) >= (7, 0))
+        if self.compiled: model = self._compile(model)
         self.model, self.optimizer = self.fabric.setup(model, optimizer)
+        if t.auto_micro_batch: self._auto_micro_batch()
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
 
         self.step, self.should_stop, self.stop_reason = 0, False, ''
@@ -162,11 +166,95 @@ def _total_steps(self:Trainer) -> int:
     return n
 
 @patch
+def _build_loaders(self:Trainer):
+    t = self.cfg.train
+    self.train_loader, self.val_loader = self._loaders()
+    self.steps_per_epoch = len(self.train_loader) // t.grad_accum
+    if self.steps_per_epoch == 0:
+        raise DataError(f"The training set gives {len(self.train_loader)} micro-batches of {t.micro_batch_size} per "
+                        f"epoch, fewer than train.grad_accum={t.grad_accum}: lower train.micro_batch_size or "
+                        f"train.grad_accum, or use more data")
+
+@patch
+def _enable_gradient_checkpointing(self:Trainer, model):
+    m = unwrap_model(model)
+    if hasattr(m, 'gradient_checkpointing_enable'):
+        try: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})  # Hugging Face
+        except TypeError: m.gradient_checkpointing_enable()
+    else: warnings.warn(f"train.gradient_checkpointing: {type(m).__name__} has no gradient_checkpointing_enable(); training without it")
+
+# %% ../nbs/11_trainer.ipynb #ede7a4ce
+compile_options = {}  # extra keyword arguments for torch.compile
+
+@patch
 def _compile(self:Trainer, model):
-    try: return torch.compile(model)
-    except Exception as e:  # a model torch.compile cannot handle still trains, eagerly
+    try: return torch.compile(model, **compile_options)
+    except Exception as e:
         warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training without compilation")
+        self.compiled = False
         return model
+
+def _is_compile_error(e:BaseException) -> bool:
+    mods = {type(x).__module__ for x in (e, e.__cause__, e.__context__) if x is not None}
+    return any(m.startswith(('torch._dynamo', 'torch._inductor')) for m in mods)
+
+@patch
+def _uncompile(self:Trainer, e:BaseException):
+    if self.fabric.world_size > 1:
+        raise RuntimeError(f"torch.compile failed under {self.cfg.train.strategy}: set train.compile=false") from e
+    warnings.warn(f"torch.compile failed on the first step ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  f"continuing without compilation")
+    self.model._forward_module = self.raw_model  # the same parameters, eager
+    self.compiled = False
+    self.optimizer.zero_grad(set_to_none=True)
+
+# %% ../nbs/11_trainer.ipynb #e83202d6
+@patch
+def _set_micro_batch(self:Trainer, size:int):
+    "Use micro-batches of `size` (a divisor of the effective batch) and the accumulation that keeps the effective batch."
+    t = self.cfg.train
+    t.micro_batch_size, t.grad_accum = size, self.effective_batch // size
+    self._build_loaders()
+
+@patch
+def _try_step(self:Trainer, size:int):
+    batch = self.data.collate([self.data.train[i] for i in range(min(size, len(self.data.train)))])
+    batch = self._to_device(batch)
+    try:
+        loss = self.task.loss(self.task.forward(self.model, batch), batch)
+        self.fabric.backward(loss)
+    finally: self.optimizer.zero_grad(set_to_none=True)
+
+@patch
+def _auto_micro_batch(self:Trainer):
+    E = self.effective_batch
+    found = find_micro_batch(self._try_step, start=min(self.cfg.train.micro_batch_size, E), limit=E)
+    size = max(d for d in range(1, E + 1) if E % d == 0 and d <= found)
+    if size != self.cfg.train.micro_batch_size:
+        self._set_micro_batch(size)
+        if self.is_global_zero: print(f"auto micro-batch: {size} x {self.cfg.train.grad_accum} accumulation (effective batch {E})")
+
+@patch
+def _recover_oom(self:Trainer, batches:list, error:BaseException):
+    "Redo a step that ran out of memory with smaller micro-batches; returns (loss, micro-batches)."
+    if self.fabric.world_size > 1:
+        raise RuntimeError("Out of memory under distributed training: lower train.micro_batch_size (the processes "
+                           "must agree on it, so nbtrain does not change it on its own)") from error
+    while True:
+        self.optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        B = self.cfg.train.micro_batch_size
+        if B == 1: raise RuntimeError("Out of memory even with micro-batches of 1: use shorter sequences (data.seq_len), "
+                                      "train.gradient_checkpointing=true, bf16, or a smaller model") from error
+        nb = smaller_micro_batch(B)
+        batches = [p for b in batches for p in split_batch(b, nb)]
+        self._set_micro_batch(nb)
+        warnings.warn(f"Out of memory with micro-batches of {B} at step {self.step + 1}: continuing with {nb} x "
+                      f"{self.cfg.train.grad_accum} accumulation (effective batch {self.effective_batch} unchanged)", RuntimeWarning)
+        try: return self.backward_window(batches), batches
+        except Exception as e:
+            if not is_oom(e): raise
+            error = e
 
 @patch
 def _default_callbacks(self:Trainer) -> list:
@@ -297,7 +385,11 @@ def evaluate(self:Trainer) -> dict:
 @patch
 def _evaluate(self:Trainer):
     t0 = time.monotonic()
-    m = self.evaluate()
+    try: m = self.evaluate()
+    except Exception as e:  # the first compiled call may be this one
+        if not (self.compiled and _is_compile_error(e)): raise
+        self._uncompile(e)
+        m = self.evaluate()
     self._win_t += time.monotonic() - t0  # throughput windows exclude evaluation
     if m:
         self.last_eval = m
@@ -310,7 +402,7 @@ def _evaluate(self:Trainer):
 @patch
 def fit(self:Trainer) -> FitResult:
     "Train until a stopping rule fires (resuming from a checkpoint first, if there is one); returns a `FitResult`."
-    t, A, cb = self.cfg.train, self.cfg.train.grad_accum, self.callbacks
+    t, cb = self.cfg.train, self.callbacks
     self._t0 = time.monotonic()
     resumed = self._resume()
     self._deadline = self._t0 + t.max_time * 60 - self._elapsed_before if t.max_time else None
@@ -323,13 +415,14 @@ def fit(self:Trainer) -> FitResult:
             self.model.train()
             first = True
             while not self._stopping():
+                A = t.grad_accum  # read again: a micro-batch change (out of memory) changes it
                 epoch, pos = divmod(self.step, self.steps_per_epoch)
                 it = self._epoch_batches(epoch, skip=pos * A)
                 for _ in range(pos, self.steps_per_epoch):
                     batches = [next(it) for _ in range(A)]
                     if first: self._validate_batch(batches[0]); first = False
                     self._in_step = True
-                    loss = self.backward_window(batches)
+                    loss, reload = self._backward_guarded(batches)
                     self._win_loss = self._win_loss + loss
                     norm = self.optimizer_step(loss)
                     self._in_step = False
@@ -342,7 +435,7 @@ def fit(self:Trainer) -> FitResult:
                     if epoch_end: cb.fire('on_epoch_end', self)
                     if epoch_end or (t.eval_every and self.step % t.eval_every == 0): self._evaluate()
                     if why := self._checkpoint_due(epoch_end): self.save_checkpoint(why)
-                    if self._stopping(): break
+                    if self._stopping() or reload: break  # after a micro-batch change, a new iterator at this step
     except KeyboardInterrupt:  # a second Ctrl-C, or one raised by code: maybe in the middle of a step
         self.stop_reason = f'interrupted at step {self.step}'
         if self._in_step: warnings.warn(f"Interrupted inside step {self.step + 1}: no checkpoint is written for it; "
@@ -417,6 +510,18 @@ def _validate_batch(self:Trainer, batch:dict):
     try: self.task.validate_batch(batch, self.task.forward(self.model, batch))
     finally: self.model.train()
 
+@patch
+def _backward_guarded(self:Trainer, batches:list) -> tuple:
+    "`backward_window`, with the first step's compile fallback and out-of-memory recovery; returns (loss, reloaded)."
+    try: return self.backward_window(batches), False
+    except Exception as e:
+        if self.compiled and _is_compile_error(e):
+            self._uncompile(e)
+            return self._backward_guarded(batches)
+        if not (self.cfg.train.oom_recovery and is_oom(e)): raise
+        loss, _ = self._recover_oom(batches, e)
+        return loss, True
+
 @patch(as_prop=True)
 def elapsed_s(self:Trainer) -> float:
     "Seconds of training in this run, across resumes."
@@ -434,6 +539,7 @@ def state_parts(self:Trainer) -> dict:
                 callbacks=self.callbacks.state_dict(),
                 monitor=self.monitor.state_dict() if self.monitor is not None else {},
                 trainer=dict(step=self.step, elapsed_s=self.elapsed_s, first_eval=self.first_eval or {},
+                             micro_batch_size=self.cfg.train.micro_batch_size,
                              last_eval=self.last_eval or {}, last_eval_step=self._last_eval_step))
 
 @patch
@@ -505,6 +611,8 @@ def _resume(self:Trainer) -> bool:
     self.callbacks.load_state_dict(st['callbacks'])
     self.ckpt.restore(ck)
     tr = st['trainer']
+    if tr.get('micro_batch_size', self.cfg.train.micro_batch_size) != self.cfg.train.micro_batch_size:
+        self._set_micro_batch(int(tr['micro_batch_size']))  # the size the run had found to fit
     self.step, self._elapsed_before, self._last_eval_step = int(tr['step']), float(tr['elapsed_s']), int(tr['last_eval_step'])
     self.first_eval, self.last_eval = tr['first_eval'] or None, tr['last_eval'] or None
     self._last_ckpt_step = self.step
