@@ -17,10 +17,12 @@ install-dev:
 
 ## train: the main job: the reference GPT on the embedded corpus with the default (tiny-cpu) config
 train: install
+train: export OMP_WAIT_POLICY = PASSIVE
 	$(PYTHON) -m nbtrain.cli train
 
 ## test: package in sync with the notebooks, notebook tests, docs preprocessing, pytest
 test: install-dev
+test: export OMP_WAIT_POLICY = PASSIVE
 	$(PYTHON) tools/check_sync.py
 	$(PYTHON) tools/readme.py --check
 	nbdev-test --n-workers 2 --flags slow

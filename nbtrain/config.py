@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 from .errors import ConfigError, closest, did_you_mean, format_choices
+from .registry import TRACKERS
 
 # %% auto #0
 __all__ = ['ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SHORTCUTS', 'SECRET_ENV_VARS', 'REDACTED', 'opt', 'Section', 'ModelConfig',
@@ -182,15 +183,35 @@ class TaskConfig(Section):
 @dataclass
 class DataConfig(Section):
     _name = 'data'
-    source: str = opt('embedded', "'embedded' (the generated corpus), 'digits', 'synthetic', or a path to a .txt/.jsonl/.csv file")
-    tokenizer: str = opt('char', "Tokenizer: 'char' (built from the corpus) or 'byte'")
+    source: str = opt('embedded', "embedded | digits | synthetic | a file (.txt .jsonl .json .csv .tsv .parquet .zip) | a folder | drive:PATH | upload | hf:NAME[:CONFIG]")
+    tokenizer: str = opt('char', "char | byte | bpe (trained on the corpus) | a saved tokenizer folder | a Hugging Face tokenizer name")
+    vocab_size: int|None = opt(None, "Tokens of a trained 'bpe' tokenizer (None: 8192)", ge=260)
     seq_len: int = opt(128, "Tokens per training sequence", ge=2)
-    val_fraction: float = opt(0.1, "Fraction of the documents held out for validation", gt=0.0, lt=1.0)
+    val_fraction: float = opt(0.1, "Fraction held out for validation when the source has no validation split", ge=0.0, lt=1.0)
+    test_fraction: float = opt(0.0, "Fraction held out for a test split when the source has none", ge=0.0, lt=1.0)
+    stratify: bool = opt(True, "Classification splits keep the class ratios")
+    train_split: str|None = opt(None, "The source's training split name (None: train)")
+    val_split: str|None = opt(None, "The source's validation split name (None: validation, valid, val or dev)")
+    test_split: str|None = opt(None, "The source's test split name (None: test)")
     text_column: str|None = opt(None, "Column holding the text (auto-detected when None)")
     label_column: str|None = opt(None, "Column holding the label (auto-detected when None)")
+    label_names: list[str]|None = opt(None, "Class names in id order")
+    image_column: str|None = opt(None, "Column holding the images (auto-detected when None)")
+    image_size: int|None = opt(None, "Resize images to N x N (None: keep; all images must agree)", ge=1)
+    image_mode: str|None = opt(None, "Convert images to this mode", choices=['RGB', 'L', 'RGBA', 'LA', 'I', 'F'])
+    normalize: str = opt('data', "Pixel normalisation: statistics of the training images, or a preset", choices=['data', 'imagenet', 'cifar', 'symmetric', 'none'])
+    augment: bool = opt(False, "Random flips and crops of training images")
+    pack: bool = opt(True, "Pack documents into full blocks for language modelling (False: one document per row)")
+    cache: bool = opt(True, "Cache tokenization and trained tokenizers between runs")
+    cache_dir: str|None = opt(None, "Cache folder (None: $NBTRAIN_CACHE_DIR, else output_dir/.cache on Drive, else ~/.cache/nbtrain)")
     num_workers: int = opt(0, "DataLoader worker processes", ge=0)
     max_samples: int|None = opt(None, "Use at most this many examples (quick experiments)", ge=1)
     corpus_size: int = opt(2000, "Stories in the generated corpus (source='embedded')", ge=10)
+
+    def check(self):
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} + data.test_fraction={self.test_fraction} leave no "
+                              f"training data: keep their sum below 1")
 
 @dataclass
 class OptimConfig(Section):
@@ -265,8 +286,26 @@ class CheckpointConfig(Section):
 @dataclass
 class TrackingConfig(Section):
     _name = 'tracking'
-    backends: list[str] = opt(['jsonl'], "Where metrics go: jsonl (always on)")
+    backends: list[str] = opt(['jsonl', 'csv'], "Where metrics go, several at once: jsonl (always on), csv, wandb, tensorboard")
     project: str = opt('nbtrain', "Project name used by experiment trackers")
+    entity: str|None = opt(None, "W&B entity (user or team)")
+    run_name: str|None = opt(None, "Run name in trackers (None: the run folder's name)")
+    group: str|None = opt(None, "Group runs together in trackers (a search sets it per study)")
+    tags: list[str] = opt([], "Tags for the tracker's run")
+    wandb_mode: str = opt('auto', "auto (online with a key, else offline), online, offline or disabled", choices=['auto', 'online', 'offline', 'disabled'])
+    log_artifacts: str = opt('final', "Upload checkpoints and the final model as artifacts", choices=['none', 'final', 'all'])
+    upload_timeout_s: float = opt(600.0, "Longest wait for artifact uploads at the end of a run", ge=0.0)
+    eval_metrics: bool = opt(True, "Per-task evaluation metrics: top-k accuracy, F1, confusion, confidence, drift")
+    top_k: int = opt(5, "k of the top-k metrics", ge=1)
+    dashboard: bool = opt(True, "Live plot in notebooks and dashboard.png in the run folder")
+    live_plot_every: int = opt(50, "Redraw the live plot every N optimizer steps (and at evaluations)", ge=1)
+    live_plot_min_interval_s: float = opt(5.0, "Smallest time between two redraws", ge=0.0)
+
+    def check(self):
+        for b in self.backends:
+            if b != 'jsonl' and b not in TRACKERS:
+                raise ConfigError(f"tracking.backends has {b!r}, which is not a tracker.{did_you_mean(b, ['jsonl', *TRACKERS])} "
+                                  f"Choose from: jsonl, {', '.join(TRACKERS)}")
 
 # %% ../nbs/02_config.ipynb #e1f13e90
 @dataclass

@@ -82,3 +82,8 @@ SCHEDULERS = Registry('scheduler')
 COLLATORS = Registry('collator')
 TOKENIZERS = Registry('tokenizer')
 TRACKERS = Registry('tracker')  # callbacks that send metrics somewhere, chosen by `tracking.backends`
+TRACKERS.add_lazy('csv', 'nbtrain.tracking:CSVLogger')
+TRACKERS.add_lazy('wandb', 'nbtrain.tracking:WandbTracker')
+TRACKERS.add_lazy('tensorboard', 'nbtrain.tracking:TensorBoardTracker')
+TRACKERS.add_lazy('eval_metrics', 'nbtrain.metrics:TaskMetrics')
+TRACKERS.add_lazy('dashboard', 'nbtrain.dashboard:LiveDashboard')

@@ -23,7 +23,8 @@ from .repro import seed_everything, write_env, rng_state, set_rng_state
 from .models import unwrap_model
 from .loading import build_model
 from .tasks import build_task
-from .data import build_data, make_loader, set_epoch
+from .data import resolve_data, make_loader, set_epoch, loader_sampler, default_cache_dir
+from .loading import check_vocab
 from .optim import build_optimizer, build_scheduler
 from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
 from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, model_state, MANIFEST
@@ -64,7 +65,12 @@ class Trainer:
         enable_fast_math(t.deterministic)
         seed_everything(t.seed, t.deterministic)
 
-        self.data = data if data is not None else build_data(cfg.data, cfg.task.name, t.seed)
+        self.run_dir = self._run_path(run_dir)
+        with self.fabric.rank_zero_first(local=True):  # the first process fills the tokenization cache, the others reuse it
+            # a run folder that exists already (a resumed run) gives back its saved tokenizer; a new one is only
+            # written once setup has succeeded, so a bad configuration leaves nothing behind
+            self.data = resolve_data(data, cfg.data, cfg.task, t.seed, run_dir=self.run_dir if self.run_dir.exists() else None,
+                                     cache_dir=cfg.data.cache_dir or default_cache_dir(cfg.output_dir))
         self.task = task if task is not None else build_task(cfg.task)
         if model is None:
             tok, sample = self.data.tokenizer, self.data.train[0]
@@ -76,6 +82,7 @@ class Trainer:
         else:
             loaded = build_model(model)
             model, self.model_info = loaded.module, dict(loaded.info, kind=loaded.kind)
+            if self.data.vocab_size: check_vocab(model, self.data.vocab_size)
         self.model_info = redact(self.model_info)
         if t.gradient_checkpointing: self._enable_gradient_checkpointing(model)
         self.model_info.setdefault('n_params', sum(p.numel() for p in unwrap_model(model).parameters()))
@@ -107,8 +114,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
 
         self.step, self.should_stop, self.stop_reason = 0, False, ''
-        self.run_dir = self._run_dir(run_dir)
-        self.callbacks = CallbackList(self._default_callbacks() + list(callbacks))
+        self._write_run_files()
+        self.callbacks = CallbackList(self._default_callbacks(callbacks) + list(callbacks))
         c = cfg.checkpoint
         self.ckpt = CheckpointManager(self.run_dir/'checkpoints', keep_last_n=c.keep_last_n, keep_best_k=c.keep_best_k,
                                       monitor=c.monitor, mode=c.mode, mirror=Path(c.mirror)/self.run_dir.name if c.mirror else None,
@@ -148,11 +155,9 @@ def _to_device(self:Trainer, batch:dict) -> dict:
 def _epoch_batches(self:Trainer, epoch:int, skip:int=0):
     "The training micro-batches of `epoch` in the order fixed by (seed, epoch), after skipping the first `skip`."
     loader = self.train_loader
-    set_epoch(getattr(loader, '_dataloader', loader), epoch)
+    set_epoch(loader, epoch, skip=skip)  # resuming inside an epoch: the skipped batches are never loaded
     if hasattr(loader, '_num_iter_calls'): loader._num_iter_calls = epoch  # Fabric's loader sets the sampler epoch from this
-    it = iter(loader)
-    for _ in range(skip): next(it)  # resuming inside an epoch: batches already trained on are not moved to the device
-    return (self._to_device(b) for b in it)
+    return (self._to_device(b) for b in loader)
 
 @patch
 def _total_steps(self:Trainer) -> int:
@@ -257,10 +262,12 @@ def _recover_oom(self:Trainer, batches:list, error:BaseException):
             error = e
 
 @patch
-def _default_callbacks(self:Trainer) -> list:
-    t = self.cfg.train
+def _default_callbacks(self:Trainer, given=()) -> list:
+    t, tr = self.cfg.train, self.cfg.tracking
+    names = [n for n in tr.backends if n != 'jsonl'] + ['eval_metrics'] * tr.eval_metrics + ['dashboard'] * tr.dashboard
+    mine = {type(c) for c in given}  # a callback passed in replaces the default of its class
     cbs = [JSONLLogger(), LossCurve()]
-    cbs += [TRACKERS.get(name)(self.cfg) for name in self.cfg.tracking.backends if name != 'jsonl']
+    cbs += [cls(self.cfg) for n in dict.fromkeys(names) if (cls := TRACKERS.get(n)) not in mine]
     if t.progress_bar: cbs.append(ProgressBar())
     if t.early_stopping_patience:
         es = EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, t.early_stopping_mode, t.early_stopping_min_delta)
@@ -295,7 +302,7 @@ def _check_early_stopping(self:Trainer):
 
 # %% ../nbs/11_trainer.ipynb #ad7459d8
 @patch
-def _run_dir(self:Trainer, run_dir=None) -> Path:
+def _run_path(self:Trainer, run_dir=None) -> Path:
     cfg = self.cfg
     if run_dir is not None: d = Path(run_dir)
     elif cfg.name: d = Path(cfg.output_dir)/cfg.name  # a named run: the same folder again resumes it
@@ -304,12 +311,19 @@ def _run_dir(self:Trainer, run_dir=None) -> Path:
         d, i = base, 1
         while d.exists(): d, i = base.with_name(f'{base.name}-{i}'), i + 1
         d = Path(self.fabric.broadcast(str(d), src=0))
-    if self.is_global_zero:
-        d.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, d/'config.yaml')
-        write_env(d)
-        (d/'model.json').write_text(json.dumps(self.model_info, indent=2, default=str))
     return d
+
+@patch
+def _write_run_files(self:Trainer):
+    if not self.is_global_zero: return
+    d = self.run_dir
+    d.mkdir(parents=True, exist_ok=True)
+    tok = self.data.tokenizer
+    if tok is not None and not (d/'tokenizer').exists(): tok.save(d/'tokenizer')
+    save_config(self.cfg, d/'config.yaml')
+    write_env(d)
+    (d/'model.json').write_text(json.dumps(self.model_info, indent=2, default=str))
+    (d/'data.json').write_text(json.dumps(redact(self.data.info), indent=1, default=str))
 
 # %% ../nbs/11_trainer.ipynb #0e634695
 @patch
@@ -535,7 +549,8 @@ def state_parts(self:Trainer) -> dict:
     epoch, pos = divmod(self.step, self.steps_per_epoch)
     return dict(model=model_state(self.model), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                 scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
-                sampler=dict(epoch=epoch, position=pos, micro_batches_done=pos * self.cfg.train.grad_accum, seed=self.cfg.train.seed),
+                sampler=dict(epoch=epoch, position=pos, micro_batches_done=pos * self.cfg.train.grad_accum, seed=self.cfg.train.seed,
+                             order=loader_sampler(self.train_loader)[0].state_dict()),
                 callbacks=self.callbacks.state_dict(),
                 monitor=self.monitor.state_dict() if self.monitor is not None else {},
                 trainer=dict(step=self.step, elapsed_s=self.elapsed_s, first_eval=self.first_eval or {},
@@ -606,6 +621,8 @@ def _resume(self:Trainer) -> bool:
     self.scheduler.load_state_dict(st['scheduler'])
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
     if scaler is not None and st.get('scaler'): scaler.load_state_dict(st['scaler'])
+    s = loader_sampler(self.train_loader)[0]
+    if st['sampler'].get('order') and s is not None: s.load_state_dict(st['sampler']['order'])  # refuses changed data
     set_rng_state(st['rng'])
     if self.monitor is not None and st.get('monitor'): self.monitor.load_state_dict(st['monitor'])
     self.callbacks.load_state_dict(st['callbacks'])
@@ -648,17 +665,18 @@ def save_final(self:Trainer) -> Path|None:
     info = redact(dict(model=self.model_info, model_config=mcfg if isinstance(mcfg, dict) else None,
                        task=self.cfg.task.name, run_config=self.cfg.to_dict()))
     (d/'config.json').write_text(json.dumps(info, indent=2, default=str))
-    if getattr(self.data, 'tokenizer', None) is not None: self.data.tokenizer.save(d)
+    self.data.save(d)  # tokenizer and data.json (label names, normalisation, sizes)
     src = self.model_info.get('model_py')
     if src and Path(src).is_file(): shutil.copy(src, d/'model.py')
     return d
 
 # %% ../nbs/11_trainer.ipynb #3744d647
-def train(config=None, preset:str|None=None, overrides:dict|None=None, *, model=None, callbacks=(), **kw) -> FitResult:
-    "Resolve a config (a `RunConfig`, a file, or a preset plus overrides) and train. `optim__lr=1e-3` is `optim.lr`."
+def train(config=None, preset:str|None=None, overrides:dict|None=None, *, model=None, data=None, callbacks=(), **kw) -> FitResult:
+    """Resolve a config (a `RunConfig`, a file, or a preset plus overrides) and train. `optim__lr=1e-3` is `optim.lr`.
+    `data` may be a `DataBundle` or any source `nbtrain.data` reads (lists, dicts, DataFrames, datasets, paths)."""
     over = dict(overrides or {}, **{k.replace('__', '.'): v for k, v in kw.items()})
     cfg = config if isinstance(config, RunConfig) else load_config(config, preset, over)
     if isinstance(config, RunConfig) and over:
         from nbtrain.config import deep_merge, dotted_to_nested
         cfg = RunConfig.from_dict(deep_merge(config.to_dict(), dotted_to_nested(over)))
-    return Trainer(cfg, model=model, callbacks=callbacks).fit()
+    return Trainer(cfg, model=model, data=data, callbacks=callbacks).fit()

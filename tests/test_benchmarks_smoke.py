@@ -1,0 +1,39 @@
+"""benchmarks/gpu_throughput.py at its smallest CPU size: every arm runs and the report has its lines (no timing checks)."""
+import os, re, subprocess, sys
+from pathlib import Path
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_throughput.py'
+ROWS = ('plain loop', 'nbtrain', 'transformers.Trainer', 'Lightning Trainer', 'nbtrain reference GPT')
+
+@pytest.mark.slow
+def test_gpu_throughput_cpu_smoke(tmp_path):
+    pytest.importorskip('transformers'); pytest.importorskip('accelerate'); pytest.importorskip('lightning')
+    # a subprocess: the benchmark sets process-wide state (torch threads, warning filters, compiler caches)
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'PYTHONUNBUFFERED': '1', 'TMPDIR': str(tmp_path)}
+    r = subprocess.run([sys.executable, str(BENCH), '--size', 'cpu-tiny', '--steps', '2', '--warmup', '1', '--log-every', '1'],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    lines = out.splitlines()
+    assert lines[0].startswith('CPU RUN, NO GPU'), lines[0]
+    assert 'MFU n/a' in lines[0] and 'batch 4 x 64 tokens' in lines[0] and 'fp32' in lines[0]
+    assert 'FAILED' not in out, out
+    for name in ROWS:  # every arm ran and reports tokens/s, n/a MFU and memory on CPU, and a finite loss
+        row = next((l for l in lines if re.match(rf'{re.escape(name)}\s+eager\s', l)), None)
+        assert row is not None, f'no row for {name}:\n{out}'
+        m = re.match(rf'{re.escape(name)}\s+eager\s+([\d,]+)\s+([\d.]+)\s+n/a\s+n/a\s+([\d.]+)\s+(\S+)$', row)
+        assert m, row
+        assert int(m.group(1).replace(',', '')) > 0 and float(m.group(2)) > 0
+        assert 1.0 < float(m.group(3)) < 20.0  # about ln(1024) = 6.9 on random tokens
+        assert m.group(4) == ('-' if name == 'nbtrain reference GPT' else '1.000x' if name == 'nbtrain' else m.group(4))
+        if name not in ('nbtrain', 'nbtrain reference GPT'): assert re.fullmatch(r'[\d.]+x', m.group(4)), row
+    assert 'compiled' not in out.split('FLOPs per token')[1]  # no compiled arms on CPU without --compile
+    assert re.search(r'FLOPs per token \(6N \+ 12\*L\*d\*T\): [\d.]+ M with N = [\d.]+ M', out), out
+    for goal in ('>= 0.98x the plain loop', 'ahead of transformers.Trainer', 'ahead of Lightning'):
+        assert re.search(rf'target nbtrain {re.escape(goal)} \(eager\): [\d.]+x -- (met|NOT met) \(CPU check run', out), goal
+    assert 'target reference GPT >= 45% MFU on an H100 (eager): n/a' in out
+
+def test_gpu_throughput_rejects_unknown_arm():
+    r = subprocess.run([sys.executable, str(BENCH), '--arms', 'plain,deepspeed'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'unknown deepspeed' in r.stderr, r.stderr[-2000:]

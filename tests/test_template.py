@@ -1,0 +1,60 @@
+"""template.ipynb run end to end by papermill, as a user (or a scheduled job) runs it: reference model and gist export."""
+import json
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT/'template.ipynb'
+SMALL = dict(batch_size=2, seq_len=32, overfit_steps=60, speed_seconds=0.2)
+
+def run_template(tmp_path, monkeypatch, **params) -> tuple[dict, dict]:
+    "Execute the template in `tmp_path` with `params`; return the saved report JSON and model_choice.json."
+    pm = pytest.importorskip('papermill')
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')  # tiny models: one intra-op thread is faster and steady on a busy machine
+    pm.execute_notebook(str(TEMPLATE), str(tmp_path/'out.ipynb'), parameters={**SMALL, **params}, cwd=str(tmp_path),
+                        kernel_name='python3', progress_bar=False, execution_timeout=300)
+    report = json.loads((tmp_path/'model_report'/'report.json').read_text())
+    return report, json.loads((tmp_path/'model_choice.json').read_text())
+
+def test_template_is_clean_and_parametrised():
+    nb = json.loads(TEMPLATE.read_text())
+    assert not any(c.get('outputs') or c.get('execution_count') for c in nb['cells'] if c['cell_type'] == 'code')
+    tagged = [c for c in nb['cells'] if 'parameters' in c['metadata'].get('tags', [])]
+    assert len(tagged) == 1, ("template.ipynb needs one cell tagged 'parameters' for papermill; nbdev-clean keeps cell tags "
+                              "only with allowed_cell_metadata_keys = ['tags'] in [tool.nbdev]")
+    src = ''.join(tagged[0]['source'])
+    assert 'trust_code = False' in src and "source = 'reference'" in src
+
+@pytest.mark.slow
+def test_reference_gpt(tmp_path, monkeypatch):
+    report, choice = run_template(tmp_path, monkeypatch, source='reference', reference='gpt', size='tiny')
+    assert report['ok'] and report['counts'] == {'pass': 12}, report['counts']
+    assert report['model']['model'] == 'GPT' and report['model']['task'] == 'causal_lm'
+    assert {c['name'] for c in report['checks']} >= {'shapes', 'gradient_flow', 'overfit', 'attention', 'attribution'}
+    for c in report['checks']:
+        for f in c['figures']: assert (tmp_path/'model_report'/f).is_file()
+    assert choice['config'] == {'model': {'name': 'gpt', 'size': 'tiny', 'kwargs': {}}, 'task': {'name': 'causal_lm'}}
+    assert choice['status'] == 'pass' and choice['source']['class'] == 'GPT'
+    from nbtrain.config import load_config  # what training.ipynb will do with the choice
+    cfg = load_config(overrides=choice['config'])
+    assert (cfg.model.name, cfg.model.size, cfg.task.name) == ('gpt', 'tiny', 'causal_lm')
+
+@pytest.mark.slow
+def test_gist_export_folder(tmp_path, monkeypatch):
+    folder = ROOT/'tests'/'fixtures'/'gist_gpt'
+    report, choice = run_template(tmp_path, monkeypatch, source='files', model_dir=str(folder), trust_code=True)
+    assert report['ok'], [(c['name'], c['status'], c['explanation']) for c in report['checks'] if c['status'] != 'pass']
+    assert report['model']['model'] == 'TransformerModel' and report['model']['task'] == 'causal_lm'
+    assert report['model']['source']['kind'] == 'file' and report['model']['max_len'] == 64
+    by = {c['name']: c for c in report['checks']}
+    assert by['attention']['numbers']['sources'] == ['softmax'] and by['attention']['numbers']['heads'] == 8
+    assert by['causality']['status'] == 'pass'
+    assert choice['config']['model'] == {'name': 'file', 'path': str(folder), 'trust_code': True, 'kwargs': {}}
+    from nbtrain.config import load_config
+    assert load_config(overrides=choice['config']).model.trust_code is True
+
+@pytest.mark.slow
+def test_untrusted_code_is_refused(tmp_path, monkeypatch):
+    pm = pytest.importorskip('papermill')
+    with pytest.raises(pm.PapermillExecutionError, match='trust_code=True'):
+        run_template(tmp_path, monkeypatch, source='files', model_dir=str(ROOT/'tests'/'fixtures'/'gist_gpt'))
