@@ -474,7 +474,7 @@ def load_config(file=None, preset:str|None=None, overrides:dict|list[str]|None=N
 # %% ../nbs/02_config.ipynb #c3a1448c
 SECRET_ENV_VARS = ('WANDB_API_KEY', 'HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HUGGINGFACE_TOKEN', 'HF_API_TOKEN',
                    'OPENAI_API_KEY', 'AWS_SECRET_ACCESS_KEY', 'GITHUB_TOKEN', 'COMET_API_KEY', 'NEPTUNE_API_TOKEN')
-_SECRET_KEY = re.compile(r'(^|_)(token|api_?key|secret|password|passwd|credentials?|auth)($|_)', re.I)
+_SECRET_KEY = re.compile(r'(^|_)(token|api_?key|secret|password|passwd|credentials?|auth)$', re.I)
 REDACTED = '***'
 
 def secret_values() -> set[str]:
@@ -486,7 +486,8 @@ def redact(obj, secrets:set[str]|None=None):
     "A copy of `obj` (nested dicts/lists) with credential-like keys and known secret values replaced by '***'."
     secrets = secret_values() if secrets is None else secrets
     if isinstance(obj, dict):
-        return {k: (REDACTED if _SECRET_KEY.search(str(k)) and obj[k] not in (None, '')
+        # a credential is a string under a key like hf_token or api_key (not pad_token_id, not a per_token flag)
+        return {k: (REDACTED if _SECRET_KEY.search(str(k)) and isinstance(obj[k], str) and obj[k]
                     else redact(v, secrets)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)): return type(obj)(redact(v, secrets) for v in obj)
     if isinstance(obj, str):
