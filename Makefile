@@ -4,6 +4,8 @@ PIP := $(PYTHON) -m pip
 # torch first, pinned, and only where none is installed: an unpinned requirement on a machine without torch pulls
 # the CUDA build (several GB). Where torch exists (Colab, your GPU box) it is left alone.
 TORCH_PIN ?= torch==2.13.0
+# Idle OpenMP threads sleep instead of spinning: on a shared or 2-core machine, spinning threads slow small models many times over.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: train test install install-dev
 
@@ -17,12 +19,10 @@ install-dev:
 
 ## train: the main job: the reference GPT on the embedded corpus with the default (tiny-cpu) config
 train: install
-train: export OMP_WAIT_POLICY = PASSIVE
 	$(PYTHON) -m nbtrain.cli train
 
 ## test: package in sync with the notebooks, notebook tests, docs preprocessing, pytest
 test: install-dev
-test: export OMP_WAIT_POLICY = PASSIVE
 	$(PYTHON) tools/check_sync.py
 	$(PYTHON) tools/readme.py --check
 	nbdev-test --n-workers 2 --flags slow
