@@ -55,6 +55,10 @@ class Trainer:
         from lightning_fabric import Fabric
         self.cfg = cfg = cfg if cfg is not None else load_config()
         t = cfg.train
+        if any(k in str(t.strategy).lower() for k in ('fsdp', 'deepspeed')):  # checked before any process starts
+            raise ConfigError(f"train.strategy={t.strategy!r} is not supported yet: nbtrain's checkpoints and final weights "
+                              f"need a gathered state dict from sharded strategies. Use 'ddp' (or 'auto'), with "
+                              f"train.gradient_checkpointing or a smaller micro-batch to save memory")
         info = device_info()
         acc = resolve_accelerator(t.accelerator, info)
         self.precision = resolve_precision(t.precision, acc, info)
