@@ -117,7 +117,7 @@ class Trainer:
         if t.auto_micro_batch: self._auto_micro_batch()
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
 
-        self.step, self.should_stop, self.stop_reason = 0, False, ''
+        self.step, self.should_stop, self.stop_reason, self._stop_signal = 0, False, '', None
         self._write_run_files()
         self.callbacks = CallbackList(self._default_callbacks(callbacks) + list(callbacks))
         c = cfg.checkpoint
@@ -424,7 +424,7 @@ def fit(self:Trainer) -> FitResult:
     self._t0 = time.monotonic()
     resumed = self._resume()
     self._deadline = self._t0 + t.max_time * 60 - self._elapsed_before if t.max_time else None
-    self._last_ckpt_t, self._stop_signal, self._in_step = time.monotonic(), None, False
+    self._last_ckpt_t, self._in_step = time.monotonic(), False
     self._new_window()
     cb.fire('on_fit_start', self)
     try:
@@ -598,6 +598,11 @@ def _signals_stop_cleanly(self:Trainer):
     try: yield
     finally:
         for sig, h in old.items(): signal.signal(sig, h)
+
+@patch
+def request_stop(self:Trainer, why:str='a stop request'):
+    "Stop after the current optimizer step with a checkpoint, as Ctrl-C does. Safe to call from another thread (a Stop button)."
+    if not self._stop_signal: self._stop_signal = why
 
 # %% ../nbs/11_trainer.ipynb #00dff887
 @patch
