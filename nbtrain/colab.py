@@ -139,12 +139,13 @@ def _last_line_step(p:Path) -> int|None:
         except (ValueError, TypeError, AttributeError): continue
     return None
 
-def _checkpoint_step(run:Path) -> int|None:
-    steps = []
-    for m in (run/'checkpoints').glob('*/manifest.json'):  # complete checkpoints only: a manifest is written last
-        try: steps.append(int(json.loads(m.read_text()).get('step')))
+def _newest_checkpoint(run:Path) -> tuple[int|None, str]:
+    "Step and reason ('step', 'interrupt', 'end' ...) of the newest complete checkpoint (a manifest is written last)."
+    found = []
+    for m in (run/'checkpoints').glob('*/manifest.json'):
+        try: d = json.loads(m.read_text()); found.append((int(d.get('step')), str(d.get('reason') or '')))
         except (ValueError, TypeError, OSError, AttributeError): pass
-    return max(steps, default=None)
+    return max(found, default=(None, ''))
 
 def list_runs(root) -> list[RunInfo]:
     "The run folders under `root`, newest first."
@@ -156,7 +157,9 @@ def list_runs(root) -> list[RunInfo]:
         try: cfg = yaml.safe_load(cfg_path.read_text(encoding='utf-8')) or {}
         except (OSError, yaml.YAMLError): cfg = {}
         mtimes = [p.stat().st_mtime for p in (cfg_path, run/'metrics.jsonl', run/'checkpoints') if p.exists()]
-        out.append(RunInfo(run.name, run, _checkpoint_step(run), _last_line_step(run/'metrics.jsonl'), (run/'final').is_dir(),
+        step, reason = _newest_checkpoint(run)
+        finished = (run/'final').is_dir() and reason != 'interrupt'  # a stopped run also writes final/, and goes on
+        out.append(RunInfo(run.name, run, step, _last_line_step(run/'metrics.jsonl'), finished,
                            max(mtimes), cfg.get('preset'), (cfg.get('model') or {}).get('name'), (cfg.get('task') or {}).get('name')))
     return sorted(out, key=lambda r: r.modified, reverse=True)
 

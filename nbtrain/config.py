@@ -79,7 +79,7 @@ def _coerce(value, tp, name:str):
     if origin is list:
         if isinstance(value, str):
             s = value.strip()
-            value = yaml.safe_load(s) if s.startswith('[') else [v for v in s.split(',') if v.strip()]
+            value = yaml.safe_load(s) if s.startswith('[') else [v.strip() for v in s.split(',') if v.strip()]
         if not isinstance(value, (list, tuple)): raise bad()
         return [_coerce(v, args[0] if args else Any, f'{name}[{i}]') for i, v in enumerate(value)]
     if origin is dict or tp is dict:
