@@ -13,7 +13,7 @@ import yaml
 from .callbacks import Callback
 from .colab import list_runs, RunInfo
 from .config import ALIASES, PRESETS, DEFAULT_PRESET, RunConfig, describe_fields, dotted_to_nested, load_config, read_config_file
-from .dashboard import LiveDashboard
+from .dashboard import LiveDashboard, notebook_display
 from .errors import ConfigError, NbtrainError, did_you_mean, format_choices
 from .registry import MODELS, OPTIMIZERS, TASKS
 from .trainer import FitResult, Trainer
@@ -33,6 +33,8 @@ SUGGESTIONS = {
 "Text fields whose value is usually one of a few names: the form suggests them (any other value is still accepted)."
 
 _STYLE = {'description_width': '150px'}
+# ipywidgets 8 calls it `tooltip`; 7 (still found in some Colab images) `description_tooltip`
+_TIP = 'tooltip' if W.Text().has_trait('tooltip') else 'description_tooltip'
 _LAYOUT = dict(width='380px')
 
 def _is_text(row) -> bool:
@@ -50,7 +52,7 @@ def to_text(v) -> str:
 def field_widget(row:dict) -> W.Widget:
     "The widget for one row of `describe_fields()`, showing the field's default."
     key, default, kind = row['key'], row['default'], row['type']
-    common = dict(description=key.split('.', 1)[-1], style=_STYLE, layout=W.Layout(**_LAYOUT), tooltip=row.get('help', ''))
+    common = dict(description=key.split('.', 1)[-1], style=_STYLE, layout=W.Layout(**_LAYOUT), **{_TIP: row.get('help', '')})
     if row.get('choices') is not None:
         opts = ([('(none)', None)] if 'None' in kind else []) + [(to_text(c), c) for c in row['choices']]
         return W.Dropdown(options=opts, value=default, **common)
@@ -90,11 +92,11 @@ class TrainForm:
         self.rows = {r['key']: r for r in describe_fields()}
         self.fields = {k: field_widget(r) for k, r in self.rows.items()}
         self.errors = {k: W.HTML(layout=W.Layout(margin='0 0 0 155px')) for k in self.fields}
-        self.preset = W.Dropdown(options=list(PRESETS), value=DEFAULT_PRESET, description='preset', style=_STYLE, tooltip=TOP_FIELDS['preset'])
+        self.preset = W.Dropdown(options=list(PRESETS), value=DEFAULT_PRESET, description='preset', style=_STYLE, **{_TIP: TOP_FIELDS['preset']})
         self.name = W.Text(value='', placeholder='new dated folder', description='name', style=_STYLE, layout=W.Layout(**_LAYOUT),
-                           tooltip=TOP_FIELDS['name'], continuous_update=False)
+                           continuous_update=False, **{_TIP: TOP_FIELDS['name']})
         self.output_dir = W.Text(value=str(runs or 'runs'), description='output_dir', style=_STYLE,
-                                 layout=W.Layout(width='600px'), tooltip=TOP_FIELDS['output_dir'], continuous_update=False)
+                                 layout=W.Layout(width='600px'), continuous_update=False, **{_TIP: TOP_FIELDS['output_dir']})
         self.background = background
         self.trainer, self.result, self.error, self._thread, self._stop_wanted = None, None, None, None, False
         self._loading, self.runs = False, []
@@ -421,11 +423,7 @@ def wait(self:TrainForm, timeout:float|None=None) -> FitResult|None:
     if self.error is not None and not isinstance(self.error, KeyboardInterrupt): raise self.error
     return self.result
 
-def _in_kernel() -> bool:
-    try: from IPython import get_ipython
-    except ImportError: return False
-    ip = get_ipython()
-    return ip is not None and getattr(ip, 'kernel', None) is not None
+def _in_kernel() -> bool: return notebook_display() is not None  # a live kernel: a button click can run in the background
 
 def run_form(params:dict|None=None, *, runs=None, callbacks=()) -> FitResult|None:
     "Headless: fill a `TrainForm` from `params` and train in this thread (papermill, scripts)."
