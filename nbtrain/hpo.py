@@ -20,6 +20,7 @@ from .config import (ALIASES, RunConfig, load_config, deep_merge, dotted_to_nest
 from .errors import NbtrainError, ConfigError, CallbackError, did_you_mean, format_choices
 from .monitor import TrainingHalted
 from .trainer import Trainer
+from torch import nn
 from fastcore.basics import patch
 
 # %% auto #0
@@ -341,19 +342,34 @@ def _read_search_source(config) -> tuple[dict, dict, str|None]:
     if not isinstance(s, dict): raise ConfigError(f"The 'search' section must be a mapping, got {s!r}")
     return d, s, stem
 
+def _describe(obj) -> str|None:
+    "How search.yaml names an in-memory model factory or data source: `module.qualname` or the type (None: not given)."
+    if obj is None: return None
+    name = getattr(obj, '__qualname__', None)
+    if name is not None: return f"{getattr(obj, '__module__', None) or '?'}.{name}"
+    return f"a {type(obj).__module__}.{type(obj).__qualname__} (in memory)"
+
 def _dotted_keys(d:dict, prefix='') -> list[str]:
     return [k2 for k, v in d.items() for k2 in (_dotted_keys(v, f'{prefix}{k}.') if isinstance(v, dict) else [f'{prefix}{k}'])]
 
 class Search:
     "A resumable Optuna search over nbtrain runs, stored in `study_dir` (the arguments are those of `search`)."
     def __init__(self, config=None, *, spec:dict|None=None, preset:str|None=None, overrides:dict|list|None=None,
-                 study_dir=None, name:str|None=None, trials:int|None=None, timeout:float|None=None, callbacks=()):
+                 study_dir=None, name:str|None=None, trials:int|None=None, timeout:float|None=None, callbacks=(),
+                 model_factory=None, data=None):
+        if model_factory is not None and not callable(model_factory):
+            raise ConfigError(f"model_factory={model_factory!r} is not callable: give a function (or class) that returns a "
+                              f"new nn.Module for each trial, e.g. model_factory=lambda: MyModel(config)")
         file_d, search_d, stem = _read_search_source(config)
         over = parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else dotted_to_nested(overrides or {})
         saved = self._saved(config, study_dir, name, over)
         if saved:  # `search(study_dir=...)` alone: the search as it was started
             file_d, search_d = saved['config'], saved['search']
             preset, over = preset or saved.get('preset'), deep_merge(saved.get('overrides') or {}, over)
+            for arg, given in (('model_factory', model_factory), ('data', data)):
+                if saved.get(arg) and given is None:
+                    raise ConfigError(f"The study in {study_dir or name} trained with {arg}={saved[arg]}, which search.yaml cannot "
+                                      f"hold: pass {arg}= again to resume it")
         search_d = deep_merge(search_d, spec or {})
         if trials is not None: search_d['trials'] = trials
         if timeout is not None: search_d['timeout'] = timeout
@@ -361,8 +377,10 @@ class Search:
         self.preset = over.pop('preset', None) or preset or file_d.pop('preset', None)
         file_d.pop('preset', None)
         self.file_d, self.overrides, self.callbacks = file_d, over, list(callbacks)
+        self.model_factory, self.data = model_factory, data
         self.base = self.config_for({})
         fixed = [k for k in _dotted_keys(over) if k not in ('name', 'output_dir')]
+        if model_factory is not None: fixed += [r['key'] for r in describe_fields() if r['key'].startswith('model.')]
         if self.spec.space is None: self.space = default_space(self.base, fixed)
         else:
             self.space = parse_space(self.spec.space, self.base)
@@ -462,6 +480,8 @@ def _save_spec(self:Search):
     d = dict(search={**{f.name: getattr(self.spec, f.name) for f in fields(self.spec)},
                      'space': {k: p.to_dict() for k, p in self.space.items()}},
              config=self.file_d, preset=self.preset, overrides=self.overrides)
+    for arg in ('model_factory', 'data'):
+        if (what := _describe(getattr(self, arg))) is not None: d[arg] = what
     p = self.study_dir/'search.yaml'
     if p.exists():
         before = (yaml.safe_load(p.read_text(encoding='utf-8')) or {}).get('search', {}).get('space')
@@ -488,7 +508,10 @@ def _objective(self:Search, trial) -> float:
     try:
         cfg = self.config_for(params, run_name)
         if 'retry_of' not in a: _set_aside(Path(cfg.output_dir)/run_name)
-        tr = Trainer(cfg, callbacks=[rep, *(c if isinstance(c, Callback) else c() for c in self.callbacks)])
+        model = self.model_factory() if self.model_factory is not None else None
+        if model is not None and not isinstance(model, nn.Module):
+            raise ConfigError(f"model_factory returned a {type(model).__name__}, not an nn.Module: it must build a new model for each trial")
+        tr = Trainer(cfg, model=model, data=self.data, callbacks=[rep, *(c if isinstance(c, Callback) else c() for c in self.callbacks)])
         trial.set_user_attr('run_dir', str(tr.run_dir))
         self._check_metric(tr)
         try: res = tr.fit()
@@ -622,7 +645,9 @@ def write_best_config(self:Search, study) -> Path|None:
     cfg = self.config_for(t.params)
     head = (f"# Best trial {t.number} of the search '{self.name}' ({self.study_dir}): {self.spec.metric} = {t.value:.6g}\n"
             f"# Searched: " + ', '.join(f'{k}={v!r}' for k, v in t.params.items()) + "\n"
-            f"# Train it with: nbtrain train --config best.yaml\n")
+            + (f"# The trials trained the models of model_factory={_describe(self.model_factory)}: train one with\n"
+               f"#   nbtrain.trainer.train('best.yaml', model=model_factory(), data=...)\n" if self.model_factory is not None
+               else f"# Train it with: nbtrain train --config best.yaml\n"))
     p = self.study_dir/'best.yaml'
     _write_text(p, head + yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False))
     return p
@@ -692,10 +717,11 @@ def write_results(self:Search, study, plots:bool=True) -> SearchResult:
 
 # %% ../nbs/14_hpo.ipynb #07fe40ee
 def search(config=None, *, spec:dict|None=None, preset:str|None=None, overrides:dict|list|None=None, study_dir=None,
-           name:str|None=None, trials:int|None=None, timeout:float|None=None, callbacks=()) -> SearchResult:
+           name:str|None=None, trials:int|None=None, timeout:float|None=None, callbacks=(), model_factory=None,
+           data=None) -> SearchResult:
     "Run or resume a hyperparameter search; every trial is an nbtrain run in `study_dir/trials/`."
     return Search(config, spec=spec, preset=preset, overrides=overrides, study_dir=study_dir, name=name,
-                  trials=trials, timeout=timeout, callbacks=callbacks).run()
+                  trials=trials, timeout=timeout, callbacks=callbacks, model_factory=model_factory, data=data).run()
 
 # %% ../nbs/14_hpo.ipynb #b438164a
 class SearchCommand:
