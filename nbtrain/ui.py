@@ -384,7 +384,7 @@ def _run(self:TrainForm, cfg:RunConfig, callbacks:list, background:bool):
         if self._stop_wanted: self.trainer.request_stop('the Stop button')
         self.result = r = self.trainer.fit()
         last = f"; val_loss {r.last_eval['val_loss']:.4f}" if r.last_eval and 'val_loss' in r.last_eval else ''
-        self.status.value = _msg(f"Done: {r.stop_reason} at step {r.step}{last}. Run folder: {r.run_dir}", '#2a7')
+        self.status.value = _msg(f"Done: {r.stop_reason}{last}. Run folder: {r.run_dir}", '#2a7')
         return r
     except (NbtrainError, ValueError, FileNotFoundError) as e:
         self.error = e
