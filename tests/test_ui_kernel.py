@@ -1,0 +1,42 @@
+"""The training form inside a real notebook kernel, as in Colab: a click trains in a background thread while the kernel
+stays free, Stop ends the run at a step boundary with a checkpoint, the live dashboard draws into the form, and
+nothing the training thread prints lands in other cells."""
+import json
+from pathlib import Path
+import pytest
+
+CELLS = [
+    """import time
+from nbtrain.ui import TrainForm
+TINY = {'preset': 'tiny-cpu', 'output_dir': 'runs', 'name': 'bg', 'data.corpus_size': 60, 'data.seq_len': 32,
+        'train.micro_batch_size': 4, 'train.max_steps': 2000, 'train.eval_every': 4, 'train.log_every': 2,
+        'tracking.live_plot_min_interval_s': 0.0, 'tracking.live_plot_every': 2}
+form = TrainForm(TINY)
+form.train_button.click()
+assert form.running, 'the click must return at once, with training going on in the background'""",
+    """t0 = time.monotonic()
+while (form.trainer is None or form.trainer.step < 12) and form.running and time.monotonic() - t0 < 120: time.sleep(0.05)
+print('kernel free while training at step', form.trainer.step)""",
+    """form.stop_button.click()
+r = form.wait(120)
+assert r.stop_reason.startswith('interrupted by the Stop button'), r.stop_reason
+assert 12 <= r.step < 2000 and (r.run_dir/'checkpoints'/f'step-{r.step:09d}'/'manifest.json').exists()
+assert len(form.image.value) > 1000, 'the live dashboard draws into the form'
+assert 'Done: interrupted by the Stop button' in form.status.value
+assert not form.running and not form.train_button.disabled and form.stop_button.disabled
+print('stopped at', r.step)""",
+]
+
+@pytest.mark.slow
+def test_background_training_in_a_kernel(tmp_path, monkeypatch):
+    pm = pytest.importorskip('papermill')
+    nbformat = pytest.importorskip('nbformat')
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
+    nb.metadata['kernelspec'] = {'name': 'python3', 'display_name': 'python3', 'language': 'python'}
+    src, out = tmp_path/'form.ipynb', tmp_path/'out.ipynb'
+    nbformat.write(nb, src)
+    pm.execute_notebook(str(src), str(out), cwd=str(tmp_path), kernel_name='python3', progress_bar=False, execution_timeout=300)
+    texts = [''.join(o.get('text', '')) for c in json.loads(out.read_text())['cells'] for o in c.get('outputs', [])]
+    assert texts[0].startswith('kernel free while training at step') and texts[1].startswith('stopped at'), texts
+    assert len(texts) == 2, texts  # nothing else: no tqdm bar, no eval lines, no warnings leaked into the cells
