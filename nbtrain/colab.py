@@ -143,6 +143,7 @@ def _newest_checkpoint(run:Path) -> tuple[int|None, str]:
     "Step and reason ('step', 'interrupt', 'end' ...) of the newest complete checkpoint (a manifest is written last)."
     found = []
     for m in (run/'checkpoints').glob('*/manifest.json'):
+        if m.parent.name.startswith('.'): continue  # a write in progress (or cut off): renamed into place when complete
         try: d = json.loads(m.read_text()); found.append((int(d.get('step')), str(d.get('reason') or '')))
         except (ValueError, TypeError, OSError, AttributeError): pass
     return max(found, default=(None, ''))

@@ -69,7 +69,7 @@ def test_trains_on_drive_with_the_run_folder_contract(tmp_path, monkeypatch):
 
 def _newest_manifest_step(run:Path) -> int:
     steps = []
-    for m in (run/'checkpoints').glob('*/manifest.json'):
+    for m in (run/'checkpoints').glob('step-*/manifest.json'):  # complete ones: a write in progress is in a .tmp-* folder
         try: steps.append(json.loads(m.read_text())['step'])
         except (ValueError, KeyError, OSError): pass
     return max(steps, default=0)
