@@ -35,7 +35,11 @@ def runs_folder(drive:bool=True, folder:str=DEFAULT_DRIVE_FOLDER, local:str='run
         if not root.is_dir():
             if os.environ.get('NBTRAIN_DRIVE'):
                 raise ConfigError(f"NBTRAIN_DRIVE={str(root)!r} is not a folder: create it, or unset NBTRAIN_DRIVE to use {DRIVE_MOUNT}")
-            mount_drive()
+            try: mount_drive()
+            except Exception as e:  # permission refused, or a timeout: say what to do instead of a traceback from Colab
+                raise ConfigError(f"Google Drive could not be mounted ({type(e).__name__}: {e}). Allow access when Colab asks "
+                                  f"and run the cell again, or set use_drive=False to keep runs on this machine (they are "
+                                  f"lost when the session ends)") from None
         p = root / folder.strip('/')
     else: p = Path(local)
     try: p.mkdir(parents=True, exist_ok=True)
@@ -141,27 +145,32 @@ def _last_line_step(p:Path) -> int|None:
 
 def _newest_checkpoint(run:Path) -> tuple[int|None, str]:
     "Step and reason ('step', 'interrupt', 'end' ...) of the newest complete checkpoint (a manifest is written last)."
-    found = []
-    for m in (run/'checkpoints').glob('*/manifest.json'):
-        if m.parent.name.startswith('.'): continue  # a write in progress (or cut off): renamed into place when complete
-        try: d = json.loads(m.read_text()); found.append((int(d.get('step')), str(d.get('reason') or '')))
-        except (ValueError, TypeError, OSError, AttributeError): pass
-    return max(found, default=(None, ''))
+    # complete checkpoints are `step-<zero-padded step>` folders (a write in progress is a hidden .tmp-* folder): the
+    # newest is the last name, so one small file is read per run, which matters on Drive
+    for m in sorted((run/'checkpoints').glob('step-*/manifest.json'), reverse=True):
+        try: d = json.loads(m.read_text()); return int(d.get('step')), str(d.get('reason') or '')
+        except (ValueError, TypeError, OSError, AttributeError): continue  # damaged: the one before it counts
+    return None, ''
 
 def list_runs(root) -> list[RunInfo]:
     "The run folders under `root`, newest first."
     import yaml
     root, out = Path(root), []
     if not root.is_dir(): return out
+    load = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)
     for cfg_path in root.glob('*/config.yaml'):
         run = cfg_path.parent
-        try: cfg = yaml.safe_load(cfg_path.read_text(encoding='utf-8')) or {}
-        except (OSError, yaml.YAMLError): cfg = {}
-        mtimes = [p.stat().st_mtime for p in (cfg_path, run/'metrics.jsonl', run/'checkpoints') if p.exists()]
-        step, reason = _newest_checkpoint(run)
-        finished = (run/'final').is_dir() and reason != 'interrupt'  # a stopped run also writes final/, and goes on
-        out.append(RunInfo(run.name, run, step, _last_line_step(run/'metrics.jsonl'), finished,
-                           max(mtimes), cfg.get('preset'), (cfg.get('model') or {}).get('name'), (cfg.get('task') or {}).get('name')))
+        try:
+            try: cfg = yaml.load(cfg_path.read_text(encoding='utf-8'), Loader=load)
+            except (UnicodeDecodeError, yaml.YAMLError): cfg = None
+            cfg = cfg if isinstance(cfg, dict) else {}  # a damaged config.yaml still lists the run
+            sec = lambda k: cfg.get(k) if isinstance(cfg.get(k), dict) else {}
+            mtimes = [p.stat().st_mtime for p in (cfg_path, run/'metrics.jsonl', run/'checkpoints') if p.exists()]
+            step, reason = _newest_checkpoint(run)
+            finished = (run/'final').is_dir() and reason != 'interrupt'  # a stopped run also writes final/, and goes on
+            out.append(RunInfo(run.name, run, step, _last_line_step(run/'metrics.jsonl'), finished, max(mtimes, default=0.0),
+                               cfg.get('preset'), sec('model').get('name'), sec('task').get('name')))
+        except OSError: continue  # deleted while we looked (another session on the same Drive)
     return sorted(out, key=lambda r: r.modified, reverse=True)
 
 # %% ../nbs/18_colab.ipynb #23059977

@@ -73,7 +73,9 @@ def _coerce(value, tp, name:str):
             except ValueError: raise bad() from None
         raise bad()
     if tp is str:
-        if isinstance(value, str): return value
+        if isinstance(value, str):
+            if not value.strip(): raise bad(' (it is empty: give a value, or leave the field out for its default)')
+            return value
         if isinstance(value, (int, float)) and not isinstance(value, bool): return str(value)
         raise bad()
     if origin is list:

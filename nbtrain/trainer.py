@@ -7,6 +7,7 @@ Docs: https://nbtrain.github.io/nbtrain/trainer.html.md"""
 # %% ../nbs/11_trainer.ipynb #1d77f6f1
 from __future__ import annotations
 import json, math, os, shutil, signal, threading, time, warnings
+import yaml
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlySt
 from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, model_state, MANIFEST
 
 # %% auto #0
-__all__ = ['LM_TASKS', 'compile_options', 'FitResult', 'Trainer', 'train']
+__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'FitResult', 'Trainer', 'run_differences', 'train']
 
 # %% ../nbs/11_trainer.ipynb #11a756d8
 @dataclass
@@ -70,6 +71,7 @@ class Trainer:
         seed_everything(t.seed, t.deterministic)
 
         self.run_dir = self._run_path(run_dir)
+        self._check_same_run(resume)  # before anything is written: a different model must not take over a run's folder
         with self.fabric.rank_zero_first(local=True):  # the first process fills the tokenization cache, the others reuse it
             # a run folder that exists already (a resumed run) gives back its saved tokenizer; a new one is only
             # written once setup has succeeded, so a bad configuration leaves nothing behind
@@ -272,7 +274,7 @@ def _default_callbacks(self:Trainer, given=()) -> list:
     mine = {type(c) for c in given}  # a callback passed in replaces the default of its class
     cbs = [JSONLLogger(), LossCurve()]
     cbs += [cls(self.cfg) for n in dict.fromkeys(names) if (cls := TRACKERS.get(n)) not in mine]
-    if t.progress_bar: cbs.append(ProgressBar())
+    if t.progress_bar and not any(getattr(c, 'shows_progress', False) for c in given): cbs.append(ProgressBar())  # e.g. a form's own bar
     if t.early_stopping_patience:
         es = EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, t.early_stopping_mode, t.early_stopping_min_delta)
         es.critical = True  # a run asked to stop early must not silently run to the end
@@ -316,6 +318,37 @@ def _run_path(self:Trainer, run_dir=None) -> Path:
         while d.exists(): d, i = base.with_name(f'{base.name}-{i}'), i + 1
         d = Path(self.fabric.broadcast(str(d), src=0))
     return d
+
+# the settings a checkpoint depends on: resuming with other values would load weights into a different model or
+# continue on different data
+SAME_RUN_KEYS = ('model.*', 'task.name', 'task.num_labels', 'data.source', 'data.tokenizer', 'data.vocab_size',
+                 'data.seq_len', 'data.pack', 'data.corpus_size', 'data.text_column', 'data.label_column',
+                 'data.image_column', 'data.image_size', 'data.image_mode')
+
+def _dotted(d:dict, prefix='') -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not k == 'kwargs': out.update(_dotted(v, f'{prefix}{k}.'))
+        else: out[f'{prefix}{k}'] = v
+    return out
+
+def run_differences(saved:dict, cfg:RunConfig, keys=SAME_RUN_KEYS) -> list[tuple[str, object, object]]:
+    "(key, saved value, new value) for the `keys` (a trailing `.*` takes a whole section) where `cfg` differs from `saved`."
+    old, new = _dotted(saved), _dotted(redact(cfg.to_dict()))
+    pick = lambda k: [x for x in new if x == k or (k.endswith('.*') and x.startswith(k[:-1]))]
+    return [(k, old.get(k), new[k]) for key in keys for k in pick(key) if k in old and old.get(k) != new[k]]
+
+@patch
+def _check_same_run(self:Trainer, resume=None):
+    "Refuse to resume a run folder whose checkpoints were trained with a different model, task or data."
+    d, r = self.run_dir, self.cfg.checkpoint.resume if resume is None else resume
+    if r != 'auto' or not (d/'config.yaml').exists() or not any((d/'checkpoints').glob('step-*/manifest.json')): return
+    try: saved = yaml.safe_load((d/'config.yaml').read_text(encoding='utf-8')) or {}
+    except (OSError, yaml.YAMLError): return
+    if diff := run_differences(saved if isinstance(saved, dict) else {}, self.cfg):
+        what = '; '.join(f'{k}={a!r} there, {b!r} here' for k, a, b in diff[:4])
+        raise ConfigError(f"Run '{d.name}' in {d.parent} was trained with other settings, so it cannot be resumed with these: "
+                          f"{what}. Choose another run name (name) for a new run, or set the values back to resume it")
 
 @patch
 def _write_run_files(self:Trainer):

@@ -6,13 +6,14 @@ Docs: https://nbtrain.github.io/nbtrain/ui.html.md"""
 
 # %% ../nbs/18a_ui.ipynb #8c02ad91
 from __future__ import annotations
-import html, io, os, re, sys, threading, time, traceback
+import contextlib, gc, html, io, logging, os, re, sys, threading, time, traceback
+import torch
 from pathlib import Path
 import ipywidgets as W
 import yaml
 from .callbacks import Callback
 from .colab import list_runs, RunInfo
-from .config import ALIASES, PRESETS, DEFAULT_PRESET, RunConfig, describe_fields, dotted_to_nested, load_config, read_config_file
+from .config import ALIASES, REDACTED, PRESETS, DEFAULT_PRESET, RunConfig, describe_fields, dotted_to_nested, load_config, read_config_file
 from .dashboard import LiveDashboard, notebook_display
 from .errors import ConfigError, NbtrainError, did_you_mean, format_choices
 from .registry import MODELS, OPTIMIZERS, TASKS
@@ -20,7 +21,8 @@ from .trainer import FitResult, Trainer
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'to_text', 'field_widget', 'TrainForm', 'FormView', 'run_form']
+__all__ = ['SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'to_text', 'field_widget', 'active', 'TrainForm', 'LogBuffer',
+           'FormView', 'run_form']
 
 # %% ../nbs/18a_ui.ipynb #98192c9f
 SUGGESTIONS = {
@@ -54,8 +56,9 @@ def field_widget(row:dict) -> W.Widget:
     key, default, kind = row['key'], row['default'], row['type']
     common = dict(description=key.split('.', 1)[-1], style=_STYLE, layout=W.Layout(**_LAYOUT), **{_TIP: row.get('help', '')})
     if row.get('choices') is not None:
-        opts = ([('(none)', None)] if 'None' in kind else []) + [(to_text(c), c) for c in row['choices']]
-        return W.Dropdown(options=opts, value=default, **common)
+        # 'none' rather than None as the value: a dropdown whose value is None shows nothing selected; the config reads 'none' as None
+        opts = ([('(none)', 'none')] if 'None' in kind else []) + [(to_text(c), c) for c in row['choices']]
+        return W.Dropdown(options=opts, value='none' if default is None else default, **common)
     if kind == 'bool': return W.Checkbox(value=bool(default), indent=False, **{**common, 'layout': W.Layout(width='auto')})
     # plain number boxes, not bounded ones: a bounded box silently clamps a wrong value, the config explains it
     if kind == 'int': return W.IntText(value=default, **common)
@@ -86,6 +89,12 @@ def _flatten(d:dict, prefix='') -> dict:
         else: out[key] = v
     return out
 
+_ACTIVE: list = []  # the form whose run is training in the background (at most one per kernel)
+
+def active():
+    "The form training in the background now, if any: `nbtrain.ui.active().stop()` stops it from any cell."
+    return next((f for f in _ACTIVE if f.running), None)
+
 class TrainForm:
     "Widgets for every run-config field, a Train and a Stop button, a Resume list, and a live view of the run."
     def __init__(self, params:dict|None=None, *, runs=None, background:bool|None=None):
@@ -98,13 +107,21 @@ class TrainForm:
         self.output_dir = W.Text(value=str(runs or 'runs'), description='output_dir', style=_STYLE,
                                  layout=W.Layout(width='600px'), continuous_update=False, **{_TIP: TOP_FIELDS['output_dir']})
         self.background = background
-        self.trainer, self.result, self.error, self._thread, self._stop_wanted = None, None, None, None, False
+        self.trainer, self.result, self.error, self.error_text, self._thread, self._stop_wanted = None, None, None, '', None, False
         self._loading, self.runs = False, []
         self._build_view()
         self.set({'preset': DEFAULT_PRESET, **(params or {})})
         for w in [*self.fields.values(), self.name, self.output_dir]: w.observe(self._changed, names='value')
         self.preset.observe(self._preset_changed, names='value')
         self.refresh_runs()
+        if (other := active()) is not None:  # the cell was run again while its run trains: this form can stop it
+            self.stop_button.disabled = False
+            self.status.value = _msg("A run started from a form shown earlier is still training: Stop here stops it.", '#a60')
+
+    @property
+    def running(self) -> bool:
+        "A background run of this form is going on."
+        return self._thread is not None and self._thread.is_alive()
 
 # %% ../nbs/18a_ui.ipynb #bd99c0c3
 @patch
@@ -139,8 +156,12 @@ def _fill(self:TrainForm, values:dict):
         if w is None: continue
         if isinstance(w, W.Dropdown):
             vals = [o[1] for o in w.options]
-            if v not in vals:  # a value the dropdown cannot show: keep it as text for the check to report
-                raise ConfigError(f"{k}={v!r} is not one of the choices: {format_choices(map(str, vals))}.{did_you_mean(str(v), map(str, vals))}")
+            if v is None and 'none' in vals: v = 'none'
+            if v not in vals:  # as typed ('true', 'Auto'): the option whose label reads the same
+                v = next((o[1] for o in w.options if o[0].lower() == str(v).strip().lower()), v)
+            if v not in vals:
+                labels = [o[0] for o in w.options]
+                raise ConfigError(f"{k}={v!r} is not one of the choices: {format_choices(labels)}.{did_you_mean(str(v), labels)}")
             w.value = v
         elif isinstance(w, W.Checkbox): w.value = v if isinstance(v, bool) else str(v).strip().lower() in ('true', '1', 'yes', 'on')
         elif isinstance(w, (W.IntText, W.BoundedIntText, W.FloatText)):
@@ -192,15 +213,21 @@ def _ready_text(self:TrainForm, cfg:RunConfig) -> str:
     t = cfg.train
     stop = ', '.join(f'{k}={getattr(t, k)}' for k in ('max_steps', 'max_epochs', 'max_time') if getattr(t, k))
     run = next((r for r in self.runs if r.name == cfg.name), None) if cfg.name else None
-    what = (f"Train resumes run '{cfg.name}' ({run.status})" if run and run.checkpoint_step is not None and not run.finished
-            else f"Run '{cfg.name}' has finished: Train reloads it and stops at once; raise {stop.split('=')[0]} to train on"
-            if run and run.finished else 'Ready to train')
+    if run is None: what = 'Ready to train'
+    elif run.finished and t.max_steps and run.checkpoint_step is not None and t.max_steps > run.checkpoint_step:
+        what = (f"Train continues the finished run '{cfg.name}' from step {run.checkpoint_step} to {t.max_steps} "
+                f"(the learning-rate schedule is stretched to the new length)")
+    elif run.finished: what = f"Run '{cfg.name}' has finished: Train reloads it and stops at once; raise train.max_steps to train on"
+    elif run.checkpoint_step is not None: what = f"Train resumes run '{cfg.name}' ({run.status})"
+    else: what = f"Run '{cfg.name}' has no checkpoint yet: Train starts it again"
     return (f"{what}: {cfg.model.name}/{cfg.task.name} on {cfg.data.source}, {stop}, effective batch "
             f"{t.micro_batch_size * t.grad_accum}, lr {cfg.optim.lr:g}.")
 
 @patch
 def _changed(self:TrainForm, change):
-    if not self._loading: self.check()
+    if self._loading: return
+    if self.running: self.status.value = _msg('Training is running: changes apply to the next run.', '#a60')
+    else: self.check()
 
 @patch
 def _preset_changed(self:TrainForm, change):
@@ -223,9 +250,16 @@ def load_run(self:TrainForm, name:str):
     if not (d/'config.yaml').exists():
         raise ConfigError(f"name={name!r}: no run folder with a config.yaml at {d}. Runs found: "
                           f"{format_choices([r.name for r in self.runs]) or 'none'}")
-    saved = read_config_file(d/'config.yaml')
+    saved = _flatten(read_config_file(d/'config.yaml'))
     saved.pop('output_dir', None)
-    self.set({**saved, 'name': name})
+    # a key this version of nbtrain no longer has, or a secret that was redacted on disk, cannot be restored: leave
+    # those to their defaults (secrets come back from the environment or Colab's secrets) and say so
+    gone = [k for k in saved if k not in self.fields and k not in TOP_FIELDS]
+    hidden = [k for k, v in saved.items() if v == REDACTED or (isinstance(v, dict) and REDACTED in v.values())]
+    self.set({**{k: v for k, v in saved.items() if k not in gone and k not in hidden}, 'name': name})
+    if gone or hidden:
+        self.status.value += _msg(f" Not restored: {', '.join(gone + hidden)} (" + ('no longer settings; ' if gone else '') +
+                                  ('secrets are never saved: set them again' if hidden else 'their defaults apply') + ').', '#a60')
 
 @patch
 def resume(self:TrainForm, name:str|None=None):
@@ -239,6 +273,29 @@ def resume(self:TrainForm, name:str|None=None):
     return self.train(background=self.background)
 
 # %% ../nbs/18a_ui.ipynb #ef7b78b7
+class LogBuffer:
+    "The last `max_lines` lines written, with carriage returns (progress bars) overwriting their line; flushed at most every `interval_s`."
+    def __init__(self, output:W.Output, max_lines:int=200, interval_s:float=0.5):
+        self.output, self.max_lines, self.interval_s = output, max_lines, interval_s
+        self.lines, self._next, self._lock = [''], 0.0, threading.Lock()
+    def write(self, text:str):
+        with self._lock:
+            for i, part in enumerate(text.split('\n')):
+                if i: self.lines.append('')
+                if '\r' in part: self.lines[-1] = part.rsplit('\r', 1)[-1] or self.lines[-1]
+                else: self.lines[-1] += part
+            del self.lines[:-self.max_lines]
+        if time.monotonic() >= self._next: self.flush()
+    def text(self) -> str:
+        with self._lock: return '\n'.join(self.lines).strip('\n')
+    def flush(self):
+        self._next = time.monotonic() + self.interval_s
+        t = self.text()
+        self.output.outputs = ({'output_type': 'stream', 'name': 'stdout', 'text': t + '\n'},) if t else ()
+    def clear(self):
+        with self._lock: self.lines = ['']
+        self.flush()
+
 @patch
 def _build_view(self:TrainForm):
     tabs, self._tab_of = {}, {}
@@ -252,8 +309,7 @@ def _build_view(self:TrainForm):
             for k in keys:
                 (basic if k in BASIC else more).append(self._row(k, show_section=len(secs) > 1))
                 self._tab_of[k] = i
-        body = list(basic) + ([self.preset] if title == 'Hyperparameters' else []) + \
-               ([self.output_dir, self.name] if title == 'Checkpoints & Drive' else [])
+        body = list(basic)
         if more:
             acc = W.Accordion(children=[W.VBox(more)]); acc.set_title(0, f'More settings ({len(more)})'); acc.selected_index = None
             body.append(acc)
@@ -274,7 +330,9 @@ def _build_view(self:TrainForm):
     self.progress = W.IntProgress(value=0, min=0, max=1, description='step 0', style=_STYLE, layout=W.Layout(width='600px'))
     self.image = W.Image(format='png', layout=W.Layout(max_width='900px'))
     self.log = W.Output(layout=W.Layout(max_height='240px', overflow='auto'))
-    self.widget = W.VBox([W.HBox([self.runs_list, self.refresh_button, self.resume_button]), self.tabs,
+    self.logbuf = LogBuffer(self.log)
+    self.widget = W.VBox([W.HBox([self.name, self.preset]), self.output_dir,
+                          W.HBox([self.runs_list, self.refresh_button, self.resume_button]), self.tabs,
                           W.HBox([self.train_button, self.stop_button]), self.status, self.progress, self.image, self.log])
 
 @patch
@@ -293,7 +351,7 @@ def _ipython_display_(self:TrainForm):
 # %% ../nbs/18a_ui.ipynb #777c8d52
 class FormView(Callback):
     "Keeps a `TrainForm`'s progress bar and status line up to date (throttled: widget updates are messages)."
-    order = 40
+    order, shows_progress = 40, True  # the trainer leaves out its tqdm bar
     def __init__(self, form:TrainForm, min_interval_s:float=0.25):
         self.form, self.min_interval_s, self._next = form, min_interval_s, 0.0
         self.last = {}
@@ -317,7 +375,7 @@ class FormView(Callback):
         self.last.update(metrics); self._say(trainer)
 
     def on_alert(self, trainer, title, text, level):
-        if level != 'info': self.form._print(f'{level}: {title}: {text}\n')
+        if level != 'info': self.form.logbuf.write(f'{level}: {title}: {text}\n')
 
     def on_fit_end(self, trainer):
         self.form.progress.value = min(trainer.step, self.form.progress.max)
@@ -339,82 +397,108 @@ class _ImageSink:
     def __call__(self, img): self.widget.value = img.data; return self
     def update(self, img): self.widget.value = img.data
 
-class _ThreadOutput(io.TextIOBase):
-    "Stands in for sys.stdout/stderr: text written by one thread goes to `sink`, everyone else's to the original stream."
-    def __init__(self, original, thread_id:int, sink):
-        self.original, self.thread_id, self.sink = original, thread_id, sink
+class _Router(io.TextIOBase):
+    """Stands in for sys.stdout/stderr while a form trains in the background: what any thread other than the kernel's
+    main thread writes (the training thread, and threads it starts: data loading, W&B) goes to the form's log;
+    the main thread's writes go to the original stream, so other cells print as usual."""
+    def __init__(self, original, sink):
+        self.original, self.sink, self.main = original, sink, threading.main_thread().ident
     def write(self, s):
-        if threading.get_ident() == self.thread_id: self.sink(s)
+        if threading.get_ident() != self.main: self.sink(s)
         else: self.original.write(s)
         return len(s)
     def flush(self):
-        if threading.get_ident() != self.thread_id: self.original.flush()
+        if threading.get_ident() == self.main: self.original.flush()
+    # io.TextIOBase defines these, so __getattr__ would not forward them
+    @property
+    def encoding(self): return getattr(self.original, 'encoding', 'utf-8')
+    @property
+    def errors(self): return getattr(self.original, 'errors', 'strict')
+    def fileno(self): return self.original.fileno()
+    def isatty(self): return False
+    def writable(self): return True
     def __getattr__(self, name): return getattr(self.original, name)
+
+_LOGGERS = ('lightning_fabric', 'lightning.fabric', 'lightning')  # their handlers hold the stream they found at import
+
+class _Capture:
+    "Route output to `sink` while a background run is active (one at a time); undone by identity, whatever came after."
+    def __init__(self, sink): self.sink, self.saved, self.handlers = sink, None, []
+    def __enter__(self):
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Router(sys.stdout, self.sink), _Router(sys.stderr, self.sink)
+        for name in _LOGGERS:
+            for h in logging.getLogger(name).handlers:
+                if type(h) is logging.StreamHandler and h.stream in self.saved:
+                    self.handlers.append((h, h.stream)); h.setStream(sys.stderr)
+        return self
+    def __exit__(self, *exc):
+        for h, stream in self.handlers: h.setStream(stream)
+        if isinstance(sys.stdout, _Router) and sys.stdout.sink is self.sink: sys.stdout = self.saved[0]
+        if isinstance(sys.stderr, _Router) and sys.stderr.sink is self.sink: sys.stderr = self.saved[1]
 
 # %% ../nbs/18a_ui.ipynb #21733c4f
 @patch
 def train(self:TrainForm, background:bool|None=None, callbacks=()) -> FitResult|None:
     "Check the form and train; returns the `FitResult` (None when the form is invalid or the run goes on in the background)."
-    if self.running: self.status.value = _msg('Training is already running: press Stop first.', '#c33'); return None
-    self.result, self.error, self._stop_wanted = None, None, False
+    other = active()
+    if other is not None:  # one background run per kernel: two would share the random state and maybe a run folder
+        who = 'This form' if other is self else 'A form shown earlier (the cell was run again?)'
+        self.status.value = _msg(f"{who} is still training run '{other.trainer.run_dir.name if other.trainer else other.name.value}': "
+                                 f"press Stop and wait for its checkpoint first.", '#c33')
+        self.stop_button.disabled = False
+        return None
+    self.result, self.error, self.error_text, self._stop_wanted = None, None, '', False
     cfg = self.check()
     if cfg is None: return None
     if background is None: background = _in_kernel()
     self.train_button.disabled, self.resume_button.disabled, self.stop_button.disabled = True, True, False
     self.progress.value, self.image.value = 0, b''
     if not background: return self._run(cfg, list(callbacks), background=False)
-    self.log.clear_output()
+    self.logbuf.clear()
     self._thread = threading.Thread(target=self._run, args=(cfg, list(callbacks), True), name='nbtrain-train', daemon=True)
+    _ACTIVE[:] = [self]
     self._thread.start()
     return None
-
-@patch(as_prop=True)
-def running(self:TrainForm) -> bool: return self._thread is not None and self._thread.is_alive()
 
 @patch
 def _run(self:TrainForm, cfg:RunConfig, callbacks:list, background:bool):
     view = [FormView(self)]
-    if background:
-        cfg.train.progress_bar = False  # the form's progress bar replaces tqdm's, which would draw into another cell
-        if cfg.tracking.dashboard: view.append(LiveDashboard(cfg, display=_ImageSink(self.image)))
-        tid, out, err = threading.get_ident(), sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _ThreadOutput(out, tid, self._print), _ThreadOutput(err, tid, self._print)
+    if background and cfg.tracking.dashboard: view.append(LiveDashboard(cfg, display=_ImageSink(self.image)))
+    capture = _Capture(self.logbuf.write) if background else contextlib.nullcontext()
     try:
-        self.trainer = Trainer(cfg, callbacks=view + callbacks)
-        if self._stop_wanted: self.trainer.request_stop('the Stop button')
-        self.result = r = self.trainer.fit()
+        with capture:
+            self.trainer = Trainer(cfg, callbacks=view + callbacks)
+            if self._stop_wanted:  # Stop pressed while setting up: nothing to train, nothing more to write
+                self.status.value = _msg('Stopped before the first step.', '#a60'); return None
+            self.result = r = self.trainer.fit()
         last = f"; val_loss {r.last_eval['val_loss']:.4f}" if r.last_eval and 'val_loss' in r.last_eval else ''
         self.status.value = _msg(f"Done: {r.stop_reason}{last}. Run folder: {r.run_dir}", '#2a7')
         return r
-    except (NbtrainError, ValueError, FileNotFoundError) as e:
-        self.error = e
-        self.show_error(e)
-        if not background: raise
     except BaseException as e:
-        self.error = e
-        self.status.value = _msg(f'Training failed: {type(e).__name__}: {e}', '#c33')
-        if background: self._print(traceback.format_exc())
+        self.error, self.error_text = e, traceback.format_exc()
+        traceback.clear_frames(e.__traceback__)  # the frames hold the model and optimizer: let them go
+        if isinstance(e, (NbtrainError, ValueError, FileNotFoundError)): self.show_error(e)
+        else: self.status.value = _msg(f'Training failed: {type(e).__name__}: {e}', '#c33')
+        if background: self.logbuf.write(self.error_text)
         else: raise
     finally:
-        if background:
-            if isinstance(sys.stdout, _ThreadOutput): sys.stdout = sys.stdout.original
-            if isinstance(sys.stderr, _ThreadOutput): sys.stderr = sys.stderr.original
         self.trainer = None
+        gc.collect()
+        if torch.cuda.is_available(): torch.cuda.empty_cache()  # a failed run's memory goes back before the next one
+        if background: self.logbuf.flush()
         self.train_button.disabled, self.resume_button.disabled, self.stop_button.disabled = False, False, True
         self.refresh_runs()
 
 @patch
-def _print(self:TrainForm, text:str):
-    if text: self.log.append_stdout(text)
-
-@patch
 def stop(self:TrainForm):
-    "Stop the run after the current step, with a checkpoint."
-    if not self.running and self.trainer is None:
+    "Stop the run after the current step, with a checkpoint (also a run started from another form in this kernel)."
+    form = self if self.running or self.trainer is not None else active()
+    if form is None:
         self.status.value = _msg('Nothing is training.', '#a60'); return
-    self._stop_wanted = True
-    if self.trainer is not None: self.trainer.request_stop('the Stop button')
-    self.status.value = _msg('Stopping after this step; saving a checkpoint...', '#a60')
+    form._stop_wanted = True
+    if form.trainer is not None: form.trainer.request_stop('the Stop button')
+    for f in {self, form}: f.status.value = _msg('Stopping after this step; saving a checkpoint...', '#a60')
 
 @patch
 def wait(self:TrainForm, timeout:float|None=None) -> FitResult|None:

@@ -1,5 +1,5 @@
 """The training form inside a real notebook kernel, as in Colab: a click trains in a background thread while the kernel
-stays free, Stop ends the run at a step boundary with a checkpoint, the live dashboard draws into the form, and
+stays free, what training prints goes to the form's log, Stop ends the run at a step boundary with a checkpoint, the live dashboard draws into the form, and
 nothing the training thread prints lands in other cells."""
 import json
 from pathlib import Path
@@ -11,9 +11,16 @@ from nbtrain.ui import TrainForm
 TINY = {'preset': 'tiny-cpu', 'output_dir': 'runs', 'name': 'bg', 'data.corpus_size': 60, 'data.seq_len': 32,
         'train.micro_batch_size': 4, 'train.max_steps': 2000, 'train.eval_every': 4, 'train.log_every': 2,
         'tracking.live_plot_min_interval_s': 0.0, 'tracking.live_plot_every': 2}
+from nbtrain.callbacks import Callback
+import threading, warnings
+class Chatty(Callback):  # prints and warns from the training thread, and from a thread of its own (as W&B does)
+    def on_step_end(self, trainer):
+        if trainer.step == 2:
+            print('printed from training'); warnings.warn('warned from training')
+            t = threading.Thread(target=lambda: print('printed from a helper thread')); t.start(); t.join()
 form = TrainForm(TINY)
-form.train_button.click()
-assert form.running, 'the click must return at once, with training going on in the background'""",
+form.train(background=True, callbacks=[Chatty()])
+assert form.running, 'Train must return at once, with training going on in the background'""",
     """t0 = time.monotonic()
 while (form.trainer is None or form.trainer.step < 12) and form.running and time.monotonic() - t0 < 120: time.sleep(0.05)
 print('kernel free while training at step', form.trainer.step)""",
@@ -24,6 +31,9 @@ assert 12 <= r.step < 2000 and (r.run_dir/'checkpoints'/f'step-{r.step:09d}'/'ma
 assert len(form.image.value) > 1000, 'the live dashboard draws into the form'
 assert 'Done: interrupted by the Stop button' in form.status.value
 assert not form.running and not form.train_button.disabled and form.stop_button.disabled
+log = form.logbuf.text()
+assert all(t in log for t in ('printed from training', 'warned from training', 'printed from a helper thread')), log
+import sys; assert type(sys.stdout).__name__ != '_Router' and type(sys.stderr).__name__ != '_Router'
 print('stopped at', r.step)""",
 ]
 
