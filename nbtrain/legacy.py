@@ -19,10 +19,10 @@ from .trainer import train
 
 # %% auto #0
 __all__ = ['LEGACY_PARAMS', 'KNOWN_BASELINES', 'LegacyArgumentError', 'check_int', 'check_number', 'check_bool', 'check_model',
-           'config_value', 'legacy_vocab_size', 'legacy_max_len', 'token_sequences', 'synthetic_tokens', 'split_last',
-           'fine_tuning_overrides', 'epoch_rows', 'plot_fine_tuning', 'test_fine_tuning', 'legacy_space',
-           'legacy_params', 'test_hyperparameter_search', 'load_baseline', 'inference_ms', 'perplexity',
-           'test_benchmark_comparison']
+           'config_value', 'legacy_vocab_size', 'legacy_max_len', 'token_sequences', 'synthetic_tokens',
+           'legacy_train_data', 'split_last', 'fine_tuning_overrides', 'epoch_rows', 'plot_fine_tuning',
+           'test_fine_tuning', 'legacy_space', 'legacy_params', 'test_hyperparameter_search', 'load_baseline',
+           'inference_ms', 'perplexity', 'test_benchmark_comparison']
 
 # %% ../nbs/19_legacy.ipynb #9b07bb3a
 class LegacyArgumentError(ConfigError, TypeError):
@@ -110,6 +110,17 @@ def synthetic_tokens(n:int, vocab_size:int, length:int=32, seed:int=42) -> list[
     "`n` random sequences of `length` token ids below `vocab_size`, the same for the same `seed`."
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab_size, (length,), generator=g) for _ in range(n)]
+
+def legacy_train_data(train_data, n:int, vocab:int|None, max_len:int|None, seed:int) -> tuple[list[torch.Tensor], list[str]]:
+    "`train_data` checked, or `n` synthetic sequences as the templates made them; plus the code lines that recreate it."
+    lines = []
+    if train_data is None:
+        if vocab is None: raise LegacyArgumentError("Cannot make synthetic train_data: config has no vocab_size and the model has no "
+                                                    "nn.Embedding. Pass config={'vocab_size': N} or train_data")
+        length = min(32, max_len or 32)
+        train_data = synthetic_tokens(n, vocab, length, seed)
+        lines = ['import nbtrain.legacy', f"train_data = nbtrain.legacy.synthetic_tokens({n}, vocab_size={vocab}, length={length}, seed={seed})"]
+    return token_sequences('train_data', train_data, vocab, max_len), lines
 
 def split_last(data:list, fraction:float=0.2) -> tuple[list, list]:
     "The templates' split: the first 80% to train on, the last 20% to validate on."
@@ -234,14 +245,7 @@ def test_fine_tuning(model:nn.Module, config, train_data:list|None=None, val_dat
     try: import pandas as pd
     except ImportError: raise ImportError("test_fine_tuning returns metrics_summary as a pandas DataFrame: pip install pandas") from None
     vocab, max_len = legacy_vocab_size(model, config), legacy_max_len(config)
-    lines = []
-    if train_data is None:
-        if vocab is None: raise LegacyArgumentError("Cannot make synthetic train_data: config has no vocab_size and the model has no "
-                                                    "nn.Embedding. Pass config={'vocab_size': N} or train_data")
-        length = min(32, max_len or 32)
-        train_data = synthetic_tokens(50, vocab, length, seed)
-        lines += ['import nbtrain.legacy', f"train_data = nbtrain.legacy.synthetic_tokens(50, vocab_size={vocab}, length={length}, seed={seed})"]
-    train_data = token_sequences('train_data', train_data, vocab, max_len)
+    train_data, lines = legacy_train_data(train_data, 50, vocab, max_len, seed)
     if val_data is None:
         train_split, val_split = split_last(train_data)
         if not train_split or not val_split:
@@ -386,14 +390,7 @@ def test_hyperparameter_search(model_factory, config, train_data:list|None=None,
     check_model('model_factory()', probe)
     vocab, max_len = legacy_vocab_size(probe, config), legacy_max_len(config)
     del probe
-    lines = []
-    if train_data is None:
-        if vocab is None: raise LegacyArgumentError("Cannot make synthetic train_data: config has no vocab_size and the model has no "
-                                                    "nn.Embedding. Pass config={'vocab_size': N} or train_data")
-        length = min(32, max_len or 32)
-        train_data = synthetic_tokens(30, vocab, length, seed)
-        lines += ['import nbtrain.legacy', f"train_data = nbtrain.legacy.synthetic_tokens(30, vocab_size={vocab}, length={length}, seed={seed})"]
-    train_data = token_sequences('train_data', train_data, vocab, max_len)
+    train_data, lines = legacy_train_data(train_data, 30, vocab, max_len, seed)
     tr, va = split_last(train_data)
     if not tr or not va:
         raise LegacyArgumentError(f"train_data has {len(train_data)} sequence(s), too few to hold out the last 20% for the "

@@ -19,13 +19,7 @@ TINY = {'data.corpus_size': 60, 'data.seq_len': 32, 'model.n_layer': 1, 'model.d
         'train.micro_batch_size': 8, 'train.max_steps': 20, 'train.eval_every': 5, 'train.eval_batches': 2,
         'train.log_every': 5, 'train.progress_bar': False, 'checkpoint.every_steps': 5}
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 def states(study): return [t.state for t in study.trials]
 

@@ -19,12 +19,7 @@ VOCAB = 12
 SUMMARY_COLUMNS = ['epoch', 'train/loss', 'train/perplexity', 'val/loss', 'val/perplexity', 'val/accuracy', 'learning_rate',
                    'gradient_norm', 'epoch_duration']
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 def gpt(seed=0, n_layer=2):
     from nbtrain.models import GPT

@@ -11,13 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAULTY = ROOT/'tests'/'fixtures'/'faulty'
 QUICK = dict(speed_seconds=0.1, memory_batch_sizes=(1, 2), overfit_steps=60)
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "These models are tiny: one intra-op thread is faster, and steady on a busy 2-core machine (two spin-waiting threads are not)."
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py: tiny models, one intra-op thread
 
 def checks_of(report: Report, status: str) -> set[str]:
     return {r.name for r in report if r.status == status}
