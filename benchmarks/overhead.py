@@ -44,7 +44,7 @@ def plain_loop(cfg, data, steps, warmup):
         b = next(it)
         x, y = b['input_ids'], b['labels']
         logits = model(x).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1), y[:, 1:].flatten(), ignore_index=-100)  # packed labels run one token past x
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step(); opt.zero_grad(set_to_none=True); sched.step()

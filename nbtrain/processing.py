@@ -138,12 +138,12 @@ def pack_documents(docs:Iterable[str], tokenizer:Tokenizer) -> torch.Tensor:
     return torch.from_numpy(ids).long()
 
 class PackedLMDataset(Dataset):
-    "Blocks of `seq_len` ids of a packed stream: `{'input_ids', 'labels'}` (causal, stride `seq_len-1`) or `{'input_ids', 'attention_mask'}`."
+    "Blocks of `seq_len` ids of a packed stream: `{'input_ids', 'labels'}` (causal: labels run one token further) or `{'input_ids', 'attention_mask'}`."
     def __init__(self, ids, seq_len:int, pad_id:int=0, causal:bool=True):
         if seq_len < 2: raise DataError(f"data.seq_len={seq_len} is too small for language modelling: expected >= 2")
         ids = torch.from_numpy(np.ascontiguousarray(ids)) if isinstance(ids, np.ndarray) else torch.as_tensor(ids)
         self.ids, self.seq_len, self.pad_id, self.causal = ids, int(seq_len), int(pad_id), causal
-        self.stride = self.seq_len - 1 if causal else self.seq_len
+        self.stride = self.seq_len
         m = len(ids) - 1 if causal else len(ids)  # targets in the stream
         self.n = math.ceil(m / self.stride) if m > 0 else 0
 
@@ -158,12 +158,14 @@ class PackedLMDataset(Dataset):
     def __getitem__(self, i:int) -> dict:
         if i < 0: i += self.n
         if not 0 <= i < self.n: raise IndexError(f'block {i} of {self.n}')
-        x = self.ids[i * self.stride: i * self.stride + self.seq_len].long()
-        pad = self.seq_len - len(x)
+        start = i * self.stride
         if self.causal:
-            y = x.clone()
-            if pad: x, y = torch.cat([x, x.new_full((pad,), self.pad_id)]), torch.cat([y, y.new_full((pad,), IGNORE_INDEX)])
+            y = self.ids[start: start + self.seq_len + 1].long()  # the block and the token after it
+            x, pad = y[:self.seq_len], self.seq_len + 1 - len(y)
+            if pad: x, y = torch.cat([x, x.new_full((self.seq_len - len(x),), self.pad_id)]), torch.cat([y, y.new_full((pad,), IGNORE_INDEX)])
             return {'input_ids': x, 'labels': y}
+        x = self.ids[start: start + self.seq_len].long()
+        pad = self.seq_len - len(x)
         mask = torch.ones(self.seq_len, dtype=torch.long)
         if pad: x = torch.cat([x, x.new_full((pad,), self.pad_id)]); mask[-pad:] = 0
         return {'input_ids': x, 'attention_mask': mask}

@@ -159,7 +159,7 @@ class Task:
 # %% ../nbs/07_tasks.ipynb #e17de939
 @TASKS.register('causal_lm')
 class CausalLM(Task):
-    "Next-token prediction: logits [B, T, V], labels [B, T] (= input_ids, padding ignored), shifted inside."
+    "Next-token prediction: logits [B, T, V], labels [B, T] (= input_ids, padding ignored) or [B, T+1] (with the next token), shifted inside."
     name, mask_key = 'causal_lm', 'attention_mask'
     expects = 'logits [B, T, V] and labels [B, T] (or input_ids [B, T] when there are no labels)'
 
@@ -167,6 +167,8 @@ class CausalLM(Task):
         if self.label_key not in batch and 'input_ids' in batch: batch = {**batch, self.label_key: batch['input_ids']}
         y = super().targets(batch)
         if y.ndim != 2: raise TaskError(f"{self.name} expects labels [B, T]; got labels {_shape(y)}")
+        ids = batch.get('input_ids')
+        if ids is not None and ids.ndim == 2 and y.shape[1] == ids.shape[1] + 1: return y[:, 1:]  # packed blocks: every position has its target
         return F.pad(y[:, 1:], (0, 1), value=self.ignore_index)  # the target of position t is token t+1
 
     def check(self, logits, y):
