@@ -18,7 +18,8 @@ from .registry import TRACKERS
 __all__ = ['ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SHORTCUTS', 'SECRET_ENV_VARS', 'REDACTED', 'opt', 'Section', 'ModelConfig',
            'TaskConfig', 'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig',
            'TrackingConfig', 'MonitorConfig', 'RunConfig', 'deep_merge', 'read_config_file', 'parse_overrides',
-           'dotted_to_nested', 'load_config', 'secret_values', 'redact', 'save_config', 'describe_fields']
+           'dotted_to_nested', 'nested_to_dotted', 'load_config', 'secret_values', 'redact', 'save_config',
+           'describe_fields']
 
 # %% ../nbs/02_config.ipynb #763115bf
 def opt(default=None, help:str='', *, choices=None, ge=None, gt=None, le=None, lt=None):
@@ -453,6 +454,14 @@ def dotted_to_nested(over:dict) -> dict:
     for k, v in (over or {}).items():
         if isinstance(v, dict) and '.' not in k: out = deep_merge(out, {k: v})
         else: _set_dotted(out, k, v)
+    return out
+
+def nested_to_dotted(d:dict) -> dict:
+    "`{'optim': {'lr': 1e-3}}` → `{'optim.lr': 1e-3}`: sections become prefixes; a dict-valued field (`model.kwargs`) stays a value."
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and '.' not in k: out.update({f'{k}.{f}': x for f, x in v.items()})
+        else: out[k] = v
     return out
 
 # %% ../nbs/02_config.ipynb #b0bf94ae

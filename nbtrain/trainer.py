@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from fastcore.basics import patch
-from .config import RunConfig, load_config, save_config, redact
+from .config import RunConfig, load_config, save_config, redact, nested_to_dotted
 from .errors import ConfigError, DataError, did_you_mean
 from .hardware import device_info, resolve_accelerator, resolve_precision, explain_precision, enable_fast_math, peak_flops
 from .monitor import GradientMonitor, describe
@@ -325,16 +325,9 @@ SAME_RUN_KEYS = ('model.*', 'task.name', 'task.num_labels', 'data.source', 'data
                  'data.seq_len', 'data.pack', 'data.corpus_size', 'data.text_column', 'data.label_column',
                  'data.image_column', 'data.image_size', 'data.image_mode')
 
-def _dotted(d:dict, prefix='') -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and not k == 'kwargs': out.update(_dotted(v, f'{prefix}{k}.'))
-        else: out[f'{prefix}{k}'] = v
-    return out
-
 def run_differences(saved:dict, cfg:RunConfig, keys=SAME_RUN_KEYS) -> list[tuple[str, object, object]]:
     "(key, saved value, new value) for the `keys` (a trailing `.*` takes a whole section) where `cfg` differs from `saved`."
-    old, new = _dotted(saved), _dotted(redact(cfg.to_dict()))
+    old, new = nested_to_dotted(saved), nested_to_dotted(redact(cfg.to_dict()))
     pick = lambda k: [x for x in new if x == k or (k.endswith('.*') and x.startswith(k[:-1]))]
     return [(k, old.get(k), new[k]) for key in keys for k in pick(key) if k in old and old.get(k) != new[k]]
 

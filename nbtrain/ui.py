@@ -13,7 +13,7 @@ import ipywidgets as W
 import yaml
 from .callbacks import Callback
 from .colab import list_runs, RunInfo
-from .config import ALIASES, REDACTED, PRESETS, DEFAULT_PRESET, RunConfig, describe_fields, dotted_to_nested, load_config, read_config_file
+from .config import ALIASES, REDACTED, PRESETS, DEFAULT_PRESET, RunConfig, describe_fields, nested_to_dotted, load_config, read_config_file
 from .dashboard import LiveDashboard, notebook_display
 from .errors import ConfigError, NbtrainError, did_you_mean, format_choices
 from .registry import MODELS, OPTIMIZERS, TASKS
@@ -80,15 +80,6 @@ TOP_FIELDS = {'preset': 'The preset the hyperparameters start from (changing it 
               'output_dir': 'Folder that holds the run folders (on Google Drive in Colab)'}
 
 # %% ../nbs/18a_ui.ipynb #e3315e35
-def _flatten(d:dict, prefix='') -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        key = f'{prefix}{k}'
-        if isinstance(v, dict) and '.' not in k and not key.endswith('.kwargs'):
-            out.update(_flatten(v, key + '.'))
-        else: out[key] = v
-    return out
-
 _ACTIVE: list = []  # the form whose run is training in the background (at most one per kernel)
 
 def active():
@@ -127,7 +118,7 @@ class TrainForm:
 @patch
 def set(self:TrainForm, params:dict):
     "Set fields from `params` (dotted or nested keys; `preset` first reloads every field from that preset)."
-    flat = _flatten(params)
+    flat = nested_to_dotted(params)
     unknown = [k for k in flat if k not in self.fields and k not in TOP_FIELDS]
     if unknown:
         k = unknown[0]
@@ -142,7 +133,7 @@ def set(self:TrainForm, params:dict):
             p = flat['preset']
             if p not in PRESETS: raise ConfigError(f"Unknown preset {p!r}.{did_you_mean(p, PRESETS)} Available presets: {format_choices(PRESETS)}")
             self.preset.value = p
-            self._fill(_flatten(load_config(preset=p).to_dict()))
+            self._fill(nested_to_dotted(load_config(preset=p).to_dict()))
         if 'name' in flat: self.name.value = flat['name'] or ''
         if flat.get('output_dir'): self.output_dir.value = str(flat['output_dir'])
         self._fill({k: v for k, v in flat.items() if k in self.fields})
@@ -250,7 +241,7 @@ def load_run(self:TrainForm, name:str):
     if not (d/'config.yaml').exists():
         raise ConfigError(f"name={name!r}: no run folder with a config.yaml at {d}. Runs found: "
                           f"{format_choices([r.name for r in self.runs]) or 'none'}")
-    saved = _flatten(read_config_file(d/'config.yaml'))
+    saved = nested_to_dotted(read_config_file(d/'config.yaml'))
     saved.pop('output_dir', None)
     # a key this version of nbtrain no longer has, or a secret that was redacted on disk, cannot be restored: leave
     # those to their defaults (secrets come back from the environment or Colab's secrets) and say so
