@@ -51,8 +51,8 @@ class MemoryEstimate:
     def to_dict(self): return dict(asdict(self), total_gb=self.total_gb)
 
 def estimate_memory(model:nn.Module, *, micro_batch:int, seq_len:int, precision:str='32-true', optimizer:str='adamw',
-                    gradient_checkpointing:bool=False, flash:bool=True) -> MemoryEstimate:
-    "Estimate training memory for `model` at `micro_batch` x `seq_len` tokens."
+                    gradient_checkpointing:bool=False, flash:bool=True, shards:int=1) -> MemoryEstimate:
+    "Estimate training memory per device for `model` at `micro_batch` x `seq_len` tokens (`shards`: FSDP's process count)."
     GB = 2**30
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -69,7 +69,8 @@ def estimate_memory(model:nn.Module, *, micro_batch:int, seq_len:int, precision:
         layers = (2 * s * b * h * (1 if half else 2)) * L + per_layer if gradient_checkpointing else per_layer * L
         logits = b * s * (d['vocab_size'] or 0) * (4 + (2 if half else 4))  # logits and their fp32 loss copy
         act = (layers + logits) / GB
-    return MemoryEstimate(n_all * wbytes / GB, n * 4 / GB, n * 4 * states / GB, act, micro_batch, seq_len)
+    S = shards * GB  # FSDP keeps 1/shards of the weights, gradients and optimizer state on each device
+    return MemoryEstimate(n_all * wbytes / S, n * 4 / S, n * 4 * states / S, act, micro_batch, seq_len)
 
 # %% ../nbs/09c_memory.ipynb #eeecea3b
 def recommend(est:MemoryEstimate, info, grad_accum:int=1) -> str:

@@ -15,7 +15,7 @@ from fastcore.basics import patch
 from .errors import NbtrainError
 
 # %% auto #0
-__all__ = ['POLICIES', 'REMEDIES', 'TrainingHalted', 'Health', 'robust_z', 'GradientMonitor', 'describe']
+__all__ = ['POLICIES', 'REMEDIES', 'TrainingHalted', 'Health', 'robust_z', 'grad_norms', 'GradientMonitor', 'describe']
 
 # %% ../nbs/09b_monitor.ipynb #636afb98
 class TrainingHalted(NbtrainError, RuntimeError):
@@ -52,6 +52,20 @@ def robust_z(x:float, window) -> float|None:
     return 0.6745 * (x - med) / mad
 
 # %% ../nbs/09b_monitor.ipynb #723aae62
+def grad_norms(grads:list) -> torch.Tensor:
+    "The fp32 norm of each gradient in `grads` (FSDP shards are reduced across processes to the whole gradient's norm)."
+    from torch.distributed.tensor import DTensor
+    shard = [isinstance(g, DTensor) and any(p.is_shard() for p in g.placements) for g in grads]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    norms = torch.stack([x.float() for x in torch._foreach_norm(local)])
+    if not any(shard): return norms
+    import torch.distributed as dist
+    mask = torch.tensor(shard, device=norms.device)
+    sq = torch.where(mask, norms.square(), torch.zeros_like(norms))
+    dist.all_reduce(sq, group=next(g for g, s in zip(grads, shard) if s).device_mesh.get_group())
+    return torch.where(mask, sq.sqrt(), norms)
+
+# %% ../nbs/09b_monitor.ipynb #6e4ea538
 class GradientMonitor:
     "Checks gradients (NaN/Inf by layer, vanishing, exploding) and the loss (spikes) before each optimizer step."
     def __init__(self, model:nn.Module, *, every_steps:int=1, nan_policy:str='halt', spike_policy:str='warn',
@@ -59,13 +73,18 @@ class GradientMonitor:
         for n, v in (('nan_policy', nan_policy), ('spike_policy', spike_policy)):
             if v not in POLICIES: raise ValueError(f"monitor.{n}={v!r}: use one of {', '.join(POLICIES)}")
         from nbtrain.models import unwrap_model
-        self.named = [(n, p) for n, p in unwrap_model(model).named_parameters() if p.requires_grad]
+        self.module = unwrap_model(model)
         self.every_steps, self.nan_policy, self.spike_policy, self.halt_after = every_steps, nan_policy, spike_policy, halt_after
         self.spike_z, self.vanishing, self.exploding = spike_z, vanishing, exploding
         self.losses = deque(maxlen=spike_window)
         self.consecutive_bad, self.skipped, self.bad_steps = 0, 0, 0
         self.last: Health|None = None
         self._norms = self._names = None
+
+    @property
+    def named(self) -> list[tuple[str, nn.Parameter]]:
+        "The trainable parameters by name, as they are now (FSDP swaps them for shards after the monitor is made)."
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
     def due(self, step:int) -> bool:
         "Whether optimizer step `step` (1-based, the one about to happen) is checked."
@@ -83,7 +102,7 @@ class GradientMonitor:
 def inspect(self:GradientMonitor, step:int, loss:torch.Tensor, scale:torch.Tensor|float|None=None) -> Health:
     with_grad = [(n, p.grad) for n, p in self.named if p.grad is not None]
     if not with_grad: return Health(step, float(loss), 0.0)
-    norms = torch.stack([x.float() for x in torch._foreach_norm([g for _, g in with_grad])])
+    norms = grad_norms([g for _, g in with_grad])
     if scale is not None: norms = norms / scale
     total = norms.norm()
     vals = torch.stack([loss.detach().float().reshape(()), total, torch.isfinite(norms).all().float()]).tolist()  # the one sync

@@ -28,7 +28,9 @@ from .data import resolve_data, make_loader, set_epoch, loader_sampler, default_
 from .loading import check_vocab
 from .optim import build_optimizer, build_scheduler
 from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
-from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, model_state, MANIFEST
+from .distributed import (check_strategy, is_sharded_strategy, fsdp_strategy, tied_names, full_model_state,
+                                 full_optimizer_state, load_full_state, save_weights)
+from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANIFEST
 
 # %% auto #0
 __all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'FitResult', 'Trainer', 'run_differences', 'train']
@@ -56,14 +58,13 @@ class Trainer:
         from lightning_fabric import Fabric
         self.cfg = cfg = cfg if cfg is not None else load_config()
         t = cfg.train
-        if any(k in str(t.strategy).lower() for k in ('fsdp', 'deepspeed')):  # checked before any process starts
-            raise ConfigError(f"train.strategy={t.strategy!r} is not supported yet: nbtrain's checkpoints and final weights "
-                              f"need a gathered state dict from sharded strategies. Use 'ddp' (or 'auto'), with "
-                              f"train.gradient_checkpointing or a smaller micro-batch to save memory")
         info = device_info()
         acc = resolve_accelerator(t.accelerator, info)
         self.precision = resolve_precision(t.precision, acc, info)
-        self.fabric = Fabric(accelerator=acc, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        check_strategy(t.strategy, self.precision)  # before any process starts
+        self.sharded = is_sharded_strategy(t.strategy)
+        self.fabric = Fabric(accelerator=acc, devices=t.devices, strategy=fsdp_strategy(self.precision) if self.sharded else t.strategy,
+                             num_nodes=t.num_nodes,
                              precision=self.precision)
         self.fabric.launch()
         self.precision_note = explain_precision(self.precision, info)
@@ -110,12 +111,17 @@ class Trainer:
 
         self.memory_estimate = estimate_memory(model, micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
                                                precision=self.precision, optimizer=cfg.optim.name,
-                                               gradient_checkpointing=t.gradient_checkpointing)
+                                               gradient_checkpointing=t.gradient_checkpointing,
+                                               shards=self.fabric.world_size if self.sharded else 1)
         self.memory_note = recommend(self.memory_estimate, info, t.grad_accum)
-        optimizer = build_optimizer(model, cfg.optim, device_type=self.fabric.device.type)
+        self.tied = tied_names(model)  # FSDP's gathered state dicts are re-tied from this
         self.compiled = t.compile is True or (t.compile == 'auto' and acc == 'cuda' and (info.capability or (0,)) >= (7, 0))
         if self.compiled: model = self._compile(model)
-        self.model, self.optimizer = self.fabric.setup(model, optimizer)
+        if self.sharded:  # FSDP replaces the parameters by shards: the optimizer is built over those
+            self.model = self.fabric.setup_module(model)
+            self.optimizer = self.fabric.setup_optimizers(build_optimizer(unwrap_model(self.model), cfg.optim,
+                                                                          device_type=self.fabric.device.type))
+        else: self.model, self.optimizer = self.fabric.setup(model, build_optimizer(model, cfg.optim, device_type=self.fabric.device.type))
         if t.auto_micro_batch: self._auto_micro_batch()
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
 
@@ -238,6 +244,9 @@ def _try_step(self:Trainer, size:int):
 
 @patch
 def _auto_micro_batch(self:Trainer):
+    if self.fabric.world_size > 1:  # a trial that runs out of memory on one process would leave the others waiting
+        raise ConfigError("train.auto_micro_batch=true finds the size on one device: run it there (devices=1) and "
+                          "set train.micro_batch_size to what it prints for the distributed run")
     E = self.effective_batch
     found = find_micro_batch(self._try_step, start=min(self.cfg.train.micro_batch_size, E), limit=E)
     size = max(d for d in range(1, E + 1) if E % d == 0 and d <= found)
@@ -390,6 +399,7 @@ def optimizer_step(self:Trainer, loss:torch.Tensor|None=None) -> torch.Tensor|No
 def _health(self:Trainer, loss:torch.Tensor) -> str:
     "Ask the monitor about the gradients of the step about to be taken; report, alert or halt as its policies say."
     mon, scaler = self.monitor, getattr(self.fabric.strategy.precision, 'scaler', None)
+    if self.fabric.world_size > 1: loss = self.fabric.all_reduce(loss, reduce_op='sum')  # every process judges the same loss
     h = mon.judge(mon.inspect(self.step + 1, loss, scaler._scale if scaler is not None else None), scaler=scaler is not None)
     if h.bad or h.vanishing or h.exploding:
         msg = describe(h) + (' (update skipped)' if h.action == 'skip' else '')
@@ -573,11 +583,17 @@ def elapsed_s(self:Trainer) -> float:
 
 # %% ../nbs/11_trainer.ipynb #9c7a3b4e
 @patch
+def _model_optimizer_state(self:Trainer) -> tuple[dict, dict]:
+    "The whole model's and optimizer's state dicts (under FSDP gathered to rank 0: every process must call this)."
+    return full_model_state(self.model, self.tied), full_optimizer_state(self.model, self.optimizer)
+
+@patch
 def state_parts(self:Trainer) -> dict:
     "Everything a checkpoint holds, as tensors and plain values (`torch.load(weights_only=True)` can read it)."
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
     epoch, pos = divmod(self.step, self.steps_per_epoch)
-    return dict(model=model_state(self.model), optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+    model, optimizer = self._model_optimizer_state()
+    return dict(model=model, optimizer=optimizer, scheduler=self.scheduler.state_dict(),
                 scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
                 sampler=dict(epoch=epoch, position=pos, micro_batches_done=pos * self.cfg.train.grad_accum, seed=self.cfg.train.seed,
                              order=loader_sampler(self.train_loader)[0].state_dict()),
@@ -591,7 +607,9 @@ def state_parts(self:Trainer) -> dict:
 def save_checkpoint(self:Trainer, reason:str='', pinned:bool=False) -> Path|None:
     "Checkpoint the run now (written in the background); returns the checkpoint's path."
     self._last_ckpt_t, self._last_ckpt_step = time.monotonic(), self.step
-    if not self.is_global_zero: return None
+    if not self.is_global_zero:
+        if self.sharded: self._model_optimizer_state()  # gathering the shards takes every process
+        return None
     return self.ckpt.save(self.state_parts(), step=self.step, epoch=self.epoch, metrics=self.last_eval or {},
                           pinned=pinned, reason=reason)
 
@@ -651,8 +669,7 @@ def _resume(self:Trainer) -> bool:
         return False
     ck = self.ckpt.load(info)
     st = ck['state']
-    unwrap_model(self.model).load_state_dict(ck['model'])
-    self.optimizer.load_state_dict(st['optimizer'])
+    load_full_state(self.model, self.optimizer, ck['model'], st['optimizer'])  # sharded or not, whichever wrote it
     self.scheduler.load_state_dict(st['scheduler'])
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
     if scaler is not None and st.get('scaler'): scaler.load_state_dict(st['scaler'])
@@ -686,12 +703,12 @@ def _truncate_metrics(self:Trainer, step:int):
 @patch
 def save_final(self:Trainer) -> Path|None:
     "Write `final/` (safetensors weights, config, tokenizer) to the run folder."
+    sd = full_model_state(self.raw_model, self.tied)  # under FSDP every process takes part in gathering it
     if not self.is_global_zero: return None
-    from safetensors.torch import save_model
     d = Path(self.run_dir)/'final'
     d.mkdir(parents=True, exist_ok=True)
     m = unwrap_model(self.raw_model)
-    save_model(m, str(d/'model.safetensors'))
+    save_weights(sd, d/'model.safetensors', self.tied)
     mcfg = getattr(m, 'config', None)
     if hasattr(mcfg, 'to_dict'): mcfg = mcfg.to_dict()
     elif mcfg is not None and hasattr(mcfg, '__dataclass_fields__'):

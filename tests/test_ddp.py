@@ -1,13 +1,18 @@
-"""Data parallel training through Lightning Fabric: 2 CPU processes (gloo) reach the weights of one process with the
-same global batch, and the run folder is written once."""
-import json, os, subprocess, sys
+"""Distributed training through Lightning Fabric on 2 CPU processes (gloo): DDP and FSDP reach the weights of one
+process with the same global batch, the run folder is written once, and checkpoints resume across strategies."""
+import json, os, shutil, subprocess, sys
 import pytest, torch
 from safetensors.torch import load_file
 
 COMMON = ['--data.corpus_size', '80', '--data.seq_len', '32', '--train.max_steps', '6', '--train.log_every', '2',
           '--train.eval_every', '3', '--train.eval_batches', '2', '--train.progress_bar', 'false',
           '--train.deterministic', 'true', '--checkpoint.every_steps', '3', '--checkpoint.keep_last_n', '5',
-          '--checkpoint.keep_best_k', '0', '--train.accelerator', 'cpu', '--optim.lr', '1e-2']
+          '--checkpoint.keep_best_k', '0', '--train.accelerator', 'cpu', '--optim.lr', '1e-2',
+          '--monitor.every_steps', '1', '--monitor.log_layer_norms', 'true']
+ONE = ['--train.micro_batch_size', '8', '--train.grad_accum', '2', '--train.devices', '1']
+DDP = ['--train.micro_batch_size', '8', '--train.grad_accum', '1', '--train.devices', '2', '--train.strategy', 'ddp']
+FSDP = ['--train.micro_batch_size', '8', '--train.grad_accum', '1', '--train.devices', '2', '--train.strategy', 'fsdp']
+pytestmark = pytest.mark.slow
 
 def nbtrain(out, name, *args):
     env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
@@ -16,19 +21,64 @@ def nbtrain(out, name, *args):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 
-@pytest.mark.slow
-def test_ddp_two_processes_match_one_process_same_global_batch(tmp_path):
-    nbtrain(tmp_path, 'single', '--train.micro_batch_size', '8', '--train.grad_accum', '2', '--train.devices', '1')
-    r = nbtrain(tmp_path, 'ddp', '--train.micro_batch_size', '8', '--train.grad_accum', '1', '--train.devices', '2',
-                '--train.strategy', 'ddp')
-    a = load_file(tmp_path/'single'/'final'/'model.safetensors')
-    b = load_file(tmp_path/'ddp'/'final'/'model.safetensors')
+def weights(out, name): return load_file(out/name/'final'/'model.safetensors')
+
+def max_diff(a, b):
     assert a.keys() == b.keys()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+def logged(out, name):
+    return [r for r in (json.loads(l) for l in (out/name/'metrics.jsonl').read_text().splitlines()) if 'loss' in r]
+
+def checkpoints(out, name): return sorted(p.name for p in (out/name/'checkpoints').iterdir())
+
+def cut_back(out, src, dst, step='step-000000006'):
+    "A copy of run `src` as it was when its step-3 checkpoint was the newest (as after a crash)."
+    shutil.copytree(out/src, out/dst)
+    shutil.rmtree(out/dst/'final'); shutil.rmtree(out/dst/'checkpoints'/step)
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp('distributed')
+    nbtrain(out, 'single', *ONE)
+    return out
+
+def test_ddp_two_processes_match_one_process_same_global_batch(runs):
+    r = nbtrain(runs, 'ddp', *DDP)
+    worst = max_diff(weights(runs, 'single'), weights(runs, 'ddp'))
     assert worst < 1e-5, f'DDP weights differ from one process by up to {worst:.2e}'
     # written once: one row per logged step, checkpoints at steps 3 and 6, no leftovers of a second writer
-    rows = [json.loads(l) for l in (tmp_path/'ddp'/'metrics.jsonl').read_text().splitlines()]
-    assert [x['step'] for x in rows if 'loss' in x] == [2, 4, 6]
-    ck = sorted(p.name for p in (tmp_path/'ddp'/'checkpoints').iterdir())
-    assert ck == ['step-000000003', 'step-000000006'], ck
+    assert [x['step'] for x in logged(runs, 'ddp')] == [2, 4, 6]
+    assert checkpoints(runs, 'ddp') == ['step-000000003', 'step-000000006']
     assert r.stdout.count('validation loss at end') == 1  # only rank 0 speaks
+
+def test_fsdp_two_processes_match_one_process_same_global_batch(runs):
+    r = nbtrain(runs, 'fsdp', *FSDP)
+    worst = max_diff(weights(runs, 'single'), weights(runs, 'fsdp'))
+    assert worst < 1e-5, f'FSDP weights differ from one process by up to {worst:.2e}'
+    one, sharded = logged(runs, 'single'), logged(runs, 'fsdp')
+    assert [x['step'] for x in sharded] == [2, 4, 6]
+    for a, b in zip(one, sharded):  # the loss, the clipped norm and the monitor's per-layer norms of whole gradients
+        keys = [k for k in a if k == 'loss' or k.startswith('grad_norm')]
+        assert len(keys) > 4 and keys == [k for k in b if k == 'loss' or k.startswith('grad_norm')]
+        for k in keys: assert abs(a[k] - b[k]) < 1e-4 * max(1, abs(a[k])), (k, a[k], b[k])
+    assert checkpoints(runs, 'fsdp') == ['step-000000003', 'step-000000006']
+    man = json.loads((runs/'fsdp'/'checkpoints'/'step-000000006'/'manifest.json').read_text())
+    assert man['aliases'] == {'lm_head.weight': 'tok_emb.weight'}  # gathered weights re-tied: stored once
+    assert 'lm_head.weight' not in load_file(runs/'fsdp'/'checkpoints'/'step-000000006'/'model.safetensors')
+    assert r.stdout.count('validation loss at end') == 1
+
+def test_checkpoints_resume_across_fsdp_and_one_process(runs):
+    if not (runs/'fsdp'/'final').exists(): nbtrain(runs, 'fsdp', *FSDP)
+    # FSDP resumes its own checkpoint exactly: the same weights as the run that was never stopped
+    cut_back(runs, 'fsdp', 'fsdp-resumed')
+    r = nbtrain(runs, 'fsdp-resumed', *FSDP)
+    assert 'Resumed from' in r.stdout and 'at step 3' in r.stdout
+    assert max_diff(weights(runs, 'fsdp'), weights(runs, 'fsdp-resumed')) == 0
+    # a checkpoint written under FSDP resumes on one process, and one written by one process resumes under FSDP
+    cut_back(runs, 'fsdp', 'fsdp-then-one'); nbtrain(runs, 'fsdp-then-one', *ONE)
+    cut_back(runs, 'single', 'one-then-fsdp'); nbtrain(runs, 'one-then-fsdp', *FSDP)
+    for name in ('fsdp-then-one', 'one-then-fsdp'):
+        worst = max_diff(weights(runs, 'single'), weights(runs, name))
+        assert worst < 1e-5, f'{name}: weights differ from the uninterrupted run by up to {worst:.2e}'
+        assert [x['step'] for x in logged(runs, name)] == [2, 4, 6]
