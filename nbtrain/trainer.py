@@ -703,12 +703,14 @@ def _truncate_metrics(self:Trainer, step:int):
 @patch
 def save_final(self:Trainer) -> Path|None:
     "Write `final/` (safetensors weights, config, tokenizer) to the run folder."
-    sd = full_model_state(self.raw_model, self.tied)  # under FSDP every process takes part in gathering it
+    sd = full_model_state(self.raw_model, self.tied) if self.sharded else None  # every FSDP process takes part in gathering it
     if not self.is_global_zero: return None
+    from safetensors.torch import save_model
     d = Path(self.run_dir)/'final'
     d.mkdir(parents=True, exist_ok=True)
     m = unwrap_model(self.raw_model)
-    save_weights(sd, d/'model.safetensors', self.tied)
+    if sd is None: save_model(m, str(d/'model.safetensors'))
+    else: save_weights(sd, d/'model.safetensors', self.tied)  # the same file, from the gathered shards
     mcfg = getattr(m, 'config', None)
     if hasattr(mcfg, 'to_dict'): mcfg = mcfg.to_dict()
     elif mcfg is not None and hasattr(mcfg, '__dataclass_fields__'):
