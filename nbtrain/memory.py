@@ -10,6 +10,7 @@ import gc, math
 from dataclasses import dataclass, asdict
 import torch
 from torch import nn
+from .tasks import FUSED_LOSS_CHUNK, FUSED_LOSS_MIN
 
 # %% auto #0
 __all__ = ['is_oom', 'free_memory', 'model_dims', 'MemoryEstimate', 'estimate_memory', 'recommend', 'find_micro_batch',
@@ -51,7 +52,7 @@ class MemoryEstimate:
     def to_dict(self): return dict(asdict(self), total_gb=self.total_gb)
 
 def estimate_memory(model:nn.Module, *, micro_batch:int, seq_len:int, precision:str='32-true', optimizer:str='adamw',
-                    gradient_checkpointing:bool=False, flash:bool=True, shards:int=1) -> MemoryEstimate:
+                    gradient_checkpointing:bool=False, flash:bool=True, shards:int=1, fused_loss:bool=True) -> MemoryEstimate:
     "Estimate training memory per device for `model` at `micro_batch` x `seq_len` tokens (`shards`: FSDP's process count)."
     GB = 2**30
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -67,7 +68,10 @@ def estimate_memory(model:nn.Module, *, micro_batch:int, seq_len:int, precision:
         per_layer = s * b * h * (34 + (0 if flash else 5 * a * s / h))  # bytes at 16-bit activations
         per_layer *= 1 if half else 2
         layers = (2 * s * b * h * (1 if half else 2)) * L + per_layer if gradient_checkpointing else per_layer * L
-        logits = b * s * (d['vocab_size'] or 0) * (4 + (2 if half else 4))  # logits and their fp32 loss copy
+        logits = b * s * (d['vocab_size'] or 0)
+        if half and fused_loss and logits >= FUSED_LOSS_MIN:  # nbtrain.tasks.cross_entropy_sum: logits + gradient + one chunk
+            logits = logits * (2 + (2 if precision.startswith('bf16') else 4)) + 12 * min(FUSED_LOSS_CHUNK, logits / 4)
+        else: logits *= 12 if half else 8  # textbook loss: a float32 copy and log-probabilities (measured: 12.1 bytes at 16 bits)
         act = (layers + logits) / GB
     S = shards * GB  # FSDP keeps 1/shards of the weights, gradients and optimizer state on each device
     return MemoryEstimate(n_all * wbytes / S, n * 4 / S, n * 4 * states / S, act, micro_batch, seq_len)

@@ -17,8 +17,8 @@ from .registry import TASKS
 from .models import ModelOutput, call_model, unwrap_model
 
 # %% auto #0
-__all__ = ['Task', 'CausalLM', 'MaskedLM', 'SequenceClassification', 'TokenClassification', 'ImageClassification',
-           'shift_tokens_right', 'Seq2Seq', 'build_task']
+__all__ = ['FUSED_LOSS_CHUNK', 'FUSED_LOSS_MIN', 'cross_entropy_sum', 'Task', 'CausalLM', 'MaskedLM', 'SequenceClassification',
+           'TokenClassification', 'ImageClassification', 'shift_tokens_right', 'Seq2Seq', 'build_task']
 
 # %% ../nbs/07_tasks.ipynb #d48e3e99
 def _shape(t) -> str: return str(list(t.shape)) if isinstance(t, Tensor) else type(t).__name__
@@ -28,6 +28,44 @@ def _logits(output) -> Tensor:
     return (output if isinstance(output, ModelOutput) else ModelOutput.from_raw(output)).logits
 
 # %% ../nbs/07_tasks.ipynb #eb2f2b63
+FUSED_LOSS_CHUNK = 2**25  # the most logits per chunk: float32 transients of at most about 400 MB
+FUSED_LOSS_MIN = 2**23    # fewer logits than this (100 MB for the textbook loss) take the textbook path
+
+def _ce(z, t, **kw): return F.cross_entropy(z.float(), t, reduction='sum', **kw)
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    "Summed cross-entropy whose gradient is computed chunk by chunk in the forward pass and kept in 16 bits (fp32 for fp16)."
+    @staticmethod
+    def forward(ctx, z, t, rows, kw):
+        grad = torch.empty(z.shape, dtype=torch.float32 if z.dtype == torch.float16 else z.dtype, device=z.device)
+        total = torch.zeros((), dtype=torch.float32, device=z.device)
+        for s in range(0, len(z), rows):
+            with torch.enable_grad():
+                zc = z[s:s + rows].detach().float().requires_grad_()
+                loss = _ce(zc, t[s:s + rows], **kw)
+                grad[s:s + rows], = torch.autograd.grad(loss, zc)
+            total += loss.detach()
+        ctx.save_for_backward(grad)
+        ctx.rows, ctx.dtype = rows, z.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, go):
+        grad, = ctx.saved_tensors
+        out = torch.empty(grad.shape, dtype=ctx.dtype, device=grad.device)
+        for s in range(0, len(grad), ctx.rows): out[s:s + ctx.rows] = grad[s:s + ctx.rows] * go  # scaled in float32, cast once
+        return out, None, None, None
+
+def cross_entropy_sum(z:Tensor, t:Tensor, *, weight:Tensor|None=None, ignore_index:int=-100, label_smoothing:float=0.0,
+                      chunk:int|None=FUSED_LOSS_CHUNK, min_size:int=FUSED_LOSS_MIN) -> Tensor:
+    "Summed cross-entropy (float32) of logits `z` [N, C] and labels `t` [N]; 16-bit logits of `min_size` or more go in chunks."
+    kw = dict(weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if not chunk or z.dtype not in (torch.float16, torch.bfloat16) or z.numel() < max(min_size, 2): return _ce(z, t, **kw)
+    rows = max(1, min(chunk // z.shape[-1], -(-len(z) // 4)))  # at least 4 chunks: one chunk's transients stay small
+    if torch.is_grad_enabled() and z.requires_grad: return _FusedCrossEntropy.apply(z, t, rows, kw)
+    return sum(_ce(z[s:s + rows], t[s:s + rows], **kw) for s in range(0, len(z), rows))  # evaluation: no float32 copy of it all
+
+# %% ../nbs/07_tasks.ipynb #d358da65
 class Task:
     "Base task: maps a batch to model inputs, and logits + labels to a summed cross-entropy and a target count."
     name = 'task'
@@ -37,7 +75,8 @@ class Task:
     mask_key = None      # padding mask of the label positions (positions where it is 0 are ignored), if any
     expects = 'logits [N, C] and labels [N]'      # for error messages
 
-    def __init__(self, ignore_index:int=-100, label_smoothing:float=0.0, class_weights=None, num_labels:int|None=None):
+    def __init__(self, ignore_index:int=-100, label_smoothing:float=0.0, class_weights=None, num_labels:int|None=None,
+                 fused_loss:bool=True):
         if not 0 <= label_smoothing < 1:
             raise ConfigError(f"task.label_smoothing={label_smoothing}: must be in [0, 1), for example 0.1")
         if num_labels is not None and num_labels < 1:
@@ -49,6 +88,7 @@ class Task:
                 raise ConfigError(f"task.class_weights has {len(class_weights)} entries but task.num_labels={num_labels}: give one weight per class")
         self.ignore_index, self.label_smoothing = int(ignore_index), float(label_smoothing)
         self.class_weights, self.num_labels, self._w = class_weights, num_labels, {}
+        self.fused_loss = bool(fused_loss)  # large 16-bit logits through `cross_entropy_sum` in chunks
 
     def __repr__(self):
         extra = ''.join(f", {k}={v}" for k, v in [('label_smoothing', self.label_smoothing), ('num_labels', self.num_labels)] if v)
@@ -112,8 +152,9 @@ class Task:
         return (self.weight_on(y.device)[y.masked_fill(~keep, 0)] * keep).sum()
 
     def _loss_sum(self, logits:Tensor, y:Tensor) -> Tensor:
-        return F.cross_entropy(logits.flatten(0, -2).float(), y.flatten().long(), weight=self.weight_on(logits.device),
-                               ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, reduction='sum')
+        return cross_entropy_sum(logits.flatten(0, -2), y.flatten().long(), weight=self.weight_on(logits.device),
+                                 ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                 chunk=FUSED_LOSS_CHUNK if self.fused_loss else None, min_size=FUSED_LOSS_MIN)
 
     def _correct(self, logits:Tensor, y:Tensor) -> tuple[Tensor, Tensor]:
         keep = y != self.ignore_index
@@ -279,7 +320,7 @@ class Seq2Seq(Task):
         if not (logits.ndim == 3 and logits.shape[:2] == y.shape): self._bad(logits, y)
 
 # %% ../nbs/07_tasks.ipynb #8fff494f
-_CFG_FIELDS = ('ignore_index', 'label_smoothing', 'class_weights', 'num_labels')
+_CFG_FIELDS = ('ignore_index', 'label_smoothing', 'class_weights', 'num_labels', 'fused_loss')
 
 def build_task(task_cfg=None, **overrides) -> Task:
     "The registered `Task` named by `task_cfg.name`, set up from its fields (`TaskConfig`-like, a dict or a name)."

@@ -112,7 +112,7 @@ class Trainer:
         self.memory_estimate = estimate_memory(model, micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
                                                precision=self.precision, optimizer=cfg.optim.name,
                                                gradient_checkpointing=t.gradient_checkpointing,
-                                               shards=self.fabric.world_size if self.sharded else 1)
+                                               shards=self.fabric.world_size if self.sharded else 1, fused_loss=cfg.task.fused_loss)
         self.memory_note = recommend(self.memory_estimate, info, t.grad_accum)
         self.tied = tied_names(model)  # FSDP's gathered state dicts are re-tied from this
         self.compiled = t.compile is True or (t.compile == 'auto' and acc == 'cuda' and (info.capability or (0,)) >= (7, 0))
