@@ -13,7 +13,7 @@ from .registry import OPTIMIZERS, SCHEDULERS
 
 # %% auto #0
 __all__ = ['param_groups', 'make_adamw', 'make_sgd', 'build_optimizer', 'cosine', 'linear', 'constant', 'lr_multiplier',
-           'warmup_steps', 'build_scheduler']
+           'warmup_steps', 'LRSchedule', 'build_scheduler']
 
 # %% ../nbs/09_optim.ipynb #a1c8a281
 _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -70,9 +70,28 @@ def warmup_steps(cfg, total:int) -> int:
     "Warmup length from a `ScheduleConfig`: explicit steps, else a ratio of `total`."
     return cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total))
 
+class LRSchedule:
+    """The multiplier of the peak learning rate at each optimizer step: `lr_multiplier`, as an object whose settings
+    travel in the scheduler's state dict, so that a resumed run knows the schedule it was on (see `extend`)."""
+    def __init__(self, total:int, warmup:int, name:str='cosine', min_ratio:float=0.1):
+        SCHEDULERS.get(name)
+        self.total, self.warmup, self.name, self.min_ratio = total, warmup, name, min_ratio
+        self.start, self.start_value = 0, None  # set by `extend`: the step it happened at and the multiplier there
+
+    def __call__(self, step:int) -> float:
+        target = lr_multiplier(step, self.total, self.warmup, self.name, self.min_ratio)
+        if self.start_value is None or step < self.start: return target
+        ramp = max(1, self.warmup)  # from the old schedule to the new one, over a warmup's length
+        return self.start_value + (target - self.start_value) * min(1.0, (step - self.start + 1) / ramp)
+
+    def extend(self, step:int, total:int) -> bool:
+        "Make the schedule end at `total`, reaching the new schedule from its value at `step` over a warmup's length. True if it changed."
+        if total == self.total: return False
+        if self.start_value is None and step < self.warmup: self.total = total  # still warming up: the warmup goes on as it was
+        else: self.start, self.start_value, self.total = step, self(step), total
+        return True
+
 def build_scheduler(optimizer:torch.optim.Optimizer, cfg, total_steps:int) -> torch.optim.lr_scheduler.LambdaLR:
     "A `LambdaLR` stepping once per optimizer step, from a `ScheduleConfig`."
-    SCHEDULERS.get(cfg.name)
-    w = warmup_steps(cfg, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, total_steps, w, cfg.name, cfg.min_lr_ratio))
+        optimizer, LRSchedule(total_steps, warmup_steps(cfg, total_steps), cfg.name, cfg.min_lr_ratio))

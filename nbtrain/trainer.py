@@ -26,7 +26,7 @@ from .loading import build_model
 from .tasks import build_task
 from .data import resolve_data, make_loader, set_epoch, loader_sampler, default_cache_dir
 from .loading import check_vocab
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, LRSchedule
 from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
 from .distributed import (check_strategy, is_sharded_strategy, fsdp_strategy, tied_names, full_model_state,
                                  full_optimizer_state, load_full_state, save_weights)
@@ -684,6 +684,11 @@ def _resume(self:Trainer) -> bool:
         self._set_micro_batch(int(tr['micro_batch_size']))  # the size the run had found to fit
     self.step, self._elapsed_before, self._last_eval_step = int(tr['step']), float(tr['elapsed_s']), int(tr['last_eval_step'])
     self.first_eval, self.last_eval = tr['first_eval'] or None, tr['last_eval'] or None
+    sched, lr = self.scheduler.lr_lambdas[0], self.optimizer.param_groups[0]['lr']
+    planned = getattr(sched, 'total', None)
+    if isinstance(sched, LRSchedule) and sched.extend(self.step, self.total_steps) and self.is_global_zero:
+        print(f"The learning-rate schedule was planned for {planned} steps and now ends at {self.total_steps}: the rate "
+              f"goes from {lr:.3g} to the new schedule over {max(1, sched.warmup)} steps (a warmup, not a jump)")
     self._last_ckpt_step = self.step
     self._truncate_metrics(self.step)
     if self.is_global_zero: print(f"Resumed from {ck['path']} at step {self.step}")

@@ -207,7 +207,7 @@ def _ready_text(self:TrainForm, cfg:RunConfig) -> str:
     if run is None: what = 'Ready to train'
     elif run.finished and t.max_steps and run.checkpoint_step is not None and t.max_steps > run.checkpoint_step:
         what = (f"Train continues the finished run '{cfg.name}' from step {run.checkpoint_step} to {t.max_steps} "
-                f"(the learning-rate schedule is stretched to the new length)")
+                f"(the learning rate warms up again to a schedule for the new length)")
     elif run.finished: what = f"Run '{cfg.name}' has finished: Train reloads it and stops at once; raise train.max_steps to train on"
     elif run.checkpoint_step is not None: what = f"Train resumes run '{cfg.name}' ({run.status})"
     else: what = f"Run '{cfg.name}' has no checkpoint yet: Train starts it again"
@@ -398,8 +398,8 @@ class _Router(io.TextIOBase):
         if threading.get_ident() != self.main: self.sink(s)
         else: self.original.write(s)
         return len(s)
-    def flush(self):
-        if threading.get_ident() == self.main: self.original.flush()
+    def flush(self, _ident=threading.get_ident):  # bound now: logging flushes streams at exit, after globals are gone
+        if _ident() == self.main: self.original.flush()
     # io.TextIOBase defines these, so __getattr__ would not forward them
     @property
     def encoding(self): return getattr(self.original, 'encoding', 'utf-8')
