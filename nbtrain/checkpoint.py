@@ -15,9 +15,9 @@ from fastcore.basics import patch
 from .errors import NbtrainError
 
 # %% auto #0
-__all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'CheckpointError', 'ckpt_name', 'sha256_file', 'snapshot', 'split_tied', 'model_state',
-           'load_weights', 'write_checkpoint', 'read_manifest', 'verify_checkpoint', 'CheckpointInfo',
-           'CheckpointManager']
+__all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'LOCK', 'CheckpointError', 'ckpt_name', 'sha256_file', 'snapshot', 'split_tied',
+           'model_state', 'load_weights', 'write_checkpoint', 'read_manifest', 'verify_checkpoint', 'CheckpointInfo',
+           'CheckpointManager', 'RunLockedError', 'RunLock']
 
 # %% ../nbs/09a_checkpoint.ipynb #81279dc2
 class CheckpointError(NbtrainError, RuntimeError):
@@ -352,3 +352,93 @@ def restore(self:CheckpointManager, ckpt:dict):
     for n, o in self.objects.items():
         if n in custom: o.load_state_dict(custom[n])
         else: warnings.warn(f"Checkpoint {ckpt['path']} has no state for registered object '{n}'")
+
+# %% ../nbs/09a_checkpoint.ipynb #00b6749f
+import socket, uuid
+
+LOCK = '.nbtrain-lock.json'
+
+class RunLockedError(NbtrainError, RuntimeError):
+    "Another live session is training in this run folder."
+
+def _pid_alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OSError): return True
+    return True
+
+class RunLock:
+    "The lock of one run folder, held by this process while it trains there."
+    def __init__(self, run_dir, *, heartbeat_s:float=30.0, stale_s:float=120.0):
+        self.path, self.heartbeat_s, self.stale_s = Path(run_dir)/LOCK, heartbeat_s, stale_s
+        self.id, self.lost, self.held = uuid.uuid4().hex, False, False
+        self._stop, self._thread = threading.Event(), None
+
+    def holder(self) -> dict|None:
+        "What the lock file says (host, pid, id, started, heartbeat), or None when there is none (or it is unreadable)."
+        try: info = json.loads(self.path.read_text(encoding='utf-8'))
+        except (OSError, ValueError): return None
+        return info if isinstance(info, dict) and 'id' in info else None
+
+    def _live(self, h:dict) -> bool:
+        "Whether holder `h` may still be training: fresh, and not a dead process (or this one) on this machine."
+        if h['id'] == self.id or time.time() - float(h.get('heartbeat', 0)) > self.stale_s: return False
+        if h.get('host') == socket.gethostname():
+            return h.get('pid') != os.getpid() and _pid_alive(int(h.get('pid', -1)))
+        return True
+
+    def check(self, take_over:bool=False) -> str:
+        "Raise `RunLockedError` if a live session holds the folder (unless `take_over`); returns a notice when a lock is taken over."
+        h = self.holder()
+        if h is None or h['id'] == self.id or (h.get('host') == socket.gethostname() and h.get('pid') == os.getpid()): return ''
+        age = time.time() - float(h.get('heartbeat', 0))
+        who = f"{h.get('host')} (process {h.get('pid')}, started {h.get('started', '?')}, last heard from {age:.0f} s ago)"
+        if not self._live(h): return f"Took over run folder {self.path.parent} from {who}: that session is gone"
+        if take_over: return f"Took over run folder {self.path.parent} from {who} (checkpoint.take_over=true)"
+        raise RunLockedError(f"Run folder {self.path.parent} is being trained by another session on {who}. Two trainers in "
+                             f"one folder would overwrite each other's checkpoints and metrics. Use another name (train a new "
+                             f"run), or, if that session is gone, wait {max(0, self.stale_s - age):.0f} s or set "
+                             f"checkpoint.take_over=true")
+
+    def _write(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        info = dict(id=self.id, host=socket.gethostname(), pid=os.getpid(), started=getattr(self, '_started', None) or
+                    time.strftime('%Y-%m-%d %H:%M:%S'), heartbeat=time.time())
+        self._started = info['started']
+        tmp = self.path.with_name(f'{LOCK}.{self.id}.tmp')
+        tmp.write_text(json.dumps(info), encoding='utf-8')
+        os.replace(tmp, self.path)
+
+    def acquire(self, take_over:bool=False) -> str:
+        "Check, then write the lock; returns the notice of `check` ('' when the folder was free)."
+        notice = self.check(take_over)
+        self._write()
+        self.held = True
+        return notice
+
+    def beat(self) -> bool:
+        "Refresh the heartbeat; False (and `lost`) if another session has taken the folder over meanwhile."
+        if not self.held or self.lost: return not self.lost
+        h = self.holder()
+        if h is not None and h['id'] != self.id: self.lost = True; return False
+        self._write()
+        return True
+
+    def start(self):
+        "Refresh the heartbeat every `heartbeat_s` in a background thread until `release`."
+        if self._thread is not None: return
+        def run():
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    if not self.beat(): return
+                except OSError: pass  # Drive hiccups: the next beat tries again
+        self._thread = threading.Thread(target=run, name='nbtrain-run-lock', daemon=True)
+        self._thread.start()
+
+    def release(self):
+        "Stop the heartbeat and remove the lock file if it is still ours."
+        self._stop.set()
+        if self._thread is not None: self._thread.join(timeout=5); self._thread = None
+        h = self.holder()
+        if self.held and h is not None and h['id'] == self.id: self.path.unlink(missing_ok=True)
+        self.held = False

@@ -286,6 +286,7 @@ class CheckpointConfig(Section):
     async_save: bool = opt(True, "Write checkpoints in a background thread (the loop only copies state to host memory)")
     on_error: str = opt('raise', "A failed save stops training ('raise') or warns and goes on ('warn')", choices=['raise', 'warn'])
     resume: str = opt('auto', "'auto' (newest valid checkpoint of this run, if any), 'never', or a checkpoint / run folder path")
+    take_over: bool = opt(False, "Train in a run folder whose lock another session holds (set it when that session is known to be gone)")
 
 @dataclass
 class TrackingConfig(Section):

@@ -30,7 +30,7 @@ from .optim import build_optimizer, build_scheduler, LRSchedule
 from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
 from .distributed import (check_strategy, is_sharded_strategy, fsdp_strategy, tied_names, full_model_state,
                                  full_optimizer_state, load_full_state, save_weights)
-from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANIFEST
+from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANIFEST, RunLock, RunLockedError
 
 # %% auto #0
 __all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'FitResult', 'Trainer', 'run_differences', 'train']
@@ -73,6 +73,7 @@ class Trainer:
 
         self.run_dir = self._run_path(run_dir)
         self._check_same_run(resume)  # before anything is written: a different model must not take over a run's folder
+        self._check_lock()            # nor a second session while another one trains there
         with self.fabric.rank_zero_first(local=True):  # the first process fills the tokenization cache, the others reuse it
             # a run folder that exists already (a resumed run) gives back its saved tokenizer; a new one is only
             # written once setup has succeeded, so a bad configuration leaves nothing behind
@@ -353,8 +354,19 @@ def _check_same_run(self:Trainer, resume=None):
                           f"{what}. Choose another run name (name) for a new run, or set the values back to resume it")
 
 @patch
+def _check_lock(self:Trainer):
+    "Refuse a run folder another live session trains in (see `RunLock`): decided by the first process, for all of them."
+    self.lock = RunLock(self.run_dir)
+    err = None
+    if self.is_global_zero:
+        try: self.lock.check(self.cfg.checkpoint.take_over)
+        except RunLockedError as e: err = str(e)
+    if (err := self.fabric.broadcast(err, src=0)) is not None: raise RunLockedError(err)
+
+@patch
 def _write_run_files(self:Trainer):
     if not self.is_global_zero: return
+    if notice := self.lock.acquire(self.cfg.checkpoint.take_over): warnings.warn(notice)
     d = self.run_dir
     d.mkdir(parents=True, exist_ok=True)
     tok = self.data.tokenizer
@@ -462,6 +474,7 @@ def fit(self:Trainer) -> FitResult:
     self._deadline = self._t0 + t.max_time * 60 - self._elapsed_before if t.max_time else None
     self._last_ckpt_t, self._in_step = time.monotonic(), False
     self._new_window()
+    if self.lock.held: self.lock.start()  # the heartbeat, while training runs
     cb.fire('on_fit_start', self)
     try:
         with self._signals_stop_cleanly():
@@ -497,6 +510,7 @@ def fit(self:Trainer) -> FitResult:
     except BaseException as e:
         self.ckpt.wait()  # let a checkpoint being written complete
         cb.fire('on_exception', self, e)
+        self.lock.release()
         raise
     interrupted = self._stop_signal is not None or self.stop_reason.startswith('interrupted')
     if self._last_eval_step != self.step and not interrupted: self._evaluate()
@@ -509,6 +523,7 @@ def fit(self:Trainer) -> FitResult:
     summary = f"{self.stop_reason or 'stopped'}" + (f"; val_loss {self.last_eval['val_loss']:.4f}" if self.last_eval else '')
     cb.fire('on_alert', self, 'Training finished', f"{self.run_dir}: {summary}", 'info')
     cb.fire('on_fit_end', self)
+    self.lock.release()
     self.fabric.barrier()
     return FitResult(self.run_dir, self.step, self.epoch, self.first_eval, self.last_eval, self.last_log,
                      self.stop_reason or 'stopped', self.elapsed_s, list(cb.failures))
@@ -516,6 +531,10 @@ def fit(self:Trainer) -> FitResult:
 # %% ../nbs/11_trainer.ipynb #938695a9
 @patch
 def _stopping(self:Trainer) -> bool:
+    if self.lock.lost and self.fabric.world_size == 1:  # another session took the folder over: write nothing more
+        raise RunLockedError(f"Another session took over run folder {self.run_dir} (checkpoint.take_over) while this one "
+                             f"trained: stopping at step {self.step} without writing more. Its newest checkpoint is at step "
+                             f"{self._last_ckpt_step}")
     if self._stop_signal: self.stop_reason = f'interrupted by {self._stop_signal} at step {self.step}'
     elif self.step_capped and self.step >= self.total_steps: self.stop_reason = f'reached {self.total_steps} steps'
     elif self._deadline and time.monotonic() >= self._deadline: self.stop_reason = f'reached max_time={self.cfg.train.max_time} min'

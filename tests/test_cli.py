@@ -62,3 +62,33 @@ def test_gist_export_trains_from_cli(tmp_path):
     assert (run/'final'/'model.safetensors').is_file() and (run/'final'/'model.py').is_file()
     losses = [json.loads(l)['loss'] for l in (run/'metrics.jsonl').read_text().splitlines() if '"loss"' in l]
     assert len(losses) == 3 and all(l == l for l in losses)  # finite, logged at steps 2, 4, 6
+
+@pytest.mark.slow
+def test_second_session_refused_while_a_run_trains_then_takes_over_when_it_is_gone(tmp_path):
+    "Two sessions, one run folder (two Colab tabs on one Drive): the second is refused while the first trains."
+    import signal, time
+    e = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    args = ['train', '--output_dir', str(tmp_path), '--name', 'shared', '--data.corpus_size', '60', '--data.seq_len', '32',
+            '--train.micro_batch_size', '4', '--train.progress_bar', 'false', '--checkpoint.every_steps', '5']
+    first = subprocess.Popen([sys.executable, '-m', 'nbtrain.cli', *args, '--train.max_steps', '100000'],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
+    try:
+        run, t0 = tmp_path/'shared', time.monotonic()
+        while not list((run/'checkpoints').glob('step-*/manifest.json')):
+            assert first.poll() is None and time.monotonic() - t0 < 120, 'the first session did not get going'
+            time.sleep(0.2)
+        lock = json.loads((run/'.nbtrain-lock.json').read_text())
+        assert lock['pid'] == first.pid
+        r = nbtrain(*args, '--train.max_steps', '10')
+        assert r.returncode != 0
+        assert 'is being trained by another session' in r.stderr and 'checkpoint.take_over=true' in r.stderr, r.stderr[-2000:]
+        assert 'Traceback' not in r.stderr
+        assert json.loads((run/'.nbtrain-lock.json').read_text())['id'] == lock['id']  # untouched
+    finally:
+        first.send_signal(signal.SIGKILL); first.wait()
+    # the first session is gone (killed, as a runtime is): the next one takes the folder over and resumes
+    step = max(int(p.name.split('-')[1]) for p in (run/'checkpoints').glob('step-*'))
+    r = nbtrain(*args, '--train.max_steps', str(step + 5))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'Took over run folder' in r.stderr and 'that session is gone' in r.stderr
+    assert f'Resumed from' in r.stdout and not (run/'.nbtrain-lock.json').exists()
