@@ -372,7 +372,7 @@ class RunLock:
     def __init__(self, run_dir, *, heartbeat_s:float=30.0, stale_s:float=120.0):
         self.path, self.heartbeat_s, self.stale_s = Path(run_dir)/LOCK, heartbeat_s, stale_s
         self.id, self.lost, self.held = uuid.uuid4().hex, False, False
-        self._stop, self._thread = threading.Event(), None
+        self._stop, self._thread, self._io = threading.Event(), None, threading.Lock()  # _io: a beat and release never interleave
 
     def holder(self) -> dict|None:
         "What the lock file says (host, pid, id, started, heartbeat), or None when there is none (or it is unreadable)."
@@ -418,17 +418,19 @@ class RunLock:
 
     def beat(self) -> bool:
         "Refresh the heartbeat; False (and `lost`) if another session has taken the folder over meanwhile."
-        if not self.held or self.lost: return not self.lost
-        h = self.holder()
-        if h is not None and h['id'] != self.id: self.lost = True; return False
-        self._write()
-        return True
+        with self._io:
+            if not self.held or self.lost: return not self.lost
+            h = self.holder()
+            if h is not None and h['id'] != self.id: self.lost = True; return False
+            self._write()
+            return True
 
     def start(self):
         "Refresh the heartbeat every `heartbeat_s` in a background thread until `release`."
         if self._thread is not None: return
+        stop = self._stop = threading.Event()  # this thread's own: a late one from an earlier start stays stopped
         def run():
-            while not self._stop.wait(self.heartbeat_s):
+            while not stop.wait(self.heartbeat_s):
                 try:
                     if not self.beat(): return
                 except OSError: pass  # Drive hiccups: the next beat tries again
@@ -439,6 +441,7 @@ class RunLock:
         "Stop the heartbeat and remove the lock file if it is still ours."
         self._stop.set()
         if self._thread is not None: self._thread.join(timeout=5); self._thread = None
-        h = self.holder()
-        if self.held and h is not None and h['id'] == self.id: self.path.unlink(missing_ok=True)
-        self.held = False
+        with self._io:  # a beat in the middle of a slow write finishes first, then the file goes
+            h = self.holder()
+            if self.held and h is not None and h['id'] == self.id: self.path.unlink(missing_ok=True)
+            self.held = False

@@ -259,7 +259,7 @@ class TrainConfig(Section):
     oom_recovery: bool = opt(True, "On out-of-memory: halve the micro-batch, double grad_accum, redo the step and go on")
     accelerator: str = opt('auto', "Device type", choices=['auto', 'cpu', 'cuda', 'gpu', 'mps'])
     devices: int|str = opt('auto', "Devices per node: a count, 'auto', or a list like '0,1'")
-    strategy: str = opt('auto', "Fabric strategy: auto, ddp, fsdp, deepspeed, ...")
+    strategy: str = opt('auto', "How several devices share the work: auto, ddp (a copy of the model on each), fsdp (the model sharded across them), ddp_spawn, ddp_notebook")
     num_nodes: int = opt(1, "Machines taking part", ge=1)
     deterministic: bool = opt(False, "Deterministic algorithms (slower; exact repeatability)")
     early_stopping_patience: int|None = opt(None, "Stop after this many evaluations without improvement", ge=1)

@@ -14,8 +14,8 @@ from .errors import ConfigError, did_you_mean
 from .models import unwrap_model
 
 # %% auto #0
-__all__ = ['SHARDED', 'STRATEGIES', 'is_sharded_strategy', 'check_strategy', 'block_classes', 'shard_model', 'fsdp_strategy',
-           'is_sharded', 'tied_names', 'full_model_state', 'full_optimizer_state', 'name_keyed', 'positional',
+__all__ = ['SHARDED', 'STRATEGIES', 'is_sharded_strategy', 'check_strategy', 'tied_names', 'find_blocks', 'shard_model',
+           'fsdp_strategy', 'is_sharded', 'full_model_state', 'full_optimizer_state', 'name_keyed', 'positional',
            'load_full_state', 'save_weights']
 
 # %% ../nbs/10a_distributed.ipynb #e326fe9e
@@ -27,8 +27,8 @@ def is_sharded_strategy(strategy) -> bool:
     "Whether `train.strategy` asks for FSDP."
     return str(strategy).lower() in SHARDED
 
-def check_strategy(strategy:str, precision:str|None=None):
-    "Refuse a `train.strategy` nbtrain cannot checkpoint, and an FSDP precision Fabric cannot run, naming what works."
+def check_strategy(strategy:str, precision:str|None=None, asked:str|None=None):
+    "Refuse a `train.strategy` nbtrain cannot checkpoint, and an FSDP `precision` Fabric cannot run (`asked`: what the config said), naming what works."
     s = str(strategy).lower()
     if 'deepspeed' in s or ('fsdp' in s and s not in SHARDED):
         raise ConfigError(f"train.strategy={strategy!r} is not supported: nbtrain shards with FSDP2 through Fabric, "
@@ -37,18 +37,32 @@ def check_strategy(strategy:str, precision:str|None=None):
     if s not in STRATEGIES:
         raise ConfigError(f"train.strategy={strategy!r} is not a strategy nbtrain knows.{did_you_mean(s, STRATEGIES)} "
                           f"Use one of {', '.join(STRATEGIES)}")
-    if s in SHARDED and precision not in (None, '32-true', 'bf16-mixed', 'bf16-true'):
-        raise ConfigError(f"train.precision={precision!r} with train.strategy={strategy}: FSDP in Fabric runs in 32-true, "
-                          f"bf16-mixed or bf16-true, without the fp16 gradient scaler. On GPUs without bf16 (a T4, a V100) "
-                          f"use train.strategy=ddp, or train.precision=32-true")
+    if s in SHARDED and precision not in (None, '32-true', 'bf16-mixed', 'bf16-true', '16-true'):
+        how = f"train.precision={precision!r}" if asked in (None, precision) else f"train.precision={asked!r} (here: {precision!r})"
+        raise ConfigError(f"{how} with train.strategy={strategy}: FSDP in Fabric runs in 32-true, bf16-mixed, bf16-true "
+                          f"or 16-true, without the fp16 gradient scaler. On GPUs without bf16 (a T4, a V100) use "
+                          f"train.strategy=ddp, or train.precision=32-true")
 
 # %% ../nbs/10a_distributed.ipynb #321384ef
-def block_classes(model:nn.Module) -> tuple[type, ...]:
-    "The module classes FSDP shards one by one: a Hugging Face model's `_no_split_modules`, else the layers of any `nn.ModuleList` of identical modules."
+def tied_names(model:nn.Module) -> dict[str, str]:
+    "Parameters that are another parameter (tied weights): name → the name kept. Take it before sharding."
+    groups = {}
+    for n, p in unwrap_model(model).named_parameters(remove_duplicate=False): groups.setdefault(id(p), []).append(n)
+    return {n: g[0] for g in groups.values() for n in g[1:]}
+
+def find_blocks(model:nn.Module, tied:dict|None=None) -> list[nn.Module]:
+    """The modules FSDP shards one by one: those whose class a Hugging Face model names in `_no_split_modules`, else
+    the layers of every `nn.ModuleList` of two or more identical modules. Blocks that share a tied weight with the
+    rest of the model (`tied`, from `tied_names`) are left to the root."""
     m = unwrap_model(model)
     names = set(getattr(m, '_no_split_modules', None) or ())
-    if names: return tuple({type(x) for x in m.modules() if type(x).__name__ in names})
-    return tuple({type(x[0]) for x in m.modules() if isinstance(x, nn.ModuleList) and len(x) > 1 and len({type(c) for c in x}) == 1})
+    if names: found = [(n, x) for n, x in m.named_modules() if type(x).__name__ in names]
+    else: found = [(f'{n}.{i}' if n else str(i), c) for n, x in m.named_modules()
+                   if isinstance(x, nn.ModuleList) and len(x) > 1 and len({type(c) for c in x}) == 1 for i, c in enumerate(x)]
+    found = [(n, x) for n, x in found if not any(n == p or n.startswith(p + '.') for p, _ in found if p != n)]  # outermost only
+    inside = lambda name, block: name.startswith(block + '.')
+    pairs = list((tied or {}).items())
+    return [x for n, x in found if not any(inside(a, n) != inside(b, n) for a, b in pairs)]
 
 # %% ../nbs/10a_distributed.ipynb #1f7c0527
 def shard_model(model:nn.Module, mesh, param_dtype:torch.dtype|None=None) -> nn.Module:
@@ -59,9 +73,10 @@ def shard_model(model:nn.Module, mesh, param_dtype:torch.dtype|None=None) -> nn.
     dp = mesh['data_parallel'] if 'data_parallel' in (mesh.mesh_dim_names or ()) else mesh
     kw = dict(mesh=dp)
     if param_dtype is not None: kw['mp_policy'] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    classes = block_classes(model)
-    for mod in list(model.modules()):
-        if classes and isinstance(mod, classes): fully_shard(mod, **kw)
+    blocks = find_blocks(model, tied_names(model))
+    if not blocks: warnings.warn(f"FSDP: no repeated blocks found in {type(unwrap_model(model)).__name__}, so the whole model is one "
+                                 f"unit: its states are sharded, but every process gathers all of its weights for each pass")
+    for b in blocks: fully_shard(b, **kw)
     fully_shard(model, **kw)
     return model
 
@@ -81,12 +96,6 @@ def is_sharded(model:nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in unwrap_model(model).parameters())
 
 # %% ../nbs/10a_distributed.ipynb #73b3751e
-def tied_names(model:nn.Module) -> dict[str, str]:
-    "Parameters that are another parameter (tied weights): name → the name kept. Take it before sharding."
-    groups = {}
-    for n, p in unwrap_model(model).named_parameters(remove_duplicate=False): groups.setdefault(id(p), []).append(n)
-    return {n: g[0] for g in groups.values() for n in g[1:]}
-
 def _full(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(full_state_dict=True, **kw)

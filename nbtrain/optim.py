@@ -84,12 +84,23 @@ class LRSchedule:
         ramp = max(1, self.warmup)  # from the old schedule to the new one, over a warmup's length
         return self.start_value + (target - self.start_value) * min(1.0, (step - self.start + 1) / ramp)
 
-    def extend(self, step:int, total:int) -> bool:
-        "Make the schedule end at `total`, reaching the new schedule from its value at `step` over a warmup's length. True if it changed."
-        if total == self.total: return False
-        if self.start_value is None and step < self.warmup: self.total = total  # still warming up: the warmup goes on as it was
-        else: self.start, self.start_value, self.total = step, self(step), total
+    SETTINGS = ('total', 'warmup', 'name', 'min_ratio')
+    def settings(self) -> dict: return {k: getattr(self, k) for k in self.SETTINGS}
+
+    def adopt(self, step:int, **settings) -> bool:
+        """Change settings (`total`, `warmup`, `name`, `min_ratio`) from `step` on: the rate goes from its value at
+        `step` to the new schedule over the new warmup's length. A warmup in progress goes on as it was. True if anything changed."""
+        new = {k: v for k, v in settings.items() if getattr(self, k) != v}
+        if not new: return False
+        SCHEDULERS.get(new.get('name', self.name))
+        if self.start_value is None and step < self.warmup: new.pop('warmup', None)
+        else: self.start, self.start_value = step, self(step)
+        for k, v in new.items(): setattr(self, k, v)
         return True
+
+    def extend(self, step:int, total:int) -> bool:
+        "Make the schedule end at `total` (see `adopt`)."
+        return self.adopt(step, total=total)
 
 def build_scheduler(optimizer:torch.optim.Optimizer, cfg, total_steps:int) -> torch.optim.lr_scheduler.LambdaLR:
     "A `LambdaLR` stepping once per optimizer step, from a `ScheduleConfig`."

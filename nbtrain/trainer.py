@@ -33,7 +33,7 @@ from .distributed import (check_strategy, is_sharded_strategy, fsdp_strategy, ti
 from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANIFEST, RunLock, RunLockedError
 
 # %% auto #0
-__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'FitResult', 'Trainer', 'run_differences', 'train']
+__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'CLOCK', 'FitResult', 'Trainer', 'run_differences', 'train']
 
 # %% ../nbs/11_trainer.ipynb #11a756d8
 @dataclass
@@ -61,7 +61,7 @@ class Trainer:
         info = device_info()
         acc = resolve_accelerator(t.accelerator, info)
         self.precision = resolve_precision(t.precision, acc, info)
-        check_strategy(t.strategy, self.precision)  # before any process starts
+        check_strategy(t.strategy, self.precision, t.precision)  # before any process starts
         self.sharded = is_sharded_strategy(t.strategy)
         self.fabric = Fabric(accelerator=acc, devices=t.devices, strategy=fsdp_strategy(self.precision) if self.sharded else t.strategy,
                              num_nodes=t.num_nodes,
@@ -73,7 +73,8 @@ class Trainer:
 
         self.run_dir = self._run_path(run_dir)
         self._check_same_run(resume)  # before anything is written: a different model must not take over a run's folder
-        self._check_lock()            # nor a second session while another one trains there
+        self.lock = RunLock(self.run_dir)
+        self._lock_run(write=False)   # nor a second session while another one trains there
         with self.fabric.rank_zero_first(local=True):  # the first process fills the tokenization cache, the others reuse it
             # a run folder that exists already (a resumed run) gives back its saved tokenizer; a new one is only
             # written once setup has succeeded, so a bad configuration leaves nothing behind
@@ -354,19 +355,21 @@ def _check_same_run(self:Trainer, resume=None):
                           f"{what}. Choose another run name (name) for a new run, or set the values back to resume it")
 
 @patch
-def _check_lock(self:Trainer):
-    "Refuse a run folder another live session trains in (see `RunLock`): decided by the first process, for all of them."
-    self.lock = RunLock(self.run_dir)
-    err = None
+def _lock_run(self:Trainer, write:bool):
+    "Refuse a run folder another live session trains in (see `RunLock`), or take it (`write`): decided by the first process, for all."
+    err, take_over = None, self.cfg.checkpoint.take_over
     if self.is_global_zero:
-        try: self.lock.check(self.cfg.checkpoint.take_over)
+        try:
+            if not write: self.lock.check(take_over)
+            elif notice := self.lock.acquire(take_over): warnings.warn(notice)
         except RunLockedError as e: err = str(e)
     if (err := self.fabric.broadcast(err, src=0)) is not None: raise RunLockedError(err)
+    self._lock_taken = write
 
 @patch
 def _write_run_files(self:Trainer):
+    self._lock_run(write=True)  # the last check, then the lock file: the run folder is ours from here
     if not self.is_global_zero: return
-    if notice := self.lock.acquire(self.cfg.checkpoint.take_over): warnings.warn(notice)
     d = self.run_dir
     d.mkdir(parents=True, exist_ok=True)
     tok = self.data.tokenizer
@@ -468,6 +471,14 @@ def _evaluate(self:Trainer):
 @patch
 def fit(self:Trainer) -> FitResult:
     "Train until a stopping rule fires (resuming from a checkpoint first, if there is one); returns a `FitResult`."
+    if not self._lock_taken: self._lock_run(write=True)  # a second `fit` of this trainer
+    try: return self._fit()
+    finally:
+        self.lock.release()  # also when evaluation, a checkpoint or final/ fails after the loop
+        self._lock_taken = False
+
+@patch
+def _fit(self:Trainer) -> FitResult:
     t, cb = self.cfg.train, self.callbacks
     self._t0 = time.monotonic()
     resumed = self._resume()
@@ -510,7 +521,6 @@ def fit(self:Trainer) -> FitResult:
     except BaseException as e:
         self.ckpt.wait()  # let a checkpoint being written complete
         cb.fire('on_exception', self, e)
-        self.lock.release()
         raise
     interrupted = self._stop_signal is not None or self.stop_reason.startswith('interrupted')
     if self._last_eval_step != self.step and not interrupted: self._evaluate()
@@ -523,7 +533,6 @@ def fit(self:Trainer) -> FitResult:
     summary = f"{self.stop_reason or 'stopped'}" + (f"; val_loss {self.last_eval['val_loss']:.4f}" if self.last_eval else '')
     cb.fire('on_alert', self, 'Training finished', f"{self.run_dir}: {summary}", 'info')
     cb.fire('on_fit_end', self)
-    self.lock.release()
     self.fabric.barrier()
     return FitResult(self.run_dir, self.step, self.epoch, self.first_eval, self.last_eval, self.last_log,
                      self.stop_reason or 'stopped', self.elapsed_s, list(cb.failures))
@@ -531,15 +540,34 @@ def fit(self:Trainer) -> FitResult:
 # %% ../nbs/11_trainer.ipynb #938695a9
 @patch
 def _stopping(self:Trainer) -> bool:
-    if self.lock.lost and self.fabric.world_size == 1:  # another session took the folder over: write nothing more
+    clock = self._clock()
+    if clock['lost']:  # another session took the folder over: write nothing more
         raise RunLockedError(f"Another session took over run folder {self.run_dir} (checkpoint.take_over) while this one "
                              f"trained: stopping at step {self.step} without writing more. Its newest checkpoint is at step "
                              f"{self._last_ckpt_step}")
-    if self._stop_signal: self.stop_reason = f'interrupted by {self._stop_signal} at step {self.step}'
+    if clock['stop']: self.stop_reason = f'interrupted by {self._stop_signal or "a stop request"} at step {self.step}'
     elif self.step_capped and self.step >= self.total_steps: self.stop_reason = f'reached {self.total_steps} steps'
-    elif self._deadline and time.monotonic() >= self._deadline: self.stop_reason = f'reached max_time={self.cfg.train.max_time} min'
+    elif clock['deadline']: self.stop_reason = f'reached max_time={self.cfg.train.max_time} min'
     elif self.should_stop: self.stop_reason = self.stop_reason or f'stopped by a callback at step {self.step}'
     return bool(self.stop_reason)
+
+CLOCK = ('save', 'deadline', 'stop', 'lost')
+
+@patch
+def _clock(self:Trainer) -> dict[str, bool]:
+    """The decisions that read the clock or a signal: a checkpoint every few minutes, the `max_time` deadline, a stop
+    request (Ctrl-C, SIGTERM, a Stop button), a run lock taken over. One process decides them at every step. Several
+    processes agree on them at logging steps, with one small all-reduce where the loss is read anyway: a process that
+    saved or stopped on its own would leave the others waiting in a collective for ever."""
+    now, c, f = time.monotonic(), self.cfg.checkpoint, self.fabric
+    flags = [bool(c.every_minutes and now - self._last_ckpt_t >= c.every_minutes * 60),
+             bool(self._deadline and now >= self._deadline), bool(self._stop_signal), self.lock.lost]
+    if f.world_size > 1:
+        if getattr(self, '_clock_at', None) == self.step: return self._clock_flags
+        if self.step % self.cfg.train.log_every and self.step != self.total_steps: flags = [False] * len(CLOCK)
+        else: flags = [x > 0 for x in f.all_reduce(torch.tensor(flags, dtype=torch.float32, device=f.device), reduce_op='sum').tolist()]
+        self._clock_at, self._clock_flags = self.step, dict(zip(CLOCK, flags))
+    return dict(zip(CLOCK, flags))
 
 @patch
 def _new_window(self:Trainer):
@@ -636,7 +664,7 @@ def save_checkpoint(self:Trainer, reason:str='', pinned:bool=False) -> Path|None
 def _checkpoint_due(self:Trainer, epoch_end:bool) -> str:
     c = self.cfg.checkpoint
     if c.every_steps and self.step % c.every_steps == 0: return 'every_steps'
-    if c.every_minutes and time.monotonic() - self._last_ckpt_t >= c.every_minutes * 60: return 'every_minutes'
+    if c.every_minutes and self._clock()['save']: return 'every_minutes'
     if c.on_epoch_end and epoch_end: return 'epoch_end'
     return ''
 
@@ -689,7 +717,8 @@ def _resume(self:Trainer) -> bool:
     ck = self.ckpt.load(info)
     st = ck['state']
     load_full_state(self.model, self.optimizer, ck['model'], st['optimizer'])  # sharded or not, whichever wrote it
-    self.scheduler.load_state_dict(st['scheduler'])
+    wanted = self.scheduler.lr_lambdas[0].settings() if isinstance(self.scheduler.lr_lambdas[0], LRSchedule) else {}
+    self.scheduler.load_state_dict(st['scheduler'])  # an LRSchedule's settings come back too
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
     if scaler is not None and st.get('scaler'): scaler.load_state_dict(st['scaler'])
     s = loader_sampler(self.train_loader)[0]
@@ -704,13 +733,16 @@ def _resume(self:Trainer) -> bool:
     self.step, self._elapsed_before, self._last_eval_step = int(tr['step']), float(tr['elapsed_s']), int(tr['last_eval_step'])
     self.first_eval, self.last_eval = tr['first_eval'] or None, tr['last_eval'] or None
     sched, lr = self.scheduler.lr_lambdas[0], self.optimizer.param_groups[0]['lr']
-    planned = getattr(sched, 'total', None)
-    if isinstance(sched, LRSchedule) and sched.extend(self.step, self.total_steps) and self.is_global_zero:
-        print(f"The learning-rate schedule was planned for {planned} steps and now ends at {self.total_steps}: the rate "
-              f"goes from {lr:.3g} to the new schedule over {max(1, sched.warmup)} steps (a warmup, not a jump)")
+    note = ''
+    if isinstance(sched, LRSchedule):  # the run's schedule came back with the checkpoint: this config's may differ
+        was = sched.settings()
+        if sched.adopt(self.step, **wanted):
+            what = ', '.join(f"{k} {was[k]} -> {v}" for k, v in wanted.items() if was[k] != v)
+            how = f"over {sched.warmup} steps (a warmup, not a jump)" if sched.warmup else "at once (no warmup is set)"
+            note = f"\nThe learning-rate schedule changed ({what}): the rate goes from {lr:.3g} to the new schedule {how}"
     self._last_ckpt_step = self.step
     self._truncate_metrics(self.step)
-    if self.is_global_zero: print(f"Resumed from {ck['path']} at step {self.step}")
+    if self.is_global_zero: print(f"Resumed from {ck['path']} at step {self.step}{note}")
     return True
 
 @patch

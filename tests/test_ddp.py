@@ -82,3 +82,19 @@ def test_checkpoints_resume_across_fsdp_and_one_process(runs):
         worst = max_diff(weights(runs, 'single'), weights(runs, name))
         assert worst < 1e-5, f'{name}: weights differ from the uninterrupted run by up to {worst:.2e}'
         assert [x['step'] for x in logged(runs, name)] == [2, 4, 6]
+
+def test_clock_decisions_agree_across_processes(tmp_path):
+    "Checkpoints by the clock and the max_time deadline are agreed by all processes (one saving or stopping alone would hang)."
+    for strategy in ('fsdp', 'ddp'):
+        env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+        r = subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(tmp_path), '--name', strategy,
+                            '--data.corpus_size', '80', '--data.seq_len', '32', '--train.micro_batch_size', '8',
+                            '--train.devices', '2', '--train.strategy', strategy, '--train.accelerator', 'cpu',
+                            '--train.progress_bar', 'false', '--train.log_every', '3', '--train.max_steps', '100000',
+                            '--train.max_time', '0.08', '--checkpoint.every_minutes', '0.002', '--checkpoint.every_steps', '100000'],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert 'reached max_time=0.08 min' in r.stdout
+        ck = [p for p in (tmp_path/strategy/'checkpoints').iterdir() if p.name.startswith('step-')]
+        steps = sorted(int(p.name.split('-')[1]) for p in ck)
+        assert steps and all(s % 3 == 0 for s in steps[:-1]), steps  # decided at logging steps (the last one: at the end)
