@@ -24,6 +24,9 @@ __all__ = ['SIZES', 'ModelOutputError', 'ModelOutput', 'unwrap_model', 'call_mod
 class ModelOutputError(TaskError, TypeError):
     "A model returned something that has no logits nbtrain can find."
 
+def _is_scalar(x) -> bool: return isinstance(x, Tensor) and x.numel() == 1 and x.is_floating_point()
+def _is_aux(k, v) -> bool: return isinstance(k, str) and k != 'loss' and k.endswith('_loss') and _is_scalar(v)
+
 @dataclass
 class ModelOutput:
     "What every model call turns into: logits plus the optional extras a model may return."
@@ -31,6 +34,12 @@ class ModelOutput:
     loss: Tensor|None = None
     hidden_states: object = None
     attentions: object = None
+    aux_losses: dict|None = None  # extra scalar loss terms the model returned, by name
+
+    @property
+    def aux_loss(self) -> Tensor|None:
+        "The sum of the auxiliary losses, or None when the model returned none."
+        return sum(self.aux_losses.values()) if self.aux_losses else None
 
     @classmethod
     def from_raw(cls, raw) -> ModelOutput:
@@ -42,12 +51,15 @@ class ModelOutput:
                 raise ModelOutputError(f"The model returned a {type(raw).__name__} without 'logits' (keys: "
                     f"{', '.join(map(str, raw.keys())) or 'none'}). nbtrain needs a model head that outputs logits, "
                     f"for example AutoModelForCausalLM rather than AutoModel.")
-            return cls(raw['logits'], raw.get('loss'), raw.get('hidden_states'), raw.get('attentions'))
+            aux = {str(k): v for k, v in raw.items() if _is_aux(k, v)}
+            return cls(raw['logits'], raw.get('loss'), raw.get('hidden_states'), raw.get('attentions'), aux or None)
         if isinstance(raw, (tuple, list)):
             t = next((x for x in raw if isinstance(x, Tensor)), None)
             if t is None: raise ModelOutputError(f"The model returned a {type(raw).__name__} with no tensor in it "
                 f"(element types: {', '.join(type(x).__name__ for x in raw) or 'empty'}); expected logits first.")
-            return cls(t)
+            rest = [x for x in raw[next(i for i, x in enumerate(raw) if x is t) + 1:] if _is_scalar(x)]
+            aux = {('aux_loss' if len(rest) == 1 else f'aux_loss_{i}'): x for i, x in enumerate(rest)}
+            return cls(t, aux_losses=aux or None)
         raise ModelOutputError(f"The model returned a {type(raw).__module__}.{type(raw).__qualname__}; expected a "
             f"logits Tensor, a tuple/list whose first tensor is the logits, a dict with 'logits', or a ModelOutput.")
 
