@@ -177,6 +177,7 @@ class TaskConfig(Section):
     num_labels: int|None = opt(None, "Number of classes (default: from the data)", ge=1)
     mlm_probability: float = opt(0.15, "Fraction of tokens masked for masked_lm", gt=0.0, lt=1.0)
     fused_loss: bool = opt(True, "Cross-entropy over large 16-bit logits (language-model heads) in chunks, its gradient computed in the forward pass: the same loss in about 2.5x less memory")
+    aux_loss_weight: float = opt(1.0, "Weight of the auxiliary losses a model returns beside its logits (a tuple's extra scalars, *_loss entries, Hugging Face's aux_loss), added to the task loss; 0 ignores them", ge=0.0)
 
     def check(self):
         if self.class_weights is not None:

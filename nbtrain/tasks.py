@@ -76,11 +76,13 @@ class Task:
     expects = 'logits [N, C] and labels [N]'      # for error messages
 
     def __init__(self, ignore_index:int=-100, label_smoothing:float=0.0, class_weights=None, num_labels:int|None=None,
-                 fused_loss:bool=True):
+                 fused_loss:bool=True, aux_loss_weight:float=1.0):
         if not 0 <= label_smoothing < 1:
             raise ConfigError(f"task.label_smoothing={label_smoothing}: must be in [0, 1), for example 0.1")
         if num_labels is not None and num_labels < 1:
             raise ConfigError(f"task.num_labels={num_labels}: must be at least 1")
+        if not (isinstance(aux_loss_weight, (int, float)) and aux_loss_weight >= 0):
+            raise ConfigError(f"task.aux_loss_weight={aux_loss_weight!r}: give a number >= 0 (1.0 adds the model's auxiliary losses as they are, 0 ignores them)")
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32).detach().cpu().flatten()
             if (class_weights < 0).any(): raise ConfigError(f"task.class_weights={class_weights.tolist()} has a negative weight: weights must be >= 0")
@@ -89,6 +91,7 @@ class Task:
         self.ignore_index, self.label_smoothing = int(ignore_index), float(label_smoothing)
         self.class_weights, self.num_labels, self._w = class_weights, num_labels, {}
         self.fused_loss = bool(fused_loss)  # large 16-bit logits through `cross_entropy_sum` in chunks
+        self.aux_loss_weight = float(aux_loss_weight)
 
     def __repr__(self):
         extra = ''.join(f", {k}={v}" for k, v in [('label_smoothing', self.label_smoothing), ('num_labels', self.num_labels)] if v)
@@ -169,9 +172,23 @@ class Task:
         return self._loss_sum(*self.pair(output, batch))
 
     def loss(self, output, batch:Mapping[str, Tensor]) -> Tensor:
-        "Mean loss of one batch: `loss_sum / num_targets` (what PyTorch's `reduction='mean'` gives)."
+        "Mean loss of one batch: `loss_sum / num_targets` (what PyTorch's `reduction='mean'` gives), plus the weighted auxiliary losses."
         logits, y = self.pair(output, batch)
-        return self._loss_sum(logits, y) / self._count(y)
+        loss = self._loss_sum(logits, y) / self._count(y)
+        aux = self.aux_loss(output)
+        return loss if aux is None else loss + self.aux_loss_weight * aux
+
+    def aux_loss(self, output) -> Tensor|None:
+        "The model's auxiliary losses (summed, float32, unweighted), or None when it returned none or `aux_loss_weight` is 0."
+        aux = getattr(output, 'aux_loss', None)
+        return None if aux is None or not self.aux_loss_weight else aux.float().reshape(())
+
+    def objective_sum(self, output, batch:Mapping[str, Tensor]) -> Tensor:
+        """What training minimises, as a sum to divide by the accumulated `num_targets`: `loss_sum` plus the weighted
+        auxiliary loss times this batch's targets, so each micro-batch's auxiliary loss counts by its share of the targets."""
+        logits, y = self.pair(output, batch)
+        s, aux = self._loss_sum(logits, y), self.aux_loss(output)
+        return s if aux is None else s + self.aux_loss_weight * aux * self._count(y)
 
     def eval_stats(self, output, batch:Mapping[str, Tensor]) -> dict[str, Tensor]:
         "0-dim tensors to sum over an eval set: `loss_sum`, `weight` (= `num_targets`), `correct`, `count` (int64)."
@@ -320,7 +337,7 @@ class Seq2Seq(Task):
         if not (logits.ndim == 3 and logits.shape[:2] == y.shape): self._bad(logits, y)
 
 # %% ../nbs/07_tasks.ipynb #8fff494f
-_CFG_FIELDS = ('ignore_index', 'label_smoothing', 'class_weights', 'num_labels', 'fused_loss')
+_CFG_FIELDS = ('ignore_index', 'label_smoothing', 'class_weights', 'num_labels', 'fused_loss', 'aux_loss_weight')
 
 def build_task(task_cfg=None, **overrides) -> Task:
     "The registered `Task` named by `task_cfg.name`, set up from its fields (`TaskConfig`-like, a dict or a name)."
