@@ -1,4 +1,4 @@
-"""`nbtrain train`, `nbtrain config`: the same engine as the notebooks, from a terminal or a script
+"""`nbtrain train`, `nbtrain config`, `nbtrain check`: the same engine as the notebooks, from a terminal, a script or CI
 
 Docs: https://nbtrain.github.io/nbtrain/cli.html.md"""
 
@@ -6,17 +6,19 @@ Docs: https://nbtrain.github.io/nbtrain/cli.html.md"""
 
 # %% ../nbs/12_cli.ipynb #b9bd0b21
 from __future__ import annotations
-import argparse, sys
+import argparse, json, os, sys
+from pathlib import Path
 import yaml
 from . import __version__
 from .config import PRESETS, DEFAULT_PRESET, load_config, redact, describe_fields
-from .errors import NbtrainError
+from .errors import NbtrainError, ConfigError, ModelLoadError, did_you_mean
 
 # %% auto #0
-__all__ = ['COMMANDS', 'cmd_train', 'cmd_config', 'main']
+__all__ = ['COMMANDS', 'QUICK_SETTINGS', 'cmd_train', 'cmd_config', 'main', 'parse_tiers', 'code_file', 'CheckCommand']
 
 # %% ../nbs/12_cli.ipynb #7a3fd4ca
 COMMANDS = {  # name: ('module:object', help)
+    'check': ('nbtrain.cli:CheckCommand', 'run the model checks (tiers 1 and 2) and write a report; exit status 1 when one fails'),
     'search': ('nbtrain.hpo:SearchCommand', 'hyperparameter search with Optuna that survives disconnects'),
     'export': ('nbtrain.export:ExportCommand', "export a run's model (safetensors, TorchScript, ONNX) with parity checks"),
     'push': ('nbtrain.hub:PushCommand', "publish a run's model to the Hugging Face Hub with a model card"),
@@ -95,6 +97,149 @@ def main(argv:list[str]|None=None) -> int:
     except NbtrainError as e:
         print(f"nbtrain {command or ''}: error: {e}", file=sys.stderr)
         return 2
+
+# %% ../nbs/12_cli.ipynb #4e7b86fc
+def parse_tiers(value) -> tuple[int, ...]:
+    "`'1,2'` (or `'1'`, `'2'`, `'2,1'`) as the sorted tiers of model checks to run; anything else is an error saying what works."
+    from nbtrain.validate import CHECKS
+    known = sorted({f.tier for f in CHECKS.values()})
+    parts = [x.strip() for x in str(value).replace(' ', ',').split(',') if x.strip()]
+    bad = [x for x in parts if not x.isdigit() or int(x) not in known]
+    if bad or not parts:
+        what = ' and '.join(f"{t} ({', '.join(n for n, f in CHECKS.items() if f.tier == t)})" for t in known)
+        raise ConfigError(f"--tiers={value!r}: {f'there is no tier {bad[0]!r}' if bad else 'no tier given'}. "
+                          f"The tiers are {what}: give one or both, comma-separated, e.g. --tiers 1 or --tiers 1,2.")
+    return tuple(sorted({int(x) for x in parts}))
+
+# %% ../nbs/12_cli.ipynb #59870afb
+def code_file(source) -> Path|None:
+    "The `model.py` that loading `source` would execute: a file export (its folder, model.py or config.json) or a run's `final/`."
+    p = Path(str(source)).expanduser()
+    if p.is_file() and p.suffix == '.py': return p
+    if p.name == 'config.json' and (p.parent/'model.py').is_file(): return p.parent/'model.py'
+    for d in (p, p/'final'):
+        if d.is_dir() and (d/'model.py').is_file(): return d/'model.py'
+    return None
+
+# %% ../nbs/12_cli.ipynb #01c6830e
+QUICK_SETTINGS = dict(overfit_steps=30, speed_seconds=0.2, memory_batch_sizes=(1, 2))
+
+def _positive(kind):
+    "An argparse type: a positive `kind` (int or float), with a message naming the bad value."
+    def parse(s):
+        try: v = kind(s)
+        except ValueError: v = None
+        if v is None or not v > 0: raise argparse.ArgumentTypeError(f"{s!r} is not a positive {'whole number' if kind is int else 'number'}")
+        return v
+    return parse
+
+def _device(s:str|None):
+    if s is None: return None
+    import torch
+    try: d = torch.device(s)
+    except (RuntimeError, ValueError): raise ConfigError(f"--device={s!r} is not a device: use cpu, cuda, cuda:1 or mps.") from None
+    if d.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f"--device={s!r}: this machine has no CUDA GPU; use --device cpu (or leave --device out).")
+    if d.type == 'mps' and not torch.backends.mps.is_available(): raise ConfigError(f"--device={s!r}: MPS is not available here; use --device cpu.")
+    return d
+
+def _names(s:str|None) -> list[str]: return [x.strip() for x in s.split(',') if x.strip()] if s else []
+
+def _save_report(report, out:Path) -> Path:
+    "`report.save(out)`, after removing the plots of an earlier report there (listed in its report.json), so none is left stale."
+    try: old = json.loads((out/'report.json').read_text())
+    except (OSError, ValueError): old = {}
+    for c in old.get('checks', []) if isinstance(old, dict) else []:
+        for f in c.get('figures') or []:
+            if isinstance(f, str) and f.endswith('.png') and Path(f).name == f: (out/f).unlink(missing_ok=True)
+    return report.save(out)
+
+# %% ../nbs/12_cli.ipynb #50f7521d
+class CheckCommand:
+    "`nbtrain check MODEL`: the tier 1 and 2 model checks from a shell; writes the report, exits 1 when a check fails."
+    help = COMMANDS['check'][1]
+
+    def add_arguments(self, p):
+        def add(*names, **kw):
+            self.options = [*getattr(self, 'options', []), *(n for n in names if n.startswith('--'))]
+            p.add_argument(*names, **kw)
+        add('model', metavar='MODEL', help="a reference model (gpt, encoder_classifier, vit), a model.py + config.json folder, "
+            "hf:MODEL_TYPE, a Hugging Face model folder, or a run's final/ folder")
+        add('--tiers', default='1,2', metavar='LIST', help='check tiers to run: 1, 2 or 1,2 (default 1,2)')
+        add('--trust-code', action='store_true', help="allow running MODEL's model.py (a file export needs it)")
+        add('--task', metavar='NAME', help='the task the model does (default: inferred from its outputs)')
+        add('--out', default='model_report', metavar='DIR', help='folder for report.md, report.json and the plots (default model_report)')
+        add('--fail-on', choices=['fail', 'warn'], default='fail',
+            help='exit 1 when a check fails or crashes (fail, the default), or also when one warns (warn)')
+        add('--quick', action='store_true', help=f"a fast run: {QUICK_SETTINGS['overfit_steps']} overfitting steps, "
+            f"{QUICK_SETTINGS['speed_seconds']} s of timing, memory at batch sizes 1 and 2")
+        add('--batch-size', type=_positive(int), metavar='N', help='batch size of the test batches (default 4)')
+        add('--seq-len', type=_positive(int), metavar='N', help="sequence length of the test batches (default 64, at most the model's)")
+        add('--overfit-steps', type=_positive(int), metavar='N', help='steps of the overfit check (default 100; 30 with --quick)')
+        add('--speed-seconds', type=_positive(float), metavar='S', help='seconds the speed check times the model (default 2; 0.2 with --quick)')
+        add('--checks', metavar='LIST', help='run only these checks, comma-separated (instead of --tiers)')
+        add('--skip', metavar='LIST', help='checks to leave out, comma-separated')
+        add('--device', metavar='DEV', help='cpu, cuda, cuda:1 or mps (default: the GPU when there is one)')
+
+    def _validated(self, args, rest):
+        "What the run needs, from `args`; every mistake is a `ConfigError` or `ModelLoadError` naming the option and the value."
+        if rest:
+            if not hasattr(self, 'options'): self.add_arguments(argparse.ArgumentParser())  # the options, for the hint
+            hint = did_you_mean(rest[0].split('=')[0], self.options) if rest[0].startswith('-') else ''
+            raise ConfigError(f"nbtrain check does not take {' '.join(rest)!r}.{hint} It takes one MODEL and the options "
+                              f"{', '.join(self.options)} (see nbtrain check --help).")
+        from nbtrain.validate import select_checks
+        from nbtrain.tasks import build_task
+        tiers = parse_tiers(args.tiers)
+        try: selected = select_checks(tiers, _names(args.checks), _names(args.skip))
+        except ConfigError as e: raise ConfigError(f"--checks/--skip: {e}") from None
+        if not selected: raise ConfigError(f"--skip={args.skip!r} leaves no check to run in tiers {args.tiers}.")
+        if args.task:
+            try: build_task(args.task)
+            except NbtrainError as e: raise ConfigError(f"--task={args.task!r}: {e}") from None
+        device = _device(args.device)
+        out = Path(args.out).expanduser()
+        near = next(p for p in (out, *out.parents) if p.exists())  # the folder is made when the report is written
+        if not near.is_dir() or not os.access(near, os.W_OK):
+            raise ConfigError(f"--out={args.out!r}: {near} is {'a file' if not near.is_dir() else 'not writable'}; give a folder the report can go in.")
+        code = code_file(args.model)
+        if code is not None and not args.trust_code:
+            raise ModelLoadError(f"MODEL={args.model!r} is Python code: checking it runs {code}. If you trust that file, "
+                                 f"pass --trust-code (nbtrain check {args.model} --trust-code).")
+        settings = {**(QUICK_SETTINGS if args.quick else {}),
+                    **{k: v for k in ('batch_size', 'seq_len', 'overfit_steps', 'speed_seconds') if (v := getattr(args, k)) is not None}}
+        return tiers, selected, device, out, settings
+
+    def _load(self, args):
+        from nbtrain.loading import resolve_model
+        try: return resolve_model(args.model, trust_code=args.trust_code, task=args.task)
+        except NbtrainError as e:
+            if 'trust_code' in str(e) and not args.trust_code: raise ModelLoadError(f"{e} On the command line: pass --trust-code.") from None
+            raise
+        except Exception as e: raise ModelLoadError(f"Cannot load MODEL={args.model!r}: {type(e).__name__}: {e}") from None
+
+    def run(self, args, rest) -> int:
+        from nbtrain.validate import run_checks
+        tiers, selected, device, out, settings = self._validated(args, rest)
+        what = f"checks {', '.join(selected)}" if args.checks else f"tier{'s' * (len(tiers) > 1)} {', '.join(map(str, tiers))}"
+        print(f"nbtrain {__version__} check {args.model}: {what}{' (quick)' if args.quick else ''}", flush=True)
+        loaded = self._load(args)
+        print(f"model: {loaded.info.get('class', type(loaded.module).__name__)} ({loaded.info.get('n_params', 0)/1e6:.2f}M "
+              f"parameters, {loaded.kind})", flush=True)
+        try: report = run_checks(loaded, tiers, task=args.task, checks=selected, device=device, verbose=True, **settings)
+        except TypeError as e:  # run_checks re-raises a TypeError from building the test batch: the model cannot be called so
+            raise ModelLoadError(f"Cannot call MODEL={args.model!r} with a test batch: {e}. Pass --task if the task was guessed wrong.") from None
+        bad = ('fail', 'error', 'warn') if args.fail_on == 'warn' else ('fail', 'error')
+        status = int(any(r.status in bad for r in report))
+        report.info['check_command'] = dict(tiers=list(tiers), checks=selected, fail_on=args.fail_on, quick=args.quick,
+                                            settings=settings, exit_status=status)
+        try: _save_report(report, out)
+        except OSError as e: raise ConfigError(f"--out={args.out!r}: cannot write the report there ({e}).") from None
+        for r in report:
+            if r.status in ('warn', 'fail', 'error'): print(f"{'FAILED' if r.status in bad else 'warning'}: {r}")
+        print(f"summary: {report.headline()} -> {'FAILED' if status else 'passed'} (--fail-on {args.fail_on})")
+        print(f"report: {out/'report.md'}, {out/'report.json'}" + (f", {len(report.figures)} plots" if report.figures else ''))
+        return status
 
 # %% ../nbs/12_cli.ipynb #62530425
 if __name__ == "__main__": sys.exit(main())  # python -m nbtrain.cli (not run in the notebook)
