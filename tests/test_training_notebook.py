@@ -47,8 +47,9 @@ def test_notebook_is_clean_and_parametrised():
     src = ''.join(tagged[0]['source'])
     for name in ('run_name', 'preset', 'use_drive', 'use_wandb', 'overrides', 'train_now'): assert f'\n{name} = ' in '\n' + src
     pip = [''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code' and "'pip'" in ''.join(c['source'])]
-    assert len(pip) == 1 and "'nbtrain[train]'" in pip[0]
+    assert len(pip) == 1 and "pip_install(f'nbtrain[train]>={nbtrain_version}')" in pip[0]
     assert not any(w in pip[0] for w in ('torch', 'numpy', '--upgrade', '-U'))  # never replaces Colab's torch or numpy
+    # running the cell in a fresh environment, from an index and from the release tag: tests/test_install_cells.py
 
 @pytest.mark.slow
 def test_trains_on_drive_with_the_run_folder_contract(tmp_path, monkeypatch):
