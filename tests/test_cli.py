@@ -92,3 +92,36 @@ def test_second_session_refused_while_a_run_trains_then_takes_over_when_it_is_go
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'Took over run folder' in r.stderr and 'that session is gone' in r.stderr
     assert f'Resumed from' in r.stdout and not (run/'.nbtrain-lock.json').exists()
+
+# `nbtrain check`: the model checks as a CI step. Tier 1 only, a quick run, one thread: a few seconds each.
+CHECK_QUICK = ['--tiers', '1', '--quick', '--batch-size', '2', '--seq-len', '16']
+ONE_THREAD = {'OMP_NUM_THREADS': '1'}
+
+def test_check_a_file_export_writes_the_report_and_exits_0(tmp_path):
+    out = tmp_path/'report'
+    r = nbtrain('check', str(FIXTURES/'gist_gpt'), '--trust-code', *CHECK_QUICK, '--out', str(out), env=ONE_THREAD)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads((out/'report.json').read_text())
+    assert rep['ok'] and rep['model']['source']['kind'] == 'file'
+    assert [c['tier'] for c in rep['checks']] == [1] * 9
+    assert (out/'report.md').read_text().startswith('# Model checks') and list(out.glob('*.png'))
+    for c in rep['checks']: assert f" {c['name']} " in r.stdout  # a line per check as it ran
+    assert 'summary:' in r.stdout and 'passed' in r.stdout
+
+def test_check_a_file_export_needs_trust_code(tmp_path):
+    r = nbtrain('check', str(FIXTURES/'gist_gpt'), *CHECK_QUICK, '--out', str(tmp_path/'report'), env=ONE_THREAD)
+    assert r.returncode == 2
+    assert 'pass --trust-code' in r.stderr and 'model.py' in r.stderr and 'Traceback' not in r.stderr
+    assert not (tmp_path/'report').exists()  # nothing ran, nothing written
+
+def test_check_a_faulty_model_exits_1_and_names_the_check(tmp_path):
+    out = tmp_path/'report'
+    r = nbtrain('check', str(FIXTURES/'faulty'/'dead_block'), '--trust-code', *CHECK_QUICK, '--out', str(out), env=ONE_THREAD)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'FAILED: gradient_flow [fail]' in r.stdout and 'Traceback' not in r.stderr
+    rep = json.loads((out/'report.json').read_text())
+    assert not rep['ok'] and rep['model']['check_command']['exit_status'] == 1
+
+def test_check_unknown_tier_is_a_user_error(tmp_path):
+    r = nbtrain('check', 'gpt', '--tiers', '1,3', '--out', str(tmp_path/'report'))
+    assert r.returncode == 2 and "--tiers='1,3': there is no tier '3'" in r.stderr and 'Traceback' not in r.stderr
