@@ -23,12 +23,12 @@ from .loading import LoadedModel, model_vocab_size, resolve_model
 from .tasks import Task, build_task, shift_tokens_right
 
 # %% auto #0
-__all__ = ['STATUSES', 'CHECKS', 'GIST_API', 'CheckResult', 'jsonable', 'max_positions', 'image_shape', 'input_embedding',
-           'input_kind', 'kept_modes', 'call_primary', 'infer_task', 'pick_device', 'Probe', 'check', 'shapes',
-           'causality', 'block_of', 'gradient_flow', 'first_nonfinite', 'output_stability', 'init_stats', 'memory',
-           'speed', 'overfit', 'determinism', 'AttentionMap', 'sdpa_probs', 'capture_attention', 'head_stats',
-           'attention', 'robustness', 'attribution', 'Report', 'select_checks', 'run_checks', 'ModelSummary',
-           'summarize', 'gist_id', 'fetch_gist']
+__all__ = ['STATUSES', 'CHECKS', 'CheckResult', 'jsonable', 'max_positions', 'image_shape', 'input_embedding', 'input_kind',
+           'kept_modes', 'call_primary', 'infer_task', 'pick_device', 'Probe', 'check', 'shapes', 'causality',
+           'block_of', 'gradient_flow', 'first_nonfinite', 'output_stability', 'init_stats', 'memory', 'speed',
+           'overfit', 'determinism', 'AttentionMap', 'sdpa_probs', 'capture_attention', 'head_stats', 'attention',
+           'robustness', 'attribution', 'Report', 'select_checks', 'run_checks', 'ModelSummary', 'summarize',
+           'GIST_API', 'gist_id', 'fetch_gist']
 
 # %% ../nbs/13_validate.ipynb #4a7324fd
 STATUSES = ('pass', 'warn', 'fail', 'error', 'skipped')
@@ -1375,44 +1375,5 @@ def summarize(model:nn.Module) -> ModelSummary:
                         str(ps[0].device) if ps else 'cpu', layers)
 
 # %% ../nbs/13_validate.ipynb #03934fb4
-GIST_API = 'https://api.github.com/gists/'
-
-def gist_id(gist:str) -> str:
-    "The ID of a gist from its ID or URL (https://gist.github.com/user/ID)."
-    s = str(gist).strip().rstrip('/')
-    gid = s.rsplit('/', 1)[-1].split('#')[0].split('?')[0]
-    if not re.fullmatch(r'[0-9a-fA-F]{5,40}', gid):
-        raise ModelLoadError(f"'{gist}' is not a gist ID or URL: a gist ID is the hexadecimal last part of its URL, "
-                             f"e.g. https://gist.github.com/user/1a2b3c4d5e6f...")
-    return gid
-
-def _get(url:str, timeout:float) -> bytes:
-    req = urllib.request.Request(url, headers={'Accept': 'application/vnd.github+json', 'User-Agent': 'nbtrain'})
-    with urllib.request.urlopen(req, timeout=timeout) as r: return r.read()
-
-def fetch_gist(gist:str, dest='.', *, files=('model.py', 'config.json'), timeout:float=15.0, api:str=GIST_API) -> Path:
-    "Download `files` of a gist (ID or URL) into `dest/<id>/`; returns that folder."
-    gid = gist_id(gist)
-    url = api.rstrip('/') + '/' + gid
-    try: meta = json.loads(_get(url, timeout))
-    except urllib.error.HTTPError as e:
-        if e.code == 404: raise ModelLoadError(f"No gist '{gid}' at {url} (HTTP 404): check the ID; secret gists work, deleted ones do not.") from e
-        if e.code in (403, 429): raise ModelLoadError(f"GitHub refused {url} (HTTP {e.code}, probably its rate limit of 60 "
-                                                      f"requests an hour without a token): wait, or download the files by hand.") from e
-        raise ModelLoadError(f"Fetching {url} failed: HTTP {e.code} {e.reason}") from e
-    except (urllib.error.URLError, TimeoutError, OSError) as e:
-        reason = getattr(e, 'reason', e)
-        raise ModelLoadError(f"Cannot reach {urllib.parse.urlsplit(url).netloc} ({reason}): no network? Download model.py and "
-                             f"config.json from the gist by hand into a folder and load that folder instead.") from e
-    have = meta.get('files') or {}
-    missing = [f for f in files if f not in have]
-    if missing: raise ModelLoadError(f"Gist {gid} has no {', '.join(missing)} (it has {format_choices(have) or 'no files'}): "
-                                     f"an export needs model.py and config.json.")
-    folder = Path(dest) / gid
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        entry = have[f]
-        content = entry.get('content')
-        if entry.get('truncated') or content is None: content = _get(entry['raw_url'], timeout).decode('utf-8')
-        (folder / f).write_text(content, encoding='utf-8')
-    return folder
+from .gist import GIST_API, gist_id, fetch_gist  # the gist client (retries, revisions, gist.json) lives in nbtrain.gist
+_all_ = ['GIST_API', 'gist_id', 'fetch_gist']
