@@ -6,21 +6,22 @@ Docs: https://nbtrain.github.io/nbtrain/legacy.html.md"""
 
 # %% ../nbs/19_legacy.ipynb #c385e27a
 from __future__ import annotations
-import math, time, warnings
+import math, re, time, warnings
 from datetime import datetime
 from pathlib import Path
 import torch
 from torch import nn
-from .callbacks import read_metrics
-from .errors import ConfigError, did_you_mean
+from .callbacks import Callback, read_metrics
+from .errors import ConfigError, NbtrainError, did_you_mean
 from .loading import model_vocab_size
-from .models import call_model
+from .models import call_model, unwrap_model
 from .trainer import train
+from .validate import run_checks
 
 # %% auto #0
 __all__ = ['LEGACY_PARAMS', 'KNOWN_BASELINES', 'LegacyArgumentError', 'check_int', 'check_number', 'check_bool', 'check_model',
            'config_value', 'legacy_vocab_size', 'legacy_max_len', 'token_sequences', 'synthetic_tokens',
-           'legacy_train_data', 'split_last', 'fine_tuning_overrides', 'epoch_rows', 'plot_fine_tuning',
+           'legacy_train_data', 'split_last', 'fine_tuning_overrides', 'epoch_rows', 'plot_fine_tuning', 'legacy_task',
            'test_fine_tuning', 'legacy_space', 'legacy_params', 'test_hyperparameter_search', 'load_baseline',
            'inference_ms', 'perplexity', 'test_benchmark_comparison']
 
@@ -152,9 +153,9 @@ def _run_name(root:Path, kind:str) -> str:
     return name
 
 # %% ../nbs/19_legacy.ipynb #4a8a8abd
-def fine_tuning_overrides(*, n_epochs=3, learning_rate=5e-5, weight_decay=0.01, batch_size=4, use_wandb=False, use_amp=True,
+def fine_tuning_overrides(*, n_epochs=3, learning_rate=5e-5, weight_decay=0.01, batch_size=4, use_wandb=False, use_amp=False,
                           gradient_accumulation_steps=1, gradient_clip_norm=1.0, random_seed=42, deterministic=False,
-                          seq_len:int|None=None) -> dict:
+                          use_lr_schedule=True, layer_norms_every:int|None=None, seq_len:int|None=None) -> dict:
     "The nbtrain run config overrides that `test_fine_tuning` trains with (the template's arguments, then its loop)."
     over = {'train.max_epochs': n_epochs, 'optim.lr': learning_rate, 'optim.weight_decay': weight_decay,
             'train.micro_batch_size': batch_size, 'train.grad_accum': gradient_accumulation_steps,
@@ -162,10 +163,13 @@ def fine_tuning_overrides(*, n_epochs=3, learning_rate=5e-5, weight_decay=0.01, 
             'train.precision': 'auto' if use_amp else '32-true'}
     if use_wandb: over['tracking.backends'] = ['jsonl', 'csv', 'wandb']
     over.update({'train.accelerator': 'auto', 'train.compile': False, 'train.log_every': 1, 'train.eval_every': None,
-                 'train.eval_batches': None, 'schedule.name': 'cosine', 'schedule.warmup_steps': None,
-                 'schedule.warmup_ratio': 0.1, 'schedule.min_lr_ratio': 0.0, 'checkpoint.every_steps': None,
-                 'checkpoint.every_minutes': None, 'checkpoint.at_end': False, 'checkpoint.resume': 'never',
-                 'tracking.dashboard': False})
+                 'train.eval_batches': None})
+    if use_lr_schedule: over.update({'schedule.name': 'cosine', 'schedule.warmup_steps': None, 'schedule.warmup_ratio': 0.1,
+                                     'schedule.min_lr_ratio': 0.0})
+    else: over.update({'schedule.name': 'constant', 'schedule.warmup_steps': 0})
+    over.update({'checkpoint.every_steps': None, 'checkpoint.every_minutes': None, 'checkpoint.at_end': False,
+                 'checkpoint.resume': 'never', 'tracking.dashboard': False})
+    if layer_norms_every: over.update({'monitor.log_layer_norms': True, 'monitor.every_steps': layer_norms_every})
     if seq_len: over['data.seq_len'] = seq_len
     return over
 
@@ -225,11 +229,47 @@ def plot_fine_tuning(loss_history:list, grad_norm_history:list, summary:list[dic
     plt.close(fig)
     return fig
 
+# %% ../nbs/19_legacy.ipynb #e06eccf5
+class _Precision(Callback):
+    "Remembers the precision a run trained in and the fp16 gradient scaler's final scale (None without a scaler)."
+    precision, scale = None, None
+    def on_fit_end(self, trainer):
+        self.precision = trainer.precision
+        scaler = getattr(trainer.fabric.strategy.precision, 'scaler', None)
+        self.scale = float(scaler.get_scale()) if scaler is not None else None
+
+_TASK_TYPES = {'lm': 'causal_lm', 'causal_lm': 'causal_lm', 'language_modeling': 'causal_lm', 'masked_lm': 'masked_lm',
+               'classification': 'sequence_classification', 'text_classification': 'sequence_classification',
+               'vision_classification': 'image_classification', 'seq2seq': 'seq2seq'}
+
+def legacy_task(task_spec) -> str|None:
+    "The nbtrain task that a template `task_spec` (a `TaskSpec`, a dict or a string) names by its `task_type`; None if none."
+    t = task_spec if isinstance(task_spec, str) else config_value(task_spec, 'task_type')
+    return _TASK_TYPES.get(t) if isinstance(t, str) else None
+
+def _no_longer(fn:str, what:str, why:str, level:int=3):
+    warnings.warn(f"{fn}: {what} no longer applies: {why}", UserWarning, stacklevel=level)
+
+def _task_arg(fn:str, adapter, task_spec, train:bool=False) -> str|None:
+    "The task `task_spec` names (checks) or None; a warning for an `adapter`, and for a `task_spec` that no longer applies."
+    if adapter is not None: _no_longer(fn, f"adapter={_short(adapter)}", "nbtrain calls the model itself (input_ids in; a tensor, "
+        "tuple, dict or ModelOutput with logits out); wrap a model that needs the adapter in an nn.Module whose forward(input_ids) "
+        "calls it", 4)
+    if task_spec is None: return None
+    task = legacy_task(task_spec)
+    if train and task != 'causal_lm': _no_longer(fn, f"task_spec={_short(task_spec)}", "test_fine_tuning trains next-token "
+        "prediction on token sequences; train another task with nbtrain.trainer.train(model=..., data=..., "
+        "overrides={'task.name': 'sequence_classification'})", 4)
+    elif task is None: _no_longer(fn, f"task_spec={_short(task_spec)}", f"its task_type is not one of {', '.join(_TASK_TYPES)}; "
+        "nbtrain infers the task from the model's outputs (or pass task=... to nbtrain.validate.run_checks)", 4)
+    return task
+
 # %% ../nbs/19_legacy.ipynb #773edc6b
 def test_fine_tuning(model:nn.Module, config, train_data:list|None=None, val_data:list|None=None, n_epochs:int=3,
                      learning_rate:float=5e-5, weight_decay:float=0.01, batch_size:int=4, use_wandb:bool=False,
-                     use_amp:bool=True, gradient_accumulation_steps:int=1, gradient_clip_norm:float|None=1.0,
-                     random_seed:int=42, deterministic:bool=False, *, output_dir='runs/legacy') -> dict:
+                     use_amp:bool=False, gradient_accumulation_steps:int=1, gradient_clip_norm:float|None=1.0,
+                     random_seed:int=42, deterministic:bool=False, use_lr_schedule:bool=True, log_grad_dist_every:int=5,
+                     log_grad_histogram:bool=False, adapter=None, task_spec=None, *, output_dir='runs/legacy') -> dict:
     """Fine-tune `model` in place for `n_epochs` with nbtrain's trainer; returns the template's results plus `run_dir`.
 
     Deprecated: use `nbtrain.trainer.train(model=..., data=..., overrides=...)` (the warning shows the call)."""
@@ -241,7 +281,9 @@ def test_fine_tuning(model:nn.Module, config, train_data:list|None=None, val_dat
     accum = check_int('gradient_accumulation_steps', gradient_accumulation_steps)
     clip = None if gradient_clip_norm is None else check_number('gradient_clip_norm', gradient_clip_norm, example=1.0) or None
     seed = check_int('random_seed', random_seed, 0)
-    for k, v in (('use_wandb', use_wandb), ('use_amp', use_amp), ('deterministic', deterministic)): check_bool(k, v)
+    for k, v in (('use_wandb', use_wandb), ('use_amp', use_amp), ('deterministic', deterministic),
+                 ('use_lr_schedule', use_lr_schedule), ('log_grad_histogram', log_grad_histogram)): check_bool(k, v)
+    log_every = check_int('log_grad_dist_every', log_grad_dist_every, 0)
     try: import pandas as pd
     except ImportError: raise ImportError("test_fine_tuning returns metrics_summary as a pandas DataFrame: pip install pandas") from None
     vocab, max_len = legacy_vocab_size(model, config), legacy_max_len(config)
@@ -260,10 +302,15 @@ def test_fine_tuning(model:nn.Module, config, train_data:list|None=None, val_dat
                                   f"sequences per optimizer step, but the training split has {len(train_split)}: lower them so that "
                                   f"their product is at most {len(train_split)}, or give more train_data")
     seq_len = max(len(x) for x in train_split + val_split)
+    steps_per_epoch = len(train_split) // (batch_size * accum)
     over = fine_tuning_overrides(n_epochs=n_epochs, learning_rate=learning_rate, weight_decay=weight_decay, batch_size=batch_size,
                                  use_wandb=use_wandb, use_amp=use_amp, gradient_accumulation_steps=accum, gradient_clip_norm=clip,
-                                 random_seed=seed, deterministic=deterministic, seq_len=seq_len)
+                                 random_seed=seed, deterministic=deterministic, use_lr_schedule=use_lr_schedule,
+                                 layer_norms_every=min(10, steps_per_epoch * log_every) if log_every else None, seq_len=seq_len)
     over['output_dir'] = str(output_dir)
+    if log_grad_histogram: _no_longer('test_fine_tuning', 'log_grad_histogram=True', "nbtrain logs per-layer gradient norms "
+        "(monitor.log_layer_norms, on while log_grad_dist_every > 0), not histograms of gradient values")
+    _task_arg('test_fine_tuning', adapter, task_spec, train=True)
     _deprecated('test_fine_tuning', ['import nbtrain.trainer', *lines,
                 f"nbtrain.trainer.train(model=model, data={data_expr},\n    overrides={_literal(over)})"],
                 "The model trains in place; the results are in the run folder (metrics.jsonl) and the returned FitResult.")
@@ -272,7 +319,8 @@ def test_fine_tuning(model:nn.Module, config, train_data:list|None=None, val_dat
     home = next(model.parameters()).device
     data = {'train': {'input_ids': train_split}, 'validation': {'input_ids': val_split}}
     t0 = time.time()
-    try: res = train(model=model, data=data, overrides=over)
+    amp = _Precision()
+    try: res = train(model=model, data=data, overrides=over, callbacks=[amp])
     finally:
         if next(model.parameters()).device != home: model.to(home)  # back where it came from, trained
     rows = read_metrics(res.run_dir)
@@ -293,7 +341,8 @@ def test_fine_tuning(model:nn.Module, config, train_data:list|None=None, val_dat
             'final_loss': loss_history[-1] if loss_history else float('inf'),
             'initial_loss': loss_history[0] if loss_history else float('inf'),
             'training_time_seconds': elapsed, 'samples_per_second': samples / elapsed if elapsed > 0 else 0.0,
-            'metrics_summary': df, 'best_epoch': best, 'run_dir': Path(res.run_dir)}
+            'metrics_summary': df, 'best_epoch': best, 'amp_enabled': 'mixed' in str(amp.precision),
+            'final_loss_scale': amp.scale, 'run_dir': Path(res.run_dir)}
 
 # %% ../nbs/19_legacy.ipynb #b22ddeb5
 LEGACY_PARAMS = {  # result name: (search_space key, nbtrain field, default spec)
@@ -368,7 +417,8 @@ def _plot_search(study, best:float):
     plt.close(fig)
 
 def test_hyperparameter_search(model_factory, config, train_data:list|None=None, n_trials:int=10,
-                               search_space:dict|None=None, random_seed:int=42, *, output_dir='runs/legacy') -> dict:
+                               search_space:dict|None=None, random_seed:int=42, deterministic:bool=False, *,
+                               output_dir='runs/legacy') -> dict:
     """Search learning rate, batch size, warmup and weight decay with Optuna (TPE), each trial training a fresh
     `model_factory()` for 2 epochs; the objective is the validation loss on the last 20% of `train_data` (the
     template minimised the mean training loss). Returns best_params (template names), best_value, n_trials, all_trials.
@@ -380,6 +430,7 @@ def test_hyperparameter_search(model_factory, config, train_data:list|None=None,
                                   f"e.g. model_factory=lambda: MyModel(config)")
     n_trials = check_int('n_trials', n_trials)
     seed = check_int('random_seed', random_seed, 0)
+    check_bool('deterministic', deterministic)
     space = legacy_space(search_space)
     try: from nbtrain.hpo import SearchError, search
     except ImportError as e: raise ImportError(f"test_hyperparameter_search needs Optuna ({e}): pip install optuna") from None
@@ -402,7 +453,7 @@ def test_hyperparameter_search(model_factory, config, train_data:list|None=None,
     root = Path(output_dir)
     name = _run_name(root, 'hyperparameter_search')
     spec = {'trials': n_trials, 'seed': seed, 'sampler': 'tpe', 'pruner': 'none', 'metric': 'val_loss', 'space': space}
-    over = {'train.max_epochs': 2, 'train.seed': seed, 'train.grad_clip': 1.0, 'train.precision': 'auto',
+    over = {'train.max_epochs': 2, 'train.seed': seed, 'train.deterministic': deterministic, 'train.grad_clip': 1.0, 'train.precision': 'auto',
             'train.accelerator': 'auto', 'train.compile': False, 'train.eval_every': None, 'train.eval_at_start': False,
             'train.eval_batches': None, 'train.progress_bar': False, 'schedule.name': 'constant',
             'data.seq_len': max(len(x) for x in train_data), 'checkpoint.every_steps': None, 'checkpoint.every_minutes': None,

@@ -46,7 +46,8 @@ def test_fine_tuning_returns_the_template_results_and_trains_the_model_in_place(
     res, msgs = fine_tune(model, tmp_path, train_data=data[:40], val_data=data[40:])
 
     assert set(res) == {'loss_history', 'grad_norm_history', 'final_loss', 'initial_loss', 'training_time_seconds',
-                        'samples_per_second', 'metrics_summary', 'best_epoch', 'run_dir'}
+                        'samples_per_second', 'metrics_summary', 'best_epoch', 'amp_enabled', 'final_loss_scale', 'run_dir'}
+    assert res['amp_enabled'] is False and res['final_loss_scale'] is None  # use_amp=False, the template's default
     steps = 3 * (40 // 4)  # one entry per optimizer step
     assert len(res['loss_history']) == len(res['grad_norm_history']) == steps
     assert all(isinstance(v, float) for v in res['loss_history'] + res['grad_norm_history'])
