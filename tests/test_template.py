@@ -23,7 +23,8 @@ def test_template_is_clean_and_parametrised():
     assert len(tagged) == 1, ("template.ipynb needs one cell tagged 'parameters' for papermill; nbdev-clean keeps cell tags "
                               "only with allowed_cell_metadata_keys = ['tags'] in [tool.nbdev]")
     src = ''.join(tagged[0]['source'])
-    assert 'trust_code = False' in src and "source = 'reference'" in src
+    assert 'trust_code = False  #@param {type:"boolean"}' in src and "source = 'auto'" in src  # a checkbox, off
+    assert "\ncolab_url = ''" in src and "\ngist = ''  #@param" in src
 
 @pytest.mark.slow
 def test_reference_gpt(tmp_path, monkeypatch):
@@ -33,7 +34,9 @@ def test_reference_gpt(tmp_path, monkeypatch):
     assert {c['name'] for c in report['checks']} >= {'shapes', 'gradient_flow', 'overfit', 'attention', 'attribution'}
     for c in report['checks']:
         for f in c['figures']: assert (tmp_path/'model_report'/f).is_file()
-    assert choice['config'] == {'model': {'name': 'gpt', 'size': 'tiny', 'kwargs': {}}, 'task': {'name': 'causal_lm'}}
+    assert choice['config'] == {'model': {'name': 'gpt', 'size': 'tiny', 'kwargs': {}, 'max_seq_len': 256},
+                                'task': {'name': 'causal_lm'}}
+    assert choice['limits'] == {'max_seq_len': 256, 'vocab_size': report['model']['vocab_size']}
     assert choice['status'] == 'pass' and choice['source']['class'] == 'GPT'
     from nbtrain.config import load_config  # what training.ipynb will do with the choice
     cfg = load_config(overrides=choice['config'])
@@ -49,12 +52,14 @@ def test_gist_export_folder(tmp_path, monkeypatch):
     by = {c['name']: c for c in report['checks']}
     assert by['attention']['numbers']['sources'] == ['softmax'] and by['attention']['numbers']['heads'] == 8
     assert by['causality']['status'] == 'pass'
-    assert choice['config']['model'] == {'name': 'file', 'path': str(folder), 'trust_code': True, 'kwargs': {}}
+    assert choice['config']['model'] == {'name': 'file', 'path': str(folder), 'trust_code': True, 'kwargs': {}, 'max_seq_len': 64}
+    assert choice['limits']['max_seq_len'] == 64 and choice['source']['gist'] is None
     from nbtrain.config import load_config
     assert load_config(overrides=choice['config']).model.trust_code is True
 
 @pytest.mark.slow
 def test_untrusted_code_is_refused(tmp_path, monkeypatch):
     pm = pytest.importorskip('papermill')
-    with pytest.raises(pm.PapermillExecutionError, match='trust_code=True'):
+    with pytest.raises(pm.PapermillExecutionError, match=r'tick trust_code \(trust_code=True\)'):
         run_template(tmp_path, monkeypatch, source='files', model_dir=str(ROOT/'tests'/'fixtures'/'gist_gpt'))
+    assert not (tmp_path/'model_choice.json').exists()
