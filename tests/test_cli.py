@@ -103,7 +103,7 @@ def test_check_a_file_export_writes_the_report_and_exits_0(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((out/'report.json').read_text())
     assert rep['ok'] and rep['model']['source']['kind'] == 'file'
-    assert [c['tier'] for c in rep['checks']] == [1] * 9
+    assert rep['checks'] and {c['tier'] for c in rep['checks']} == {1}
     assert (out/'report.md').read_text().startswith('# Model checks') and list(out.glob('*.png'))
     for c in rep['checks']: assert f" {c['name']} " in r.stdout  # a line per check as it ran
     assert 'summary:' in r.stdout and 'passed' in r.stdout
