@@ -122,7 +122,8 @@ def _http_get(url:str, *, api:str, token:str|None, timeout:float, retries:int, b
             limited = _rate_limited(e.code, e.headers)
             if not limited and e.code not in RETRY_STATUS: raise
             wait = _server_wait(e.headers, time.time())
-            if limited and wait is not None and wait > max_wait: raise _RateLimited(url, e.code, e.headers, False) from None
+            if limited and wait is not None and wait > max_wait and _header(e.headers, 'Retry-After') is None:
+                raise _RateLimited(url, e.code, e.headers, False) from None  # the hourly limit resets too late to wait for
             if attempt == retries:
                 if limited or e.code == 429: raise _RateLimited(url, e.code, e.headers, True) from None
                 raise

@@ -156,6 +156,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload=None, headers: dict | None = None, body: bytes | None = None, ctype='application/json; charset=utf-8'):
         if body is None: body = b'' if payload is None else json.dumps(payload).encode()
+        self._rec.status = status  # before the answer leaves: the client may look at the record as soon as it has it
         self.send_response(status)
         self.send_header('Content-Type', ctype)
         hs = {'X-RateLimit-Limit': '60', 'X-RateLimit-Remaining': '59', 'X-RateLimit-Reset': str(int(time.time()) + 3600)}
@@ -163,7 +164,6 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self._rec.status = status
 
     def _error(self, status: int, message: str, headers: dict | None = None):
         self._send(status, {'message': message, 'documentation_url': 'https://docs.github.com/rest/gists'}, headers)
@@ -229,7 +229,7 @@ class GistServer:
         self.httpd.daemon_threads = True
         self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
         self.api = f'{self.url}/gists'
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     # the state's methods, on the server for short test code
     def add_gist(self, *a, **kw) -> str: return self.state.add_gist(*a, **kw)
