@@ -1,4 +1,4 @@
-"""The Transformer Builder templates' `test_fine_tuning`, `test_hyperparameter_search` and `test_benchmark_comparison`, with their signatures and results, running on nbtrain's engine
+"""The Transformer Builder templates' functions (the tier 1 and tier 2 checks, `test_fine_tuning`, `test_hyperparameter_search`, `test_benchmark_comparison`), with their signatures and results, running on nbtrain's engine
 
 Docs: https://nbtrain.github.io/nbtrain/legacy.html.md"""
 
@@ -23,7 +23,11 @@ __all__ = ['LEGACY_PARAMS', 'KNOWN_BASELINES', 'LegacyArgumentError', 'check_int
            'config_value', 'legacy_vocab_size', 'legacy_max_len', 'token_sequences', 'synthetic_tokens',
            'legacy_train_data', 'split_last', 'fine_tuning_overrides', 'epoch_rows', 'plot_fine_tuning', 'legacy_task',
            'test_fine_tuning', 'legacy_space', 'legacy_params', 'test_hyperparameter_search', 'load_baseline',
-           'inference_ms', 'perplexity', 'test_benchmark_comparison']
+           'inference_ms', 'perplexity', 'test_benchmark_comparison', 'LegacyCheckError', 'check_config',
+           'legacy_check', 'test_shape_robustness', 'test_gradient_flow', 'test_output_stability',
+           'test_parameter_initialization', 'test_memory_footprint', 'test_inference_speed', 'test_attention_patterns',
+           'test_attribution_analysis', 'test_robustness', 'TierResults', 'run_all_tier1_tests', 'run_all_tier2_tests',
+           'run_all_tests']
 
 # %% ../nbs/19_legacy.ipynb #9b07bb3a
 class LegacyArgumentError(ConfigError, TypeError):
@@ -619,3 +623,397 @@ def _plot_benchmark(res:dict):
     plt.close(fig)
 
 for _fn in (test_fine_tuning, test_hyperparameter_search, test_benchmark_comparison): _fn.__test__ = False  # not pytest tests
+
+# %% ../nbs/19_legacy.ipynb #ded1e025
+class LegacyCheckError(NbtrainError, RuntimeError):
+    "A legacy check function could not run nbtrain's check on the model; the message says why and what to change."
+
+_QUIET = [0]  # above 0 while a run_all_* function runs: one deprecation warning for the whole run
+_CONFIG_EXAMPLES = {'vocab_size': 50257, 'max_seq_len': 512, 'max_batch_size': 8}
+
+def check_config(config) -> None:
+    "A `LegacyArgumentError` when `config` (an object, a dict or None) gives a vocab_size, max_seq_len or max_batch_size that is not a whole number >= 1."
+    for k, eg in _CONFIG_EXAMPLES.items():
+        v = config_value(config, k)
+        if v is not None and not (_is_int(v) and v >= 1):
+            raise LegacyArgumentError(f"config.{k}={_short(v)} is not valid: give a whole number >= 1 (e.g. {k}={eg}), or leave it out")
+
+def legacy_check(fn:str, check:str, model:nn.Module, config=None, *, task=None, inputs=None, **settings):
+    """Run nbtrain's check `check` for the legacy function `fn` (lengths capped by `config.max_seq_len`), after a
+    `DeprecationWarning` naming the call. Returns the `CheckResult` and the report's `info`; raises `LegacyCheckError`
+    when the model cannot be called or the check crashes."""
+    cap = legacy_max_len(config)
+    if cap:
+        for k in ('seq_len', 'max_test_len'):
+            if k in settings: settings[k] = min(settings[k], cap)
+    if not _QUIET[0]:
+        shown = ', '.join([f"checks=[{check!r}]"] + ([f"task={task!r}"] if task else []) + (['inputs=input_ids'] if inputs is not None else [])
+                          + [f"{k}={v!r}" for k, v in settings.items()])
+        warnings.warn(f"{fn} is deprecated: use nbtrain.validate.run_checks(model, {shown}); its report['{check}'] says pass, "
+                      f"warn or fail with an explanation, a fix, the numbers and the figures", DeprecationWarning, stacklevel=3)
+    rep = run_checks(model, task=task, inputs=inputs, checks=[check], device=next(model.parameters()).device, **settings)
+    r = rep.results[0]
+    if r.name == 'setup' or r.status == 'error':
+        raise LegacyCheckError(f"{fn} could not run nbtrain's {check!r} check: {r.explanation.rstrip('.')}. {r.fix}".strip())
+    return r, rep.info
+
+def _verdict(r) -> dict: return dict(check=r.name, status=r.status, explanation=r.explanation, fix=r.fix)
+
+def _frame(rows:list[dict], r, columns:list[str]):
+    "The rows as a DataFrame carrying nbtrain's verdict in `attrs['nbtrain']` (a list of dicts without pandas, as in the templates)."
+    try: import pandas as pd
+    except ImportError: return rows
+    df = pd.DataFrame(rows, columns=columns + [c for c in (rows[0] if rows else {}) if c not in columns])
+    df.attrs['nbtrain'] = _verdict(r)
+    return df
+
+def _show(r):
+    "Show a check's figures in a notebook, where the templates called plt.show() (in a script there is nothing to show)."
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError: return
+    if get_ipython() is None: return
+    for fig in r.figures.values(): display(fig)
+
+def _bar_heights(fig, n:int) -> list[float]|None:
+    "The heights of the `n` bars of a check's bar chart (the values it plotted), or None when the chart is not that."
+    bars = fig.axes[0].patches if fig is not None and fig.axes else []
+    return [float(b.get_height()) for b in bars] if len(bars) == n else None
+
+def _mark(r) -> str: return '✅ PASS' if r.status == 'pass' else ('❌ ' if r.status == 'fail' else '⚠️ ') + r.explanation
+
+# %% ../nbs/19_legacy.ipynb #ab046eb0
+_PER_TOKEN = ('causal_lm', 'masked_lm', 'token_classification')
+
+def _shape_case(B:int, T:int|None, bmax:int, tmax:int|None) -> str:
+    if T is None: return f"Batch {B}"
+    if B == 1 and T == 1: return 'Single token'
+    if B == 1 and T == tmax: return f"Max length ({T})"
+    if B == bmax and B > 2: return f"Max batch ({B}), length {T}"
+    return f"Batch {B}, length {T}"
+
+def test_shape_robustness(model:nn.Module, config, adapter=None, task_spec=None):
+    """The template's table of input shapes, one row per shape nbtrain's `shapes` check tried: case, input_shape,
+    output_shape, status. Deprecated: `nbtrain.validate.run_checks(model, checks=['shapes'])`."""
+    check_model('model', model); check_config(config)
+    task = _task_arg('test_shape_robustness', adapter, task_spec)
+    bmax = config_value(config, 'max_batch_size') or 16
+    extra = {'max_test_len': legacy_max_len(config)} if legacy_max_len(config) else {}
+    r, info = legacy_check('test_shape_robustness', 'shapes', model, config, task=task, batch_size=bmax, seq_len=64, **extra)
+    n, per_token = info.get('num_outputs'), info.get('task') in _PER_TOKEN
+    Ts = r.numbers.get('seq_lens') or []
+    rows = []
+    for key, res in r.numbers.get('grid', {}).items():
+        d = dict(kv.split('=') for kv in key.split(','))
+        B, T = int(d['B']), int(d['T']) if 'T' in d else None
+        shape = (B, T) if T else (B, *(info.get('image_shape') or ()))
+        if res == 'ok': out, status = str((B, T, n) if per_token and T else (B, n)), '✅ PASS'
+        elif m := re.match(r"output \[(.*?)\], expected \[(.*)\]$", res):
+            out = f"({m[1]})"
+            status = f"❌ FAIL: Expected ({m[2]}), got {out}"
+        else: out, status = 'N/A', f"❌ ERROR: {res}"
+        rows.append(dict(case=_shape_case(B, T, bmax, max(Ts) if Ts else None), input_shape=str(shape), output_shape=out, status=status))
+    _show(r)
+    return _frame(rows, r, ['case', 'input_shape', 'output_shape', 'status'])
+
+_GRAD_FLAGS = (('nonfinite', '❌ NaN'), ('dead', '❌ Near-zero (dead: zero gradient)'),
+               ('gated', '⚠️ Near-zero (behind a zero-initialised gate)'), ('vanishing', '⚠️ Near-zero'),
+               ('zero_by_design', '✅ (no gradient by design)'))
+
+def test_gradient_flow(model:nn.Module, config, adapter=None, task_spec=None):
+    """The template's per-parameter gradient table from nbtrain's `gradient_flow` check: parameter, grad_norm (after
+    one backward pass), grad_mean and grad_std ('N/A': not measured), status.
+    Deprecated: `nbtrain.validate.run_checks(model, checks=['gradient_flow'])`."""
+    check_model('model', model); check_config(config)
+    task = _task_arg('test_gradient_flow', adapter, task_spec)
+    r, info = legacy_check('test_gradient_flow', 'gradient_flow', model, config, task=task, batch_size=2, seq_len=32)
+    nums, m = r.numbers, unwrap_model(model)
+    unused = list(nums.get('unused', []))
+    order = [k for k, q in m.named_parameters() if q.requires_grad and k not in unused] + unused  # the chart's order
+    norms = nums.get('norms')  # per-parameter norms where the check reports them, else the values its chart plotted
+    if norms is None: norms = dict(zip(order, _bar_heights(r.figures.get('grad_norms'), len(order)) or []))
+    rows = []
+    for k, q in m.named_parameters():
+        status, v = next((s for key, s in _GRAD_FLAGS if k in nums.get(key, ())), None), norms.get(k)
+        if not q.requires_grad: status, v = '➖ Frozen (requires_grad=False)', None
+        elif k in unused: status, v = '❌ No gradient (unused)', None
+        elif k in nums.get('nonfinite', ()): v = math.nan
+        elif k in nums.get('dead', ()) or k in nums.get('gated', ()): v = 0.0
+        if status is None: status = '⚠️ Exploding' if v is not None and v > 1000 else '✅'
+        rows.append(dict(parameter=k, grad_norm='N/A' if v is None else f"{v:.2e}", grad_mean='N/A', grad_std='N/A', status=status))
+    _show(r)
+    return _frame(rows, r, ['parameter', 'grad_norm', 'grad_mean', 'grad_std', 'status'])
+
+# %% ../nbs/19_legacy.ipynb #35908a43
+def test_output_stability(model:nn.Module, config, n_samples:int=100, adapter=None, task_spec=None) -> dict:
+    """The template's logit statistics from nbtrain's `output_stability` check (min and max: NaN, not measured), printed as
+    the template printed them. Deprecated: `nbtrain.validate.run_checks(model, checks=['output_stability'])`."""
+    check_model('model', model); check_config(config)
+    n_samples = check_int('n_samples', n_samples)
+    task = _task_arg('test_output_stability', adapter, task_spec)
+    r, info = legacy_check('test_output_stability', 'output_stability', model, config, task=task,
+                           batch_size=min(n_samples, 32), seq_len=32)
+    nums = r.numbers
+    bad = bool(nums.get('nonfinite_on'))  # the check does not tell NaN from Inf: both say "NaN or Inf"
+    lo, hi = nums.get('logit_min', math.nan), nums.get('logit_max', math.nan)
+    stats = {'mean': nums['logit_mean'], 'std': nums['logit_std'], 'min': lo, 'max': hi, 'has_nan': nums.get('has_nan', bad),
+             'has_inf': nums.get('has_inf', bad), 'dynamic_range': hi - lo}
+    print("=" * 60)
+    print("OUTPUT STABILITY ANALYSIS")
+    print("=" * 60)
+    for key, value in stats.items(): print(f"{key:20s}: {value}")
+    print(f"\nStatus: {_mark(r)}")
+    print("=" * 60)
+    _show(r)
+    return {**stats, 'max_abs': max(nums.get('max_abs', {}).values(), default=math.nan), 'nbtrain': _verdict(r)}
+
+def test_parameter_initialization(model:nn.Module):
+    """The template's per-parameter table (parameter, shape, mean, std, min, max, status), the status from nbtrain's
+    `init_stats` check. Deprecated: `nbtrain.validate.run_checks(model, checks=['init_stats'])`."""
+    check_model('model', model)
+    r, info = legacy_check('test_parameter_initialization', 'init_stats', model)
+    nums, rows = r.numbers, []
+    with torch.no_grad():
+        for k, q in unwrap_model(model).named_parameters():
+            x = q.detach().float()
+            std = x.std().item() if x.numel() > 1 else math.nan
+            if k in nums.get('nonfinite_weights', ()): status = '❌ NaN/Inf values'
+            elif k in nums.get('constant_weights', ()): status = '❌ All zeros' if not x.any() else '⚠️ Constant'
+            elif k in nums.get('high_gain', ()): status = '⚠️ Very large std (std x sqrt(fan_in) > 4)'
+            else: status = '✅'
+            rows.append(dict(parameter=k, shape=str(tuple(q.shape)), mean=f"{x.mean().item():.4f}", std=f"{std:.4f}",
+                             min=f"{x.min().item():.4f}", max=f"{x.max().item():.4f}", status=status))
+    _show(r)
+    return _frame(rows, r, ['parameter', 'shape', 'mean', 'std', 'min', 'max', 'status'])
+
+# %% ../nbs/19_legacy.ipynb #4ee73481
+def test_memory_footprint(model:nn.Module, config, adapter=None, task_spec=None):
+    """The template's memory table from nbtrain's `memory` check: batch_size, memory_mb (a forward pass beyond the
+    weights), per_sample_mb, status, and train_mb (a training step). Deprecated: `run_checks(model, checks=['memory'])`."""
+    check_model('model', model); check_config(config)
+    task = _task_arg('test_memory_footprint', adapter, task_spec)
+    r, info = legacy_check('test_memory_footprint', 'memory', model, config, task=task, seq_len=64, max_test_len=64,
+                           memory_batch_sizes=(1, 2, 4, 8, 16))
+    nums = r.numbers
+    rows = [dict(batch_size=B, memory_mb=f"{v['inference_mib'] - nums['params_mib']:.2f}",
+                 per_sample_mb=f"{(v['inference_mib'] - nums['params_mib']) / B:.2f}", status='✅', train_mb=f"{v['train_mib']:.2f}")
+            for B, v in nums.get('by_batch_size', {}).items()]
+    if nums.get('out_of_memory_at'):
+        rows.append(dict(batch_size=nums['out_of_memory_at'], memory_mb='OOM', per_sample_mb='N/A', status='❌ Out of Memory', train_mb='OOM'))
+    _show(r)
+    return _frame(rows, r, ['batch_size', 'memory_mb', 'per_sample_mb', 'status'])
+
+_SPEED_KEYS = ('mean_ms', 'std_ms', 'median_ms', 'p95_ms', 'p99_ms', 'throughput_samples_per_sec')
+
+def test_inference_speed(model:nn.Module, config, n_trials:int=50, adapter=None, task_spec=None) -> dict:
+    """The template's latency statistics of one sequence of 64 tokens from nbtrain's `speed` check (std_ms: NaN, not
+    measured), printed as the template printed them. Deprecated: `run_checks(model, checks=['speed'])`."""
+    check_model('model', model); check_config(config)
+    n_trials = check_int('n_trials', n_trials)
+    task = _task_arg('test_inference_speed', adapter, task_spec)
+    if n_trials != 50: _no_longer('test_inference_speed', f"n_trials={n_trials}", "nbtrain times as many calls as fit in one "
+                                  "second (5 to 200); the number it made is printed as Trials")
+    r, info = legacy_check('test_inference_speed', 'speed', model, config, task=task, batch_size=1, seq_len=64)
+    one = r.numbers['by_batch_size'][1]
+    stats = dict(zip(_SPEED_KEYS, (1e3 / one['samples_per_s'], one.get('std_ms', math.nan), one['p50_ms'], one['p95_ms'],
+                                   one['p99_ms'], one['samples_per_s'])))
+    print("=" * 60)
+    print("INFERENCE SPEED BENCHMARK")
+    print("=" * 60)
+    print(f"Device: {r.numbers['device']}")
+    print(f"Trials: {one['calls']}")
+    print(f"Input shape: (1, {r.numbers['seq_len']})")
+    print("-" * 60)
+    for key, value in stats.items(): print(f"{key:30s}: {value:.2f}")
+    print("=" * 60)
+    _show(r)
+    return {**stats, 'nbtrain': _verdict(r)}
+
+# %% ../nbs/19_legacy.ipynb #180201ad
+def _token_ids(name:str, ids, vocab:int|None, max_len:int|None) -> torch.Tensor:
+    "One sequence of token ids from a 1-D tensor or a (1, T) tensor, checked."
+    if not torch.is_tensor(ids):
+        raise LegacyArgumentError(f"{name} is a {type(ids).__module__}.{type(ids).__qualname__}: give a 1-D LongTensor of token ids (or one of shape (1, T))")
+    if ids.dim() == 2 and len(ids) != 1:
+        raise LegacyArgumentError(f"{name} has {len(ids)} sequences (shape {tuple(ids.shape)}): give one, as a 1-D tensor or of shape (1, T)")
+    return token_sequences(name, ids.reshape(1, -1) if ids.dim() <= 2 else ids, vocab, max_len)[0]
+
+def test_attention_patterns(model:nn.Module, config, input_text:str="The quick brown fox jumps over the lazy dog",
+                            tokenizer=None, adapter=None, task_spec=None) -> dict:
+    """The template's attention summary from nbtrain's `attention` check (head_specialization_scores: NaN, not measured;
+    attention_entropy normalised to [0, 1]). Deprecated: `nbtrain.validate.run_checks(model, checks=['attention'])`."""
+    check_model('model', model); check_config(config)
+    task = _task_arg('test_attention_patterns', adapter, task_spec)
+    if tokenizer is None: r, info = legacy_check('test_attention_patterns', 'attention', model, config, task=task, batch_size=1, seq_len=16)
+    else:
+        if not callable(getattr(tokenizer, 'encode', None)):
+            raise LegacyArgumentError(f"tokenizer is a {type(tokenizer).__name__} without .encode(text): give a tokenizer whose "
+                                      f"encode(text) returns token ids (e.g. a Hugging Face tokenizer), or None for random tokens")
+        if not isinstance(input_text, str) or not input_text.strip():
+            raise LegacyArgumentError(f"input_text={_short(input_text)} is not valid: give a non-empty string to tokenize")
+        enc = tokenizer.encode(input_text)
+        ids = _token_ids('tokenizer.encode(input_text)', torch.as_tensor(getattr(enc, 'ids', enc)),
+                         model_vocab_size(model), legacy_max_len(config))
+        r, info = legacy_check('test_attention_patterns', 'attention', model, config, task=task, inputs=ids[None])
+    nums = r.numbers
+    res = {'num_layers': nums.get('layers', 0), 'input_length': nums.get('seq_len', info.get('seq_len')), 'collapsed_layers': [],
+           'head_specialization_scores': [], 'attention_entropy': []}
+    if r.status == 'skipped':
+        print("⚠️ Could not extract attention weights from model")
+        print(f"   {r.explanation}")
+        return {**res, 'nbtrain': _verdict(r)}
+    print("=" * 60)
+    print("ATTENTION PATTERN ANALYSIS")
+    print("=" * 60)
+    print(f"Layers analyzed: {res['num_layers']}")
+    print(f"Input length: {res['input_length']}")
+    print("-" * 60)
+    for i, (layer, heads) in enumerate(nums['entropy'].items()):
+        collapsed = sum(s.rsplit('/h', 1)[0] == layer for s in nums.get('saturated', ()))
+        if collapsed > len(heads) * 0.5: res['collapsed_layers'].append(i)
+        res['head_specialization_scores'].append(math.nan)
+        res['attention_entropy'].append(sum(heads) / len(heads))
+        print(f"Layer {i}: {len(heads)} heads, specialization={math.nan:.4f}, entropy={res['attention_entropy'][-1]:.4f}, "
+              f"collapsed={collapsed}/{len(heads)}")
+    if res['collapsed_layers']: print(f"\n⚠️ Collapsed attention detected in layers: {res['collapsed_layers']}")
+    else: print(f"\n✅ No collapsed attention detected")
+    print("=" * 60)
+    _show(r)
+    return {**res, 'nbtrain': _verdict(r)}
+
+def test_attribution_analysis(model:nn.Module, config, input_ids:torch.Tensor|None=None, target_idx:int=-1) -> dict:
+    """The template's attribution result from nbtrain's `attribution` check: each token's input-gradient saliency for the
+    prediction at the last position, scaled to a maximum of 1 (convergence_delta: None, no integrated gradients);
+    `{'error': ...}` when it cannot be computed, as in the template. Deprecated: `run_checks(model, checks=['attribution'])`."""
+    check_model('model', model); check_config(config)
+    if not _is_int(target_idx): raise LegacyArgumentError(f"target_idx={_short(target_idx)} is not valid: give a token position (-1: the last)")
+    vocab, max_len = model_vocab_size(model) or legacy_vocab_size(model, config), legacy_max_len(config)
+    if input_ids is None:
+        if vocab is None: raise LegacyArgumentError("Cannot make random input_ids: config has no vocab_size and the model has no nn.Embedding. "
+                                                    "Pass input_ids or config={'vocab_size': N}")
+        ids = torch.randint(0, vocab, (min(16, max_len or 16),), generator=torch.Generator().manual_seed(0))
+    else: ids = _token_ids('input_ids', input_ids, vocab, max_len)
+    T = len(ids)
+    if not -T <= target_idx < T: raise LegacyArgumentError(f"target_idx={target_idx} is outside the {T} positions of input_ids: give -{T} .. {T - 1}")
+    if target_idx % T != T - 1: _no_longer('test_attribution_analysis', f"target_idx={target_idx}", "nbtrain's attribution check "
+                                           f"explains the prediction at the last position; the scores are for position {T - 1}")
+    try: r, info = legacy_check('test_attribution_analysis', 'attribution', model, config, inputs=ids[None])
+    except LegacyCheckError as e:
+        print(f"❌ Attribution analysis failed: {e}")
+        return {'error': str(e)}
+    if r.status == 'skipped':
+        print(f"❌ Attribution analysis failed: {r.explanation}")
+        return {'error': r.explanation, 'nbtrain': _verdict(r)}
+    sal = r.numbers.get('saliency') or _bar_heights(r.figures.get('saliency'), T) or [math.nan] * T
+    top = max(sal) if sal and max(sal) > 0 else 1.0
+    scores = [s / (top + 1e-9) for s in sal]
+    order = sorted(range(T), key=lambda i: -scores[i])[:5]
+    print("=" * 60)
+    print("ATTRIBUTION ANALYSIS (input-gradient saliency)")
+    print("=" * 60)
+    print(f"Input shape: {ids[None].shape}")
+    print(f"Analyzing attribution for position: {T - 1}")
+    print("-" * 60)
+    print("Top contributing tokens:")
+    for rank, i in enumerate(order, 1): print(f"  {rank}. Position {i} (token_id={int(ids[i])}): {scores[i]:.4f}")
+    print("=" * 60)
+    _show(r)
+    return {'attribution_scores': scores, 'convergence_delta': None, 'target_position': T - 1, 'input_tokens': ids.tolist(),
+            'top_tokens': [(f"position {i} (id {int(ids[i])})", scores[i]) for i in order], 'nbtrain': _verdict(r)}
+
+_NOISE_LEVELS = [0.0, 0.01, 0.05, 0.1, 0.2]
+
+def test_robustness(model:nn.Module, config, n_samples:int=20, noise_levels:list=tuple(_NOISE_LEVELS), adapter=None,
+                    task_spec=None) -> dict:
+    """The template's robustness curves from nbtrain's `robustness` check: prediction agreement and KL divergence under
+    embedding noise of 1%, 10% and 50% of the embedding's scale (and 0), plus `token_substitution`.
+    Deprecated: `nbtrain.validate.run_checks(model, checks=['robustness'])`."""
+    check_model('model', model); check_config(config)
+    n_samples = check_int('n_samples', n_samples)
+    if not isinstance(noise_levels, (list, tuple)) or not all(_is_num(v) and v >= 0 for v in noise_levels):
+        raise LegacyArgumentError(f"noise_levels={_short(noise_levels)} is not valid: give a list of noise levels >= 0, e.g. {_NOISE_LEVELS}")
+    task = _task_arg('test_robustness', adapter, task_spec)
+    if [float(v) for v in noise_levels] != _NOISE_LEVELS:
+        _no_longer('test_robustness', f"noise_levels={list(noise_levels)}", "nbtrain adds noise of 1%, 10% and 50% of the embedding's "
+                   "scale (and substitutes 5% and 20% of the tokens); the results are at those levels")
+    batch = min(n_samples, 64)
+    r, info = legacy_check('test_robustness', 'robustness', model, config, task=task, batch_size=batch, seq_len=32)
+    found = r.numbers.get('results', {})
+    noise = [(float(k.rsplit('_', 1)[1]), v) for k, v in found.items() if k.startswith(('embedding_noise_', 'pixel_noise_'))]
+    res = {'noise_levels': [0.0] + [s for s, _ in noise], 'accuracy_under_noise': [1.0] + [v['agreement'] for _, v in noise],
+           'output_stability': [0.0] + [v['kl'] for _, v in noise], 'prediction_flips': [0.0] + [1 - v['agreement'] for _, v in noise],
+           'token_substitution': {float(k.rsplit('_', 1)[1]): v for k, v in found.items() if k.startswith('token_substitution_')}}
+    print("=" * 60)
+    print("ROBUSTNESS TESTING")
+    print("=" * 60)
+    print(f"Samples per noise level: {batch}")
+    print(f"Noise levels: {res['noise_levels']}")
+    print("-" * 60)
+    for s, a, kl, f in zip(res['noise_levels'], res['accuracy_under_noise'], res['output_stability'], res['prediction_flips']):
+        print(f"Noise σ={s:.3f}: Accuracy={a:.3f}, KL-Div={kl:.4f}, Flip Rate={f:.2%}")
+    print("=" * 60)
+    print("✅ Model is relatively robust to input noise" if r.status == 'pass' else f"⚠️ WARNING: {r.explanation}")
+    _show(r)
+    return {**res, 'nbtrain': _verdict(r)}
+
+# %% ../nbs/19_legacy.ipynb #cb9ac1f3
+class TierResults(dict):
+    "What a `run_all_*` function ran, by test: each function's result, or the exception it raised."
+    def __repr__(self): return 'TierResults(' + ', '.join(f"{k}: {'failed' if isinstance(v, Exception) else 'done'}" for k, v in self.items()) + ')'
+
+def _run_all(fn:str, title:str, new:str, model, config, tests) -> TierResults:
+    check_model('model', model); check_config(config)
+    if not _QUIET[0]: warnings.warn(f"{fn} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+    print("\n" + "=" * 60)
+    print(f"RUNNING ALL {title} TESTS")
+    print("=" * 60 + "\n")
+    out = TierResults()
+    _QUIET[0] += 1
+    try:
+        for name, key, call in tests:
+            print(f"\n{'='*60}")
+            print(f"Running: {name}")
+            print(f"{'='*60}")
+            try:
+                out[key] = call()
+                print(f"✅ {name} completed")
+            except Exception as e:
+                out[key] = e
+                print(f"❌ {name} failed: {str(e)}")
+            print()
+    finally: _QUIET[0] -= 1
+    return out
+
+def run_all_tier1_tests(model:nn.Module, config) -> TierResults:
+    "The template's tier 1 run: shape robustness, gradient flow, output stability, initialisation, memory, speed."
+    return _run_all('run_all_tier1_tests', 'TIER 1', "nbtrain.validate.run_checks(model, tiers=[1]) (tier 1 also checks "
+                    "causality, learning one batch and determinism)", model, config, [
+        ("Shape Robustness", 'shape_robustness', lambda: test_shape_robustness(model, config)),
+        ("Gradient Flow", 'gradient_flow', lambda: test_gradient_flow(model, config)),
+        ("Output Stability", 'output_stability', lambda: test_output_stability(model, config)),
+        ("Parameter Initialization", 'parameter_initialization', lambda: test_parameter_initialization(model)),
+        ("Memory Footprint", 'memory_footprint', lambda: test_memory_footprint(model, config)),
+        ("Inference Speed", 'inference_speed', lambda: test_inference_speed(model, config))])
+
+def run_all_tier2_tests(model:nn.Module, config) -> TierResults:
+    "The template's tier 2 run: attention patterns, attribution, robustness."
+    return _run_all('run_all_tier2_tests', 'TIER 2', "nbtrain.validate.run_checks(model, tiers=[2])", model, config, [
+        ("Attention Patterns", 'attention_patterns', lambda: test_attention_patterns(model, config)),
+        ("Attribution Analysis", 'attribution_analysis', lambda: test_attribution_analysis(model, config)),
+        ("Robustness Testing", 'robustness', lambda: test_robustness(model, config))])
+
+def run_all_tests(model:nn.Module, config) -> TierResults:
+    "Both tiers, then the template's closing line."
+    check_model('model', model); check_config(config)
+    warnings.warn("run_all_tests is deprecated: use nbtrain.validate.run_checks(model)", DeprecationWarning, stacklevel=2)
+    _QUIET[0] += 1
+    try: out = TierResults({**run_all_tier1_tests(model, config), **run_all_tier2_tests(model, config)})
+    finally: _QUIET[0] -= 1
+    print("\n" + "=" * 60)
+    print("ALL TESTS COMPLETED")
+    print("=" * 60)
+    return out
+
+for _fn in (test_shape_robustness, test_gradient_flow, test_output_stability, test_parameter_initialization, test_memory_footprint,
+            test_inference_speed, test_attention_patterns, test_attribution_analysis, test_robustness): _fn.__test__ = False
