@@ -97,7 +97,7 @@ def test_from_the_builder_link_to_a_trained_run(export, max_len, gists, tmp_path
     assert any(r.path == f"/gists/{gid}/{record['revision']}" for r in gists.requests)
 
 @pytest.mark.slow
-def test_without_trust_code_nothing_of_the_gist_runs(gists, tmp_path):
+def test_without_trust_code_nothing_of_the_gist_runs(gists, tmp_path, monkeypatch):
     pm = pytest.importorskip('papermill')
     gid = gists.add_gist(planted('flat_lm'))
     with pytest.raises(pm.PapermillExecutionError) as e:  # the link's other form: a fragment with the model's name
@@ -108,9 +108,10 @@ def test_without_trust_code_nothing_of_the_gist_runs(gists, tmp_path):
     assert (tmp_path/'check'/'gists'/gid/'model.py').is_file()
     assert not (tmp_path/'check'/'model_code_ran').exists() and not (tmp_path/'check'/'model_choice.json').exists()
 
+    monkeypatch.setenv('NBTRAIN_GIST_ID', gid)  # the third way to name the gist
     with pytest.raises(pm.PapermillExecutionError) as e:  # training asks for its own tick
-        execute('training.ipynb', tmp_path/'train', colab_url=f'https://colab.research.google.com/github/nbtrain/nbtrain/blob/'
-                f'main/training.ipynb#gist_id={gid}&max_seq_len=32', **TRAIN)
+        execute('training.ipynb', tmp_path/'train', **TRAIN)
+    assert f'Gist {gid} by builder-user' in outputs(e.value.notebook) and 'planted by the test' in outputs(e.value.notebook)
     (err,) = errors(e.value.notebook)
     assert len(err['traceback']) == 1 and 'tick trust_code' in err['traceback'][0], err
     assert not (tmp_path/'train'/'model_code_ran').exists() and not (tmp_path/'train'/'runs'/'my-run').exists()
