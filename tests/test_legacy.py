@@ -1,4 +1,5 @@
-"""The Transformer Builder templates' functions on nbtrain's engine: documented results, training in place, the given
+"""The Transformer Builder templates' functions on nbtrain's engine: the tier 1 and tier 2 checks run from the template's own cells,
+documented results, training in place, the given
 validation split, the deprecation warning with the new call, clear errors, a search under the legacy names, and a
 benchmark that never downloads its baseline.
 
@@ -259,3 +260,337 @@ def test_legacy_imports_without_optuna_pandas_or_transformers():
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ['False', 'False']  # and pytest does not collect them as tests where they are imported
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The tier 1 and tier 2 check functions of the templates' template.ipynb
+# ---------------------------------------------------------------------------------------------------------------------
+FAULTY = ROOT/'tests'/'fixtures'/'faulty'
+
+# template.ipynb (matt-hans/transformer-builder-colab-templates): the config object of its model cell, verbatim
+TEMPLATE_CONFIG = '''
+class ModelConfig:
+    def __init__(self, **kwargs):
+        # Set defaults
+        self.vocab_size = 50257
+        self.max_seq_len = 512
+        self.max_batch_size = 8
+        
+        # If nodes-based config, extract common params
+        if 'nodes' in kwargs:
+            for node in kwargs['nodes']:
+                node_params = node.get('params', {})
+                if 'vocab_size' in node_params:
+                    self.vocab_size = node_params['vocab_size']
+                if 'max_seq_len' in node_params or 'seq_length' in node_params:
+                    self.max_seq_len = node_params.get('max_seq_len') or node_params.get('seq_length', 512)
+        
+        # Override with flat params if present
+        for key, value in kwargs.items():
+            if key not in ['nodes', 'version', 'model_name']:
+                setattr(self, key, value)
+
+config = ModelConfig(**config_dict)
+'''
+
+# its tier 1 cells, verbatim but for the module the functions are imported from (utils.test_functions then)
+TEMPLATE_TIER1 = '''
+# Import test utilities from the cloned utils package
+from nbtrain.legacy import (
+    test_shape_robustness,
+    test_gradient_flow,
+    test_output_stability,
+    test_parameter_initialization,
+    test_memory_footprint,
+    test_inference_speed
+)
+
+print("✅ Test functions loaded from utils package")
+
+print("=" * 80)
+print("TIER 1: CRITICAL VALIDATION")
+print("=" * 80)
+print()
+
+# Test 1: Shape Robustness
+print("Test 1/6: Shape Validation")
+print("-" * 80)
+shape_results = test_shape_robustness(model, config)
+display(shape_results)
+print()
+
+# Test 2: Gradient Flow
+print("Test 2/6: Gradient Flow Analysis")
+print("-" * 80)
+grad_results = test_gradient_flow(model, config)
+display(grad_results)
+print()
+
+# Test 3: Output Stability
+print("Test 3/6: Numerical Stability")
+print("-" * 80)
+stability_stats = test_output_stability(model, config, n_samples=100)
+print()
+
+# Test 4: Parameter Initialization
+print("Test 4/6: Parameter Initialization")
+print("-" * 80)
+param_results = test_parameter_initialization(model)
+display(param_results)
+print()
+
+# Test 5: Memory Footprint
+print("Test 5/6: Memory Footprint Analysis")
+print("-" * 80)
+memory_results = test_memory_footprint(model, config)
+display(memory_results)
+print()
+
+# Test 6: Inference Speed
+print("Test 6/6: Inference Speed Benchmark")
+print("-" * 80)
+speed_stats = test_inference_speed(model, config, n_trials=50)
+print()
+
+print("=" * 80)
+print("✅ TIER 1 VALIDATION COMPLETE")
+print("=" * 80)
+'''
+
+# its tier 2 cell (the version with attribution), verbatim but for the import
+TEMPLATE_TIER2 = '''
+# Import Tier 2 test functions
+from nbtrain.legacy import (
+    test_attention_patterns,
+    test_attribution_analysis,
+    test_robustness
+)
+
+print("=" * 80)
+print("TIER 2: ADVANCED ANALYSIS")
+print("=" * 80)
+print()
+
+# Test 1: Attention Patterns
+print("Test 1/3: Attention Pattern Analysis")
+print("-" * 80)
+try:
+    attention_results = test_attention_patterns(model, config)
+    if attention_results is not None:
+        display(attention_results)
+    print("✅ Attention analysis complete")
+except Exception as e:
+    print(f"⚠️ Attention analysis skipped: {e}")
+print()
+
+# Test 2: Attribution Analysis
+print("Test 2/3: Input Attribution Analysis")
+print("-" * 80)
+try:
+    attribution_results = test_attribution_analysis(model, config)
+    if attribution_results is not None:
+        print("\\nTop Contributing Tokens:")
+        for token, score in attribution_results.get("top_tokens", []):
+            print(f"  {token:20s}: {score:+.4f}")
+    print("✅ Attribution analysis complete")
+except Exception as e:
+    print(f"⚠️ Attribution analysis skipped: {e}")
+print()
+
+# Test 3: Robustness Testing
+print("Test 3/3: Robustness Under Noise")
+print("-" * 80)
+try:
+    robustness_results = test_robustness(model, config, n_samples=20)
+    if robustness_results is not None:
+        display(robustness_results)
+    print("✅ Robustness analysis complete")
+except Exception as e:
+    print(f"⚠️ Robustness analysis skipped: {e}")
+print()
+'''
+
+def template_namespace(export:Path) -> dict:
+    "What template.ipynb had before its test cells: the exported model built from config.json, and its ModelConfig."
+    ns = {'config_dict': json.loads((export/'config.json').read_text()), 'shown': []}
+    ns['display'] = ns['shown'].append
+    exec((export/'model.py').read_text(), ns)
+    torch.manual_seed(0)
+    ns['model'] = ns['TinyLM'](**ns['config_dict'])
+    exec(TEMPLATE_CONFIG, ns)
+    return ns
+
+def test_template_cells_run_verbatim_and_find_the_dead_block(capsys):
+    import pandas as pd
+    ns = template_namespace(FAULTY/'dead_block')
+    with pytest.warns(DeprecationWarning) as rec:
+        exec(TEMPLATE_TIER1, ns)
+        exec(TEMPLATE_TIER2, ns)
+    out = capsys.readouterr().out
+    assert '✅ TIER 1 VALIDATION COMPLETE' in out and 'skipped' not in out, out[-2000:]
+    for header in ('OUTPUT STABILITY ANALYSIS', 'INFERENCE SPEED BENCHMARK', 'ATTENTION PATTERN ANALYSIS', 'ROBUSTNESS TESTING',
+                   '✅ Attention analysis complete', '✅ Attribution analysis complete', '✅ Robustness analysis complete'):
+        assert header in out, header
+
+    shapes, grads, params, memory = ns['shape_results'], ns['grad_results'], ns['param_results'], ns['memory_results']
+    assert [type(x) for x in ns['shown']] == [pd.DataFrame] * 4 + [dict, dict]
+    assert list(shapes.columns) == ['case', 'input_shape', 'output_shape', 'status']
+    assert shapes.loc[0].tolist() == ['Single token', '(1, 1)', '(1, 1, 48)', '✅ PASS']
+    assert 'Max length (32)' in shapes['case'].tolist() and 'Max batch (8), length 32' in shapes['case'].tolist()  # config's
+    assert list(grads.columns) == ['parameter', 'grad_norm', 'grad_mean', 'grad_std', 'status']
+    g = grads.set_index('parameter')
+    assert set(g.loc[[p for p in g.index if '.mlp.' in p], 'status']) == {'❌ Near-zero (dead: zero gradient)'}  # the planted bug
+    assert set(g.loc[[p for p in g.index if '.attn.' in p], 'status']) == {'✅'} and float(g.loc['head.weight', 'grad_norm']) > 0
+    assert grads.attrs['nbtrain']['status'] == 'fail' and 'never learn' in grads.attrs['nbtrain']['explanation']
+    assert set(ns['stability_stats']) >= {'mean', 'std', 'min', 'max', 'has_nan', 'has_inf', 'dynamic_range'}
+    assert ns['stability_stats']['has_nan'] is False and ns['stability_stats']['std'] > 0
+    assert list(params.columns) == ['parameter', 'shape', 'mean', 'std', 'min', 'max', 'status']
+    assert params.set_index('parameter').loc['tok_emb.weight', 'shape'] == '(48, 32)'
+    assert list(memory.columns)[:4] == ['batch_size', 'memory_mb', 'per_sample_mb', 'status'] and memory['batch_size'].tolist() == [1, 2, 4, 8, 16]
+    speed = ns['speed_stats']
+    assert set(speed) >= {'mean_ms', 'std_ms', 'median_ms', 'p95_ms', 'p99_ms', 'throughput_samples_per_sec'}
+    assert speed['throughput_samples_per_sec'] == pytest.approx(1e3 / speed['mean_ms'])
+    att, attr, rob = ns['attention_results'], ns['attribution_results'], ns['robustness_results']
+    assert (att['num_layers'], att['input_length'], len(att['attention_entropy'])) == (2, 16, 2)
+    assert len(attr['attribution_scores']) == len(attr['input_tokens']) == 16 and attr['target_position'] == 15
+    assert 'Top Contributing Tokens:' in out and 'position 15 (id' in out
+    assert set(rob) >= {'noise_levels', 'accuracy_under_noise', 'output_stability', 'prediction_flips'}
+    assert len(rob['noise_levels']) == len(rob['accuracy_under_noise']) == len(rob['prediction_flips']) == 4
+
+    msgs = [str(w.message) for w in rec if issubclass(w.category, DeprecationWarning)]
+    checks = ['shapes', 'gradient_flow', 'output_stability', 'init_stats', 'memory', 'speed', 'attention', 'attribution', 'robustness']
+    assert len(msgs) == len(checks)
+    for m, c in zip(msgs, checks): assert f"use nbtrain.validate.run_checks(model, checks=['{c}']" in m, m
+
+
+def test_run_all_tier1_tests_prints_the_template_sections_and_warns_once(capsys):
+    from nbtrain.legacy import run_all_tier1_tests
+    ns = template_namespace(FAULTY/'dead_block')
+    with pytest.warns(DeprecationWarning) as rec:
+        res = run_all_tier1_tests(ns['model'], ns['config'])
+    lines = capsys.readouterr().out.split('\n')
+    names = ['Shape Robustness', 'Gradient Flow', 'Output Stability', 'Parameter Initialization', 'Memory Footprint', 'Inference Speed']
+    assert lines[:4] == ['', '=' * 60, 'RUNNING ALL TIER 1 TESTS', '=' * 60]
+    assert [l for l in lines if l.startswith(('Running: ', '✅ ', '❌ ')) and not l.startswith('✅ PASS')] == \
+           [x for n in names for x in (f"Running: {n}", f"✅ {n} completed")]
+    assert [str(w.message) for w in rec if issubclass(w.category, DeprecationWarning)] == \
+           ["run_all_tier1_tests is deprecated: use nbtrain.validate.run_checks(model, tiers=[1]) (tier 1 also checks causality, "
+            "learning one batch and determinism)"]
+    assert list(res) == ['shape_robustness', 'gradient_flow', 'output_stability', 'parameter_initialization', 'memory_footprint',
+                         'inference_speed']
+    assert res['gradient_flow'].attrs['nbtrain']['status'] == 'fail'
+
+
+def test_faults_show_in_the_template_results(capsys):
+    from nbtrain.legacy import test_output_stability, test_shape_robustness, run_all_tier2_tests
+    with pytest.warns(DeprecationWarning):
+        len1 = template_namespace(FAULTY/'fails_len1')
+        shapes = test_shape_robustness(len1['model'], len1['config'])
+        nan = template_namespace(FAULTY/'nan_output')
+        stats = test_output_stability(nan['model'], nan['config'])
+    assert shapes.loc[0, 'case'] == 'Single token' and shapes.loc[0, 'status'].startswith('❌ ERROR: ')
+    assert shapes.loc[0, 'output_shape'] == 'N/A' and shapes.attrs['nbtrain']['status'] == 'fail'
+    assert (shapes['status'] == '✅ PASS').sum() >= 4  # longer sequences work
+    assert stats['has_nan'] is True and stats['nbtrain']['status'] == 'fail'
+    assert 'Status: ❌ NaN/Inf in the logits' in capsys.readouterr().out
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, 8)
+        def forward(self, input_ids): raise RuntimeError('mat1 and mat2 shapes cannot be multiplied')
+    with pytest.warns(DeprecationWarning):
+        res = run_all_tier2_tests(Broken(), {'vocab_size': VOCAB})
+    out = capsys.readouterr().out
+    assert "❌ Attention Patterns failed: test_attention_patterns could not run nbtrain's 'attention' check" in out
+    assert 'mat1 and mat2 shapes cannot be multiplied' in out and '✅ Attribution Analysis completed' in out  # the template's error dict
+    assert 'error' in res['attribution_analysis'] and isinstance(res['robustness'], Exception)
+
+
+class UnusedAndFrozen(nn.Module):
+    "An unused layer and a frozen one."
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head, self.spare, self.frozen = nn.Embedding(VOCAB, 8), nn.Linear(8, VOCAB), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+    def forward(self, input_ids): return self.head(self.frozen(self.emb(input_ids)))
+
+def test_every_config_form_is_accepted_and_max_seq_len_caps_the_lengths():
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+    from nbtrain.legacy import test_gradient_flow, test_shape_robustness
+    @dataclass
+    class ModelConfig:
+        vocab_size: int = VOCAB
+        max_seq_len: int = 16
+    model = UnusedAndFrozen()
+    with pytest.warns(DeprecationWarning):
+        tables = [test_shape_robustness(model, c) for c in ({'vocab_size': VOCAB, 'max_seq_len': 16},
+                  SimpleNamespace(vocab_size=VOCAB, max_seq_len=16), ModelConfig())]
+        unbounded = test_shape_robustness(model, None)
+        grads = test_gradient_flow(model, ModelConfig()).set_index('parameter')
+    for t in tables:
+        assert t.equals(tables[0]) and t['input_shape'].tolist()[-1] == '(16, 16)'  # length 16 at most, batch 16 by default
+    assert '(1, 128)' in unbounded['input_shape'].tolist()  # no maximum known: twice the default length
+    assert grads.loc['spare.weight', 'status'] == '❌ No gradient (unused)' and grads.loc['spare.weight', 'grad_norm'] == 'N/A'
+    assert grads.loc['frozen.weight', 'status'] == '➖ Frozen (requires_grad=False)'
+    assert grads.loc['head.weight', 'status'] == '✅' and float(grads.loc['head.weight', 'grad_norm']) > 0
+
+
+def test_bad_check_arguments_and_what_no_longer_applies():
+    from nbtrain.legacy import (test_attribution_analysis, test_gradient_flow, test_inference_speed, test_output_stability,
+                                test_robustness, test_shape_robustness)
+    model = gpt()
+    for call, message in [
+        (lambda: test_shape_robustness('gpt2', None), 'model is a builtins.str: give a torch nn.Module'),
+        (lambda: test_shape_robustness(model, {'max_seq_len': 0}), 'config.max_seq_len=0 is not valid: give a whole number >= 1'),
+        (lambda: test_gradient_flow(model, {'vocab_size': 'big'}), "config.vocab_size='big' is not valid"),
+        (lambda: test_output_stability(model, None, n_samples=0), 'n_samples=0 is not valid'),
+        (lambda: test_inference_speed(model, None, n_trials=2.5), 'n_trials=2.5 is not valid'),
+        (lambda: test_robustness(model, None, noise_levels=[-1]), 'noise_levels=[-1] is not valid'),
+        (lambda: test_attribution_analysis(model, None, target_idx=40), 'target_idx=40 is outside the 16 positions'),
+        (lambda: test_attribution_analysis(model, None, input_ids=torch.tensor([1, 99])), 'input_ids[0] holds token id 99')]:
+        with pytest.raises(LegacyArgumentError) as e: call()
+        assert message in str(e.value), str(e.value)
+    with pytest.warns(UserWarning) as rec:
+        test_gradient_flow(model, None, adapter=object(), task_spec={'task_type': 'lm'})
+        test_shape_robustness(model, None, task_spec='ocr')
+    msgs = [str(w.message) for w in rec]
+    assert any(m.startswith('test_gradient_flow: adapter=<object object') and 'no longer applies' in m for m in msgs)
+    assert any("run_checks(model, checks=['gradient_flow'], task='causal_lm'" in m for m in msgs)  # the task_spec's task
+    assert any(m.startswith("test_shape_robustness: task_spec='ocr' no longer applies") for m in msgs)
+
+
+def test_fine_tuning_takes_the_template_later_arguments(tmp_path):
+    import inspect
+    sig = inspect.signature(test_fine_tuning).parameters
+    assert sig['use_amp'].default is False and list(sig)[14:19] == ['use_lr_schedule', 'log_grad_dist_every', 'log_grad_histogram',
+                                                                     'adapter', 'task_spec']
+    with pytest.warns(UserWarning) as rec:
+        res = test_fine_tuning(gpt(n_layer=1), {'vocab_size': VOCAB}, repetitive(20), None, 2, 1e-3, 0.01, 4, False, False, 1, 1.0,
+                               0, False, False, 1, True, object(), {'task_type': 'classification'}, output_dir=tmp_path)
+    later = [str(w.message) for w in rec if 'no longer applies' in str(w.message)]
+    assert len(later) == 3 and 'log_grad_histogram=True' in later[0] and 'adapter=' in later[1]
+    assert "task_spec={'task_type': 'classification'} no longer applies: test_fine_tuning trains next-token prediction" in later[2]
+    assert res['metrics_summary']['learning_rate'].tolist() == [1e-3, 1e-3]  # use_lr_schedule=False: constant
+    steps = [r['step'] for r in read_metrics(res['run_dir']) if any(k.startswith('grad_norm/') for k in r)]
+    assert steps == [4, 8]  # log_grad_dist_every=1: per-layer norms every epoch (4 optimizer steps)
+    assert (res['amp_enabled'], res['final_loss_scale']) == (False, None)
+    for kw, message in [(dict(log_grad_dist_every=-1), 'log_grad_dist_every=-1 is not valid'),
+                        (dict(log_grad_histogram=1), 'log_grad_histogram=1 is not valid: give True or False'),
+                        (dict(use_lr_schedule=None), 'use_lr_schedule=None is not valid')]:
+        with pytest.raises(LegacyArgumentError, match=message.replace('(', r'\(')):
+            test_fine_tuning(gpt(), {'vocab_size': VOCAB}, repetitive(10), output_dir=tmp_path/'refused', **kw)
+    assert not (tmp_path/'refused').exists()
+
+
+def test_hyperparameter_search_takes_deterministic(tmp_path):
+    with pytest.raises(LegacyArgumentError, match="deterministic='yes' is not valid: give True or False"):
+        test_hyperparameter_search(lambda: gpt(n_layer=1), {'vocab_size': VOCAB}, deterministic='yes', output_dir=tmp_path)
+    with pytest.warns(DeprecationWarning) as rec:
+        res = test_hyperparameter_search(lambda: gpt(n_layer=1), {'vocab_size': VOCAB}, repetitive(10), n_trials=1,
+                                         search_space={'batch_size': [4]}, random_seed=0, deterministic=True, output_dir=tmp_path)
+    assert "'train.deterministic': True" in next(str(w.message) for w in rec if issubclass(w.category, DeprecationWarning))
+    import yaml
+    cfg = yaml.safe_load((res['study_dir']/'trials'/'trial-000'/'config.yaml').read_text())
+    assert cfg['train']['deterministic'] is True
