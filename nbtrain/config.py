@@ -156,7 +156,7 @@ class ModelConfig(Section):
     n_head: int|None = opt(None, "Override the size preset: attention heads", ge=1)
     d_model: int|None = opt(None, "Override the size preset: hidden width", ge=1)
     dropout: float = opt(0.0, "Dropout probability", ge=0.0, lt=1.0)
-    max_seq_len: int|None = opt(None, "Longest sequence the model accepts (default: data.seq_len)", ge=1)
+    max_seq_len: int|None = opt(None, "Longest sequence the model accepts (reference models: default data.seq_len; file models: passed to the constructor's length parameter, else a limit)", ge=1)
     kwargs: dict = opt({}, "Extra keyword arguments for the model constructor")
 
     def check(self):
@@ -191,7 +191,8 @@ class DataConfig(Section):
     source: str = opt('embedded', "embedded | digits | synthetic | a file (.txt .jsonl .json .csv .tsv .parquet .zip) | a folder | drive:PATH | upload | hf:NAME[:CONFIG]")
     tokenizer: str = opt('char', "char | byte | bpe (trained on the corpus) | a saved tokenizer folder | a Hugging Face tokenizer name")
     vocab_size: int|None = opt(None, "Tokens of a trained 'bpe' tokenizer (None: 8192)", ge=260)
-    seq_len: int = opt(128, "Tokens per training sequence", ge=2)
+    seq_len: int|None = opt(None, "Tokens per training sequence (None: data.default_seq_len, shortened to the model's maximum length when that is less)", ge=2)
+    default_seq_len: int = opt(128, "The sequence length when data.seq_len is unset (presets set it); a model that takes fewer positions shortens it", ge=2)
     val_fraction: float = opt(0.1, "Fraction held out for validation when the source has no validation split", ge=0.0, lt=1.0)
     test_fraction: float = opt(0.0, "Fraction held out for a test split when the source has none", ge=0.0, lt=1.0)
     stratify: bool = opt(True, "Classification splits keep the class ratios")
@@ -376,7 +377,7 @@ class RunConfig:
 PRESETS = {
     'tiny-cpu': dict(
         model=dict(name='gpt', size='tiny'),
-        data=dict(source='embedded', tokenizer='char', seq_len=128),
+        data=dict(source='embedded', tokenizer='char', default_seq_len=128),
         optim=dict(lr=2e-3, weight_decay=0.1),
         schedule=dict(name='cosine', warmup_steps=20),
         train=dict(micro_batch_size=32, grad_accum=1, max_steps=800, eval_every=200, eval_batches=20, log_every=10,
@@ -384,7 +385,7 @@ PRESETS = {
         checkpoint=dict(every_steps=200)),
     'colab-t4': dict(
         model=dict(name='gpt', size='small'),
-        data=dict(source='embedded', tokenizer='char', seq_len=256, corpus_size=20000),
+        data=dict(source='embedded', tokenizer='char', default_seq_len=256, corpus_size=20000),
         optim=dict(lr=1e-3),
         schedule=dict(name='cosine', warmup_steps=100),
         train=dict(micro_batch_size=32, grad_accum=2, max_steps=3000, eval_every=250, eval_batches=50, log_every=25,
@@ -392,7 +393,7 @@ PRESETS = {
         checkpoint=dict(every_steps=500, every_minutes=10.0)),
     'a100': dict(
         model=dict(name='gpt', size='gpt2-small'),
-        data=dict(source='embedded', tokenizer='char', seq_len=1024, corpus_size=50000),
+        data=dict(source='embedded', tokenizer='char', default_seq_len=1024, corpus_size=50000),
         optim=dict(lr=6e-4),
         schedule=dict(name='cosine', warmup_steps=200),
         train=dict(micro_batch_size=16, grad_accum=4, max_steps=5000, eval_every=500, eval_batches=50, log_every=50,

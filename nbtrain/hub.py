@@ -16,16 +16,16 @@ from . import __version__
 from .errors import NbtrainError, ModelLoadError, ConfigError
 from .config import redact, secret_values, REDACTED
 from .registry import MODELS
-from .loading import import_model_file, find_model_class, construct
+from .loading import PER_TOKEN_TASKS, final_config, is_final_folder, load_final_folder, _read_json, _unredacted
 from .callbacks import read_metrics
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['EVAL_PREFIX', 'PER_TOKEN_TASKS', 'PIPELINE_TAGS', 'TASK_NAMES', 'MODEL_NOUNS', 'METRIC_NAMES', 'HEADLINE',
-           'TOKEN_ENV_VARS', 'TRAINING_FILES', 'TRANSIENT_STATUS', 'HubError', 'PushError', 'RunSummary', 'read_run',
-           'FinalModel', 'final_config', 'load_final', 'metric_name', 'headline_metrics', 'metrics_table',
-           'card_metadata', 'model_card', 'colab_secret', 'hf_token', 'find_secrets', 'stage_repo', 'is_transient',
-           'retry', 'PushResult', 'upload_commands', 'push_run', 'load_from_hub', 'PushCommand']
+__all__ = ['EVAL_PREFIX', 'PIPELINE_TAGS', 'TASK_NAMES', 'MODEL_NOUNS', 'METRIC_NAMES', 'HEADLINE', 'TOKEN_ENV_VARS',
+           'TRAINING_FILES', 'TRANSIENT_STATUS', 'HubError', 'PushError', 'RunSummary', 'read_run', 'FinalModel',
+           'load_final', 'metric_name', 'headline_metrics', 'metrics_table', 'card_metadata', 'model_card',
+           'colab_secret', 'hf_token', 'find_secrets', 'stage_repo', 'is_transient', 'retry', 'PushResult',
+           'upload_commands', 'push_run', 'load_from_hub', 'PushCommand']
 
 # %% ../nbs/15_hub.ipynb #eb340bfe
 class HubError(NbtrainError, RuntimeError):
@@ -42,7 +42,7 @@ EVAL_PREFIX = 'val_'
 
 @dataclass
 class RunSummary:
-    "What a run folder says about its final model: its config.json, metric rows and environment."
+    "What a run folder says about its final model: nbtrain's record of it (`final/nbtrain.json`), metric rows and environment."
     run_dir: Path
     final: dict
     metrics: list = field(default_factory=list)
@@ -74,20 +74,16 @@ class RunSummary:
         ts = [r['time'] for r in self.metrics if isinstance(r.get('time'), (int, float))]
         return round(max(ts) - min(ts), 1) if len(ts) > 1 else None
 
-def _read_json(p:Path) -> dict:
-    try: return json.loads(p.read_text(encoding='utf-8'))
-    except json.JSONDecodeError as e: raise ModelLoadError(f"{p} is not valid JSON ({e}): the run folder is damaged.") from None
-
 def read_run(run_dir) -> RunSummary:
     "Read the final model's config, the metrics and the environment of the run folder `run_dir`."
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir(): raise ModelLoadError(f"Run folder {run_dir} does not exist.")
-    cfg = run_dir/'final'/'config.json'
-    if not cfg.is_file():
-        raise ModelLoadError(f"{run_dir} has no final/config.json: the run has no final model (it was stopped before the "
+    final = run_dir/'final'
+    if not ((final/'nbtrain.json').is_file() or (final/'config.json').is_file()):
+        raise ModelLoadError(f"{run_dir} has no final/nbtrain.json: the run has no final model (it was stopped before the "
                              f"end, or checkpoint.save_final was off). Resume it to the end, or train with checkpoint.save_final=true.")
     env = _read_json(run_dir/'env.json') if (run_dir/'env.json').is_file() else {}
-    return RunSummary(run_dir, _read_json(cfg), read_metrics(run_dir), env)
+    return RunSummary(run_dir, final_config(final)[0], read_metrics(run_dir), env)
 
 # %% ../nbs/15_hub.ipynb #75da11bd
 @dataclass
@@ -103,78 +99,14 @@ class FinalModel:
     @property
     def info(self) -> dict: return self.config.get('model') or {}
 
-def final_config(folder) -> tuple[dict, dict|None]:
-    "nbtrain's config of a final folder and the model config; understands the Hub layout of Hugging Face models."
-    d = _read_json(Path(folder)/'config.json')
-    if 'nbtrain' in d and 'model' not in d:  # transformers config on top, nbtrain's under 'nbtrain'
-        nb = dict(d['nbtrain'])
-        return nb, {k: v for k, v in d.items() if k != 'nbtrain'}
-    return d, d.get('model_config')
-
-def _final_folder(path) -> Path:
-    p = Path(path).expanduser()
-    if (p/'final'/'config.json').is_file(): p = p/'final'
-    if not (p/'config.json').is_file() or not (p/'model.safetensors').is_file():
-        raise ModelLoadError(f"{p} is not a final model folder: it needs config.json and model.safetensors (a run folder's "
-                             f"final/, or a repository pushed by nbtrain).")
-    return p
-
-PER_TOKEN_TASKS = ('token_classification', 'masked_lm')
-
-def _unredacted(cfg:dict|None, task:str, where:str, pad_id:int|None=None) -> dict:
-    "A model config without values a secret filter replaced by '***': `per_token` follows the task, `pad_token_id` the tokenizer, others take their defaults."
-    cfg, lost = dict(cfg or {}), []
-    for k, v in list(cfg.items()):
-        if v != REDACTED: continue
-        if k == 'per_token': cfg[k] = task in PER_TOKEN_TASKS
-        elif k == 'pad_token_id' and pad_id is not None: cfg[k] = pad_id
-        else: del cfg[k]
-        lost.append(k)
-    if lost: warnings.warn(f"{where}: {', '.join(lost)} {'was' if len(lost) == 1 else 'were'} saved as '***' (taken for secrets); rebuilt from the task or defaults", stacklevel=4)
-    return cfg
-
-def _rebuild(info:dict, model_config:dict|None, folder:Path, trust_code:bool, task:str='', pad_id:int|None=None) -> nn.Module:
-    kind = info.get('kind')
-    where = str(folder/'config.json')
-    if kind == 'reference':
-        return MODELS.get(info['source'])(_unredacted(info.get('config') or model_config, task, where))
-    if kind == 'file':
-        py = folder/'model.py'
-        if not py.is_file(): raise ModelLoadError(f"{folder} holds a file model but no model.py: copy the model's model.py next to the weights.")
-        if not trust_code:
-            raise ModelLoadError(f"Loading {py} executes its Python code. Read it; if you trust it, pass trust_code=True "
-                                 f"(on the command line: --trust-code).")
-        if py.resolve().suffix != '.py':  # a Hub cache links model.py to a blob without the suffix importlib needs
-            import tempfile
-            py = Path(shutil.copyfile(py, Path(tempfile.mkdtemp(prefix='nbtrain_model_'))/'model.py'))
-        mod, sha = import_model_file(py)
-        if info.get('sha256') and sha != info['sha256']:
-            warnings.warn(f"{py} differs from the model.py the run trained (sha256 {sha[:12]} vs {info['sha256'][:12]})", stacklevel=3)
-        return construct(find_model_class(mod, info.get('class')), _unredacted(info.get('config'), task, where))
-    if kind == 'hf':
-        try: import transformers as tf
-        except ImportError: raise ModelLoadError("This is a Hugging Face model: pip install 'nbtrain[train]' (transformers).") from None
-        cfg = _unredacted(model_config, task, where, pad_id)
-        for k in ('transformers_version', 'architectures', '_name_or_path', 'torch_dtype', 'dtype'): cfg.pop(k, None)
-        config = tf.AutoConfig.for_model(cfg.pop('model_type', info.get('model_type')), **cfg)
-        return getattr(tf, info.get('auto_class') or 'AutoModelForCausalLM').from_config(config).float()
-    raise ModelLoadError(f"The run trained a model object ({info.get('source', info.get('class', '?'))}) that nbtrain cannot "
-                         f"rebuild from files: construct it yourself, then load the weights with "
-                         f"safetensors.torch.load_model(model, '{folder/'model.safetensors'}').")
-
 def load_final(path, *, trust_code:bool=False, device='cpu') -> FinalModel:
     "Rebuild the final model of a run folder, its `final/`, or a downloaded repository, with its weights and tokenizer."
-    from safetensors.torch import load_model
-    folder = _final_folder(path)
-    cfg, model_config = final_config(folder)
-    info = cfg.get('model') or {}
+    p = Path(path).expanduser()
+    folder = p/'final' if not is_final_folder(p) and is_final_folder(p/'final') else p
     tok = load_tokenizer(folder) if (folder/'tokenizer.json').is_file() else None
-    model = _rebuild(info, model_config, folder, trust_code, cfg.get('task', ''), getattr(tok, 'pad_id', None))
-    missing, unexpected = load_model(model, str(folder/'model.safetensors'), strict=False, device=str(device))
-    if missing or unexpected:
-        raise ModelLoadError(f"{folder/'model.safetensors'} does not fit the rebuilt {type(model).__name__}: missing "
-                             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}. Was the folder mixed from two runs?")
-    return FinalModel(model.to(device).eval(), tok, cfg.get('task', ''), info.get('kind', ''), cfg, folder)
+    lm = load_final_folder(folder, trust_code=trust_code, pad_id=getattr(tok, 'pad_id', None))
+    cfg = final_config(folder)[0]
+    return FinalModel(lm.module.to(device).eval(), tok, cfg.get('task', ''), lm.kind, cfg, folder)
 
 # %% ../nbs/15_hub.ipynb #181ba1be
 PIPELINE_TAGS = {'causal_lm': 'text-generation', 'masked_lm': 'fill-mask', 'sequence_classification': 'text-classification',

@@ -6,20 +6,24 @@ Docs: https://nbtrain.github.io/nbtrain/loading.html.md"""
 
 # %% ../nbs/06_loading.ipynb #63a7a2c6
 from __future__ import annotations
-import hashlib, importlib.util, inspect, json, re, sys, types, typing, warnings
+import hashlib, importlib.util, inspect, json, re, shutil, sys, tempfile, types, typing, warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, asdict
 from pathlib import Path
 import torch
 from torch import nn
 from .errors import ConfigError, ModelLoadError, did_you_mean, format_choices
+from .config import REDACTED
 from .registry import MODELS
 from .models import get_reference, unwrap_model
 
 # %% auto #0
-__all__ = ['HF_AUTO_CLASSES', 'WEIGHT_FILES', 'HF_DROPOUTS', 'LoadedModel', 'flatten_export_config', 'ConfigDict',
-           'import_model_file', 'find_model_class', 'construct', 'load_file_model', 'hf_model_types', 'hf_config',
-           'load_hf_model', 'model_vocab_size', 'check_vocab', 'resolve_model', 'load_model', 'build_model']
+__all__ = ['LEN_KEYS', 'VOCAB_KEYS', 'HF_AUTO_CLASSES', 'WEIGHT_FILES', 'HF_DROPOUTS', 'PER_TOKEN_TASKS', 'LoadedModel',
+           'max_positions', 'model_vocab_size', 'check_vocab', 'vocab_note', 'model_limits', 'choose_seq_len',
+           'flatten_export_config', 'ConfigDict', 'import_model_file', 'find_model_class', 'find_builder', 'construct',
+           'load_file_model', 'load_weights', 'hf_model_types', 'hf_config', 'load_hf_model', 'final_config',
+           'is_final_folder', 'load_final_folder', 'resolve_model', 'load_model', 'planned_max_len', 'check_seq_len',
+           'build_model']
 
 # %% ../nbs/06_loading.ipynb #6ec1a5eb
 @dataclass
@@ -29,10 +33,93 @@ class LoadedModel:
     kind: str
     info: dict = field(default_factory=dict)
 
+    @property
+    def limits(self) -> dict:
+        "The longest sequence and the vocabulary the model takes: `{'max_seq_len', 'vocab_size', 'max_seq_len_from'}`."
+        return self.info.get('limits') or {}
+
 def _n_params(m:nn.Module) -> int: return sum(p.numel() for p in m.parameters())
 
-def _loaded(module, kind, **info) -> LoadedModel:
-    return LoadedModel(module, kind, {'kind': kind, 'class': type(module).__qualname__, **info, 'n_params': _n_params(module)})
+def _loaded(module, kind, limit:int|None=None, **info) -> LoadedModel:
+    "`info` gains the class, the parameter count and the model's limits (`model_limits`; `limit` caps the length)."
+    limits = model_limits(module, info.get('config'))
+    if limit is not None: limits.update(max_seq_len=limit, max_seq_len_from='model.max_seq_len')
+    return LoadedModel(module, kind, {'kind': kind, 'class': type(module).__qualname__, **info, 'n_params': _n_params(module),
+                                      'limits': limits})
+
+# %% ../nbs/06_loading.ipynb #0af8621c
+LEN_KEYS = ('max_seq_len', 'max_position_embeddings', 'n_positions', 'block_size', 'n_ctx', 'context_length', 'max_len',
+            'max_length', 'max_seq_length', 'seq_length', 'seq_len')
+
+def _int_field(src, key):
+    v = src.get(key) if isinstance(src, Mapping) else getattr(src, key, None)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+def max_positions(model:nn.Module, config:Mapping|None=None) -> tuple[int, str]|None:
+    """The longest sequence `model` takes and where that was found: its config or attributes (`max_seq_len`,
+    `block_size`, `n_positions`, `max_position_embeddings` ...), `config` (an export's config.json), a positional
+    `nn.Embedding`'s rows, a positional parameter's length, or a square mask buffer; None when nothing says."""
+    m = unwrap_model(model)
+    for src, where in ((getattr(m, 'config', None), 'its config'), (m, 'the model'), (config, 'config.json')):
+        for k in LEN_KEYS:
+            if src is not None and (v := _int_field(src, k)): return v, f"{k} of {where}"
+    for name, e in m.named_modules():
+        if isinstance(e, nn.Embedding) and re.search(r'pos', name, re.I): return e.num_embeddings, f"the positional embedding '{name}' has {e.num_embeddings} rows"
+    for name, q in m.named_parameters():
+        if q.ndim >= 2 and re.search(r'pos', name, re.I): return int(q.shape[-2]), f"the positional parameter '{name}' is {list(q.shape)}"
+    for name, b in m.named_buffers():
+        if b.ndim >= 2 and b.shape[-1] == b.shape[-2] and re.search(r'mask|causal|tril|bias', name, re.I): return int(b.shape[-1]), f"the mask '{name}' is {b.shape[-1]} long"
+    return None
+
+VOCAB_KEYS = ('vocab_size', 'n_vocab', 'num_tokens', 'ntoken', 'vocab')
+
+def model_vocab_size(model:nn.Module, config:Mapping|None=None) -> int|None:
+    "Rows of `model`'s token embedding (from its config, its attributes, its input embeddings, its first nn.Embedding, or `config`), if it has one."
+    m = unwrap_model(model)
+    for src in (getattr(m, 'config', None), m):
+        for k in VOCAB_KEYS:
+            if src is not None and (v := _int_field(src, k)): return v
+    try: return m.get_input_embeddings().num_embeddings
+    except Exception: pass
+    embs = [(n, e) for n, e in m.named_modules() if isinstance(e, nn.Embedding)]
+    tok = [e for n, e in embs if re.search(r'tok|wte|word', n)] or [e for n, e in embs if not re.search(r'pos', n, re.I)]
+    if tok: return tok[0].num_embeddings
+    return next((v for k in VOCAB_KEYS if config is not None and (v := _int_field(config, k))), None)
+
+def check_vocab(model:nn.Module, vocab_size:int) -> int|None:
+    "Raise `ModelLoadError` when `model` has fewer token ids than `vocab_size`; returns the model's vocabulary size."
+    v = model_vocab_size(model)
+    if v is not None and v < vocab_size:
+        raise ModelLoadError(f"The model's vocabulary has {v} tokens but the tokenizer uses {vocab_size}: build the model with "
+                             f"vocab_size>={vocab_size} (config.json or model.kwargs), or use a tokenizer with at most {v} tokens.")
+    return v
+
+def vocab_note(model:nn.Module, vocab_size:int) -> str|None:
+    "A line saying that the tokenizer uses fewer ids than the model has (those rows of the embedding stay unused), else None."
+    v = model_vocab_size(model)
+    if v is not None and vocab_size and v > vocab_size:
+        return (f"note: the model's vocabulary has {v:,} tokens and the tokenizer uses {vocab_size:,}: ids {vocab_size:,} and up "
+                f"are never seen (harmless; a tokenizer with up to {v:,} tokens would use them all).")
+    return None
+
+def model_limits(model:nn.Module, config:Mapping|None=None) -> dict:
+    "`{'max_seq_len', 'vocab_size', 'max_seq_len_from'}` of `model` (None where nothing says), `config` being its export config."
+    found = max_positions(model, config)
+    return {'max_seq_len': found[0] if found else None, 'vocab_size': model_vocab_size(model, config),
+            'max_seq_len_from': found[1] if found else None}
+
+def choose_seq_len(requested:int|None, default:int, limit:int|None, where:str|None=None) -> tuple[int, str|None]:
+    """`data.seq_len` for a model taking at most `limit` positions: `requested` when given (an error when longer than
+    the limit), else `default` shortened to the limit; with the line that says what was chosen."""
+    why = f" ({where})" if where else ''
+    if requested is not None:
+        if limit is not None and requested > limit:
+            raise ConfigError(f"data.seq_len={requested} is longer than the model's maximum length {limit}{why}: set data.seq_len "
+                              f"to {limit} or less, or leave it unset to use the model's maximum.")
+        return requested, None
+    if limit is not None and limit < default:
+        return limit, f"data.seq_len: {limit}, the model's maximum length{why} (unset; the preset's {default} is longer)"
+    return default, f"data.seq_len: {default} (unset: the preset's length{f'; the model takes up to {limit}' if limit else ''})"
 
 # %% ../nbs/06_loading.ipynb #2b99b7fb
 def flatten_export_config(cfg:dict, source:str='config.json') -> dict:
@@ -107,7 +194,26 @@ def find_model_class(mod:types.ModuleType, class_name:str|None=None) -> type:
     if len(top) == 1: return top[0]
     raise ModelLoadError(f"{where} defines several nn.Module classes and {'none' if not top else 'more than one'} of them is the "
                          f"top-level one (not used by the others): candidates {format_choices(c.__name__ for c in (top or classes))}. "
-                         f"Choose one with class_name='...' (in a run config: model.kwargs: {{class_name: ...}}).")
+                         f"Name it in config.json (\"model_name\": \"...\") or choose it with class_name='...' "
+                         f"(in a run config: model.kwargs: {{class_name: ...}}).")
+
+def _norm(s:str) -> str: return re.sub(r'[^a-z0-9]', '', str(s).lower())
+
+def find_builder(mod:types.ModuleType, class_name:str|None=None, model_name:str|None=None):
+    """What builds the model of `mod`: the class `class_name` (required to exist); else the class that config.json's
+    `model_name` names (exactly, or ignoring case and underscores); else a `build_model()` function; else a class
+    named `Model`; else the top-level class (`find_model_class`)."""
+    if class_name is not None: return find_model_class(mod, class_name)
+    classes = {c.__name__: c for c in vars(mod).values()
+               if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == mod.__name__}
+    if isinstance(model_name, str) and model_name:
+        if model_name in classes: return classes[model_name]
+        same = [c for n, c in classes.items() if _norm(n) == _norm(model_name)]
+        if len(same) == 1: return same[0]
+    fn = vars(mod).get('build_model')
+    if isinstance(fn, types.FunctionType) and fn.__module__ == mod.__name__: return fn
+    if 'Model' in classes: return classes['Model']
+    return find_model_class(mod)
 
 # %% ../nbs/06_loading.ipynb #32c017e0
 _PARAM_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -116,8 +222,8 @@ def _params(fn) -> tuple[list[inspect.Parameter], bool]:
     ps = list(inspect.signature(fn).parameters.values())
     return [p for p in ps if p.kind in _PARAM_KINDS], any(p.kind is p.VAR_KEYWORD for p in ps)
 
-def _annotation(cls:type, pname:str):
-    try: return typing.get_type_hints(cls.__init__).get(pname)
+def _annotation(cls, pname:str):
+    try: return typing.get_type_hints(cls.__init__ if isinstance(cls, type) else cls).get(pname)
     except Exception: return None
 
 def _call_with(fn, cfg:dict, label:str, overrides=()):
@@ -138,8 +244,8 @@ def _call_with(fn, cfg:dict, label:str, overrides=()):
 
 _CONFIG_NAME = re.compile(r'conf|cfg|^(h?params|hp|args|settings|opts?|options)$', re.I)
 
-def construct(cls:type, cfg:dict, full:dict|None=None, overrides=()) -> nn.Module:
-    "Instantiate `cls` from the flat config `cfg`: no arguments, keyword arguments, or one config object built from `full`."
+def construct(cls, cfg:dict, full:dict|None=None, overrides=()) -> nn.Module:
+    "Instantiate `cls` (a class or a `build_model` function) from the flat config `cfg`: no arguments, keyword arguments, or one config object built from `full`."
     ps, _ = _params(cls)
     tp = _annotation(cls, ps[0].name) if len(ps) == 1 else None
     is_cls = isinstance(tp, type) and tp.__module__ != 'builtins' and not issubclass(tp, Mapping)
@@ -148,6 +254,15 @@ def construct(cls:type, cfg:dict, full:dict|None=None, overrides=()) -> nn.Modul
         if not is_cls: return cls(ConfigDict(full))
         return cls(_call_with(tp, {k: v for k, v in full.items() if k in {f.name for f in fields(tp)}} if is_dataclass(tp) else full, tp.__qualname__))
     return _call_with(cls, cfg, f"{cls.__qualname__}()", overrides)
+
+def _takes(cls) -> set[str]:
+    "The configuration names `cls` (or a build function) reads: its parameters, or its config object's fields."
+    ps, _ = _params(cls)
+    names = {p.name for p in ps}
+    if len(ps) == 1:
+        tp = _annotation(cls, ps[0].name)
+        if is_dataclass(tp): names |= {f.name for f in fields(tp)}
+    return names
 
 # %% ../nbs/06_loading.ipynb #9cfe55b8
 def _export_files(path) -> tuple[Path, Path]:
@@ -165,8 +280,11 @@ def _export_files(path) -> tuple[Path, Path]:
                              f"(write {{}} if the constructor takes no arguments).")
     return model_py, config
 
-def load_file_model(path, *, trust_code:bool=False, class_name:str|None=None, **overrides) -> LoadedModel:
-    "Load a `model.py` + `config.json` export (folder or model.py path); `overrides` replace config fields."
+def load_file_model(path, *, trust_code:bool=False, class_name:str|None=None, max_seq_len:int|None=None,
+                    weights:bool=True, **overrides) -> LoadedModel:
+    """Load a `model.py` + `config.json` export (folder or model.py path); `overrides` replace config fields.
+    `max_seq_len` goes to the constructor's length parameter when it has one, else it is the model's limit; weights
+    saved next to the export (`model.safetensors`) are loaded unless `weights=False`."""
     model_py, config_json = _export_files(path)
     if not trust_code:
         raise ModelLoadError(f"Loading {model_py} executes its Python code. If you trust it, pass trust_code=True "
@@ -174,14 +292,44 @@ def load_file_model(path, *, trust_code:bool=False, class_name:str|None=None, **
     try: raw = json.loads(config_json.read_text())
     except json.JSONDecodeError as e: raise ModelLoadError(f"{config_json} is not valid JSON: {e}") from e
     if not isinstance(raw, dict): raise ModelLoadError(f"{config_json} holds a {type(raw).__name__}; expected a JSON object of parameters.")
-    cfg = {**flatten_export_config(raw, str(config_json)), **overrides}
+    flat = flatten_export_config(raw, str(config_json))
     mod, sha = import_model_file(model_py)
-    cls = find_model_class(mod, class_name)
+    cls = find_builder(mod, class_name, raw.get('model_name'))
+    limit = None
+    if max_seq_len is not None:  # the constructor's own length parameter, else a limit on the data
+        key = next((k for k in LEN_KEYS if k in _takes(cls) or k in flat), None)
+        if key is None or key in overrides: limit = max_seq_len
+        else: overrides = {**overrides, key: max_seq_len}
+    cfg = {**flat, **overrides}
     graph = {k: raw[k] for k in ('nodes', 'edges') if k in raw}
     try: model = construct(cls, cfg, graph, overrides)
     except ModelLoadError: raise
     except Exception as e: raise ModelLoadError(f"{cls.__qualname__}(...) from {config_json} failed with {type(e).__name__}: {e}") from e
-    return _loaded(model, 'file', source=str(model_py.parent), model_py=str(model_py), sha256=sha, config=cfg)
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{cls.__qualname__}() in {model_py} returned a {type(model).__name__}, not an nn.Module.")
+    found = max_positions(model, cfg)
+    if limit is not None and found is not None and limit > found[0]:
+        raise ConfigError(f"model.max_seq_len={limit} is longer than the {found[0]} positions the model built from {config_json} "
+                          f"takes ({found[1]}): set model.max_seq_len to {found[0]} or less, or a longer length in config.json.")
+    info = dict(source=str(model_py.parent), model_py=str(model_py), sha256=sha, config=cfg, builder=cls.__qualname__)
+    if overrides: info['overrides'] = dict(overrides)
+    w = model_py.parent / 'model.safetensors'
+    if weights and w.is_file(): info['weights'] = str(load_weights(model, w))
+    return _loaded(model, 'file', limit, **info)
+
+def load_weights(model:nn.Module, path) -> Path:
+    "Load the safetensors file `path` into `model`; a file that does not fit is an error naming what differs, never a silent partial load."
+    from safetensors.torch import load_model
+    path = Path(path)
+    try: missing, unexpected = load_model(model, str(path), strict=False)
+    except Exception as e:  # a size mismatch lists each tensor on its own line; a damaged file says why in one
+        detail = '; '.join(l.strip().rstrip('.') for l in str(e).splitlines()[1:4]) or f"{type(e).__name__}: {e}"
+        raise ModelLoadError(f"{path} does not fit {type(model).__name__}: {detail}. Is the file complete, and saved from this "
+                             f"configuration of the model?") from None
+    if missing or unexpected:
+        raise ModelLoadError(f"{path} does not fit {type(model).__name__}: missing {sorted(missing)[:5]}, unexpected "
+                             f"{sorted(unexpected)[:5]}. Were the weights saved from another configuration of the model?")
+    return path
 
 # %% ../nbs/06_loading.ipynb #e04e4dba
 HF_AUTO_CLASSES = {'causal_lm': 'AutoModelForCausalLM', 'masked_lm': 'AutoModelForMaskedLM',
@@ -263,25 +411,97 @@ def load_hf_model(source, *, task:str|None=None, vocab_size:int|None=None, num_l
                    pretrained=pretrained, attn_implementation=getattr(config, '_attn_implementation', None),
                    config_overrides=dict(config_overrides))
 
-# %% ../nbs/06_loading.ipynb #0af8621c
-def model_vocab_size(model:nn.Module) -> int|None:
-    "Rows of `model`'s token embedding (from its config, its input embeddings, or its first nn.Embedding), if it has one."
-    m = unwrap_model(model)
-    for v in (getattr(getattr(m, 'config', None), 'vocab_size', None), getattr(m, 'vocab_size', None)):
-        if isinstance(v, int): return v
-    try: return m.get_input_embeddings().num_embeddings
-    except Exception: pass
-    embs = [(n, e) for n, e in m.named_modules() if isinstance(e, nn.Embedding)]
-    tok = [e for n, e in embs if re.search(r'tok|wte|word', n)] or [e for _, e in embs]
-    return tok[0].num_embeddings if tok else None
+# %% ../nbs/06_loading.ipynb #549979c3
+PER_TOKEN_TASKS = ('token_classification', 'masked_lm')
 
-def check_vocab(model:nn.Module, vocab_size:int) -> int|None:
-    "Raise `ModelLoadError` when `model` has fewer token ids than `vocab_size`; returns the model's vocabulary size."
-    v = model_vocab_size(model)
-    if v is not None and v < vocab_size:
-        raise ModelLoadError(f"The model's vocabulary has {v} tokens but the tokenizer uses {vocab_size}: build the model with "
-                             f"vocab_size>={vocab_size} (config.json or model.kwargs), or use a tokenizer with at most {v} tokens.")
-    return v
+def _read_json(p:Path) -> dict:
+    try: d = json.loads(Path(p).read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ModelLoadError(f"{p} is not valid JSON ({e}): the folder is damaged.") from None
+    if not isinstance(d, dict): raise ModelLoadError(f"{p} holds a {type(d).__name__}, not a JSON object: the folder is damaged.")
+    return d
+
+def final_config(folder) -> tuple[dict, dict|None]:
+    "nbtrain's record of a final folder (`nbtrain.json`, or the older layouts' `config.json`) and the model's own config."
+    folder = Path(folder)
+    if (folder/'nbtrain.json').is_file():
+        nb = _read_json(folder/'nbtrain.json')
+        own = _read_json(folder/'config.json') if (folder/'config.json').is_file() else None
+        return nb, own if (nb.get('model') or {}).get('kind') == 'hf' and own else nb.get('model_config')
+    d = _read_json(folder/'config.json')
+    if 'nbtrain' in d and 'model' not in d:  # a Hub repository: transformers config on top, nbtrain's under 'nbtrain'
+        return dict(d['nbtrain']), {k: v for k, v in d.items() if k != 'nbtrain'}
+    return d, d.get('model_config')
+
+def is_final_folder(path) -> bool:
+    "Whether `path` is a trained model folder nbtrain wrote (a run's `final/`, or a repository pushed from one)."
+    p = Path(path)
+    if not (p/'model.safetensors').is_file(): return False
+    if (p/'nbtrain.json').is_file(): return True
+    try: d = json.loads((p/'config.json').read_text(encoding='utf-8'))
+    except (OSError, ValueError): return False
+    return isinstance(d, dict) and ('nbtrain' in d or {'model', 'run_config'} <= set(d))
+
+def _unredacted(cfg:dict|None, task:str, where:str, pad_id:int|None=None) -> dict:
+    "A model config without values a secret filter replaced by '***': `per_token` follows the task, `pad_token_id` the tokenizer, others take their defaults."
+    cfg, lost = dict(cfg or {}), []
+    for k, v in list(cfg.items()):
+        if v != REDACTED: continue
+        if k == 'per_token': cfg[k] = task in PER_TOKEN_TASKS
+        elif k == 'pad_token_id' and pad_id is not None: cfg[k] = pad_id
+        else: del cfg[k]
+        lost.append(k)
+    if lost: warnings.warn(f"{where}: {', '.join(lost)} {'was' if len(lost) == 1 else 'were'} saved as '***' (taken for secrets); rebuilt from the task or defaults", stacklevel=4)
+    return cfg
+
+def _rebuild(info:dict, model_config:dict|None, folder:Path, trust_code:bool, task:str='', pad_id:int|None=None, new:bool=True) -> nn.Module:
+    "The untrained architecture of a final folder."
+    kind = info.get('kind')
+    where = str(folder/('nbtrain.json' if new else 'config.json'))
+    if kind == 'reference':
+        return MODELS.get(info['source'])(_unredacted(info.get('config') or model_config, task, where))
+    if kind == 'file':
+        py = folder/'model.py'
+        if not py.is_file(): raise ModelLoadError(f"{folder} holds a file model but no model.py: copy the model's model.py next to the weights.")
+        if not trust_code:
+            raise ModelLoadError(f"Loading {py} executes its Python code. Read it; if you trust it, pass trust_code=True "
+                                 f"(on the command line: --trust-code).")
+        if py.resolve().suffix != '.py':  # a Hub cache links model.py to a blob without the suffix importlib needs
+            tmp = Path(tempfile.mkdtemp(prefix='nbtrain_model_'))
+            py = Path(shutil.copyfile(py, tmp/'model.py'))
+            if (folder/'config.json').is_file(): shutil.copyfile(folder/'config.json', tmp/'config.json')
+        if info.get('sha256') and hashlib.sha256(py.read_bytes()).hexdigest() != info['sha256']:
+            warnings.warn(f"{py} differs from the model.py the run trained (sha256 {info['sha256'][:12]})", stacklevel=3)
+        if new and (py.parent/'config.json').is_file():  # the export's own config.json, as the run used it
+            return load_file_model(py.parent, trust_code=True, class_name=info.get('builder') or info.get('class'), weights=False).module
+        mod, _ = import_model_file(py)
+        builder = info.get('builder') or info.get('class')
+        return construct(find_model_class(mod, builder) if builder in vars(mod) and isinstance(vars(mod)[builder], type) else find_builder(mod),
+                         _unredacted(info.get('config'), task, where))
+    if kind == 'hf':
+        tf = _transformers()
+        cfg = _unredacted(model_config, task, where, pad_id)
+        for k in ('transformers_version', 'architectures', '_name_or_path', 'torch_dtype', 'dtype'): cfg.pop(k, None)
+        config = tf.AutoConfig.for_model(cfg.pop('model_type', info.get('model_type')), **cfg)
+        return getattr(tf, info.get('auto_class') or 'AutoModelForCausalLM').from_config(config).float()
+    raise ModelLoadError(f"The run trained a model object ({info.get('source', info.get('class', '?'))}) that nbtrain cannot "
+                         f"rebuild from files: construct it yourself, then load the weights with "
+                         f"safetensors.torch.load_model(model, '{folder/'model.safetensors'}').")
+
+def load_final_folder(path, *, trust_code:bool=False, pad_id:int|None=None) -> LoadedModel:
+    "The trained model of a final folder (or of the run folder holding `final/`), weights loaded; `info['final']` is the folder."
+    p = Path(path).expanduser()
+    if not is_final_folder(p) and is_final_folder(p/'final'): p = p/'final'
+    if not is_final_folder(p):
+        raise ModelLoadError(f"{p} is not a final model folder: it needs model.safetensors and nbtrain.json (a run folder's final/, "
+                             f"or a repository pushed by nbtrain).")
+    nb, model_config = final_config(p)
+    info = dict(nb.get('model') or {})
+    model = _rebuild(info, model_config, p, trust_code, nb.get('task', ''), pad_id, new=(p/'nbtrain.json').is_file())
+    load_weights(model, p/'model.safetensors')
+    keep = {k: info[k] for k in ('source', 'sha256', 'model_type', 'auto_class', 'builder') if k in info}
+    lim = info.get('limits') or {}  # a limit the run was given (not found in the model) stays its limit
+    return _loaded(model.eval(), info.get('kind', 'module'), lim.get('max_seq_len') if lim.get('max_seq_len_from') == 'model.max_seq_len' else None,
+                   **keep, final=str(p), task=nb.get('task'), config=info.get('config'), weights=str(p/'model.safetensors'))
 
 # %% ../nbs/06_loading.ipynb #738f39b0
 def _looks_like_path(s:str) -> bool: return '/' in s or '\\' in s or s.startswith(('.', '~')) or s.endswith(('.py', '.json'))
@@ -297,6 +517,9 @@ def resolve_model(source, *, trust_code:bool=False, task:str|None=None, **overri
         model = get_reference(s, **overrides)
         return _loaded(model, 'reference', source=s, config=asdict(model.config) if is_dataclass(model.config) else None)
     p = Path(s).expanduser()
+    if p.is_dir() and (is_final_folder(p) or is_final_folder(p/'final')):
+        if overrides: raise ModelLoadError(f"Overrides {sorted(overrides)} cannot apply to the trained model in {p}: its configuration is fixed.")
+        return load_final_folder(p, trust_code=trust_code)
     if p.is_file() and p.suffix == '.py' or p.is_dir() and (p / 'model.py').is_file() or p.name == 'config.json' and (p.parent / 'model.py').is_file():
         return load_file_model(p, trust_code=trust_code, **overrides)
     if p.exists() or s in hf_model_types() or _looks_like_path(s): return load_hf_model(s, task=task, **overrides)
@@ -305,7 +528,7 @@ def resolve_model(source, *, trust_code:bool=False, task:str|None=None, **overri
                          f"not download models: give a local folder (model.py + config.json, or a Hugging Face config/checkpoint).")
 
 def load_model(source, *, trust_code:bool=False, task:str|None=None, **overrides) -> nn.Module:
-    "A model from an `nn.Module`, a model.py/config.json export, a Hugging Face folder or model_type, or a reference model name."
+    "A model from an `nn.Module`, a model.py/config.json export, a run's `final/` (trained), a Hugging Face folder or model_type, or a reference model name."
     return resolve_model(source, trust_code=trust_code, task=task, **overrides).module
 
 # %% ../nbs/06_loading.ipynb #c9e475fc
@@ -329,20 +552,27 @@ def _reference(mc, *, vocab_size, num_labels, max_seq_len, task, image_shape) ->
     arch = {k: getattr(mc, k, None) for k in ('n_layer', 'n_head', 'd_model', 'dropout')}
     over = {k: v for k, v in {**derived, **arch}.items() if v is not None and k in names}
     model = get_reference(mc.name, getattr(mc, 'size', 'tiny'), **{**over, **(getattr(mc, 'kwargs', None) or {})})
-    if max_seq_len and getattr(model.config, 'max_seq_len', max_seq_len) < max_seq_len:
-        raise ConfigError(f"model.max_seq_len={model.config.max_seq_len} is shorter than the data's sequence length {max_seq_len}: "
-                          f"raise model.max_seq_len or lower data.seq_len.")
     return _loaded(model, 'reference', source=mc.name, size=getattr(mc, 'size', None), config=asdict(model.config))
 
 def _hf(mc, *, vocab_size, num_labels, max_seq_len, task, pad_id) -> LoadedModel:
     over = {_HF_NAMES[k]: v for k in _HF_NAMES if (v := getattr(mc, k, None)) is not None}
     lm = load_hf_model(mc.path, task=task, vocab_size=vocab_size, num_labels=num_labels, pad_id=pad_id,
                        dropout=getattr(mc, 'dropout', None), **{**over, **(getattr(mc, 'kwargs', None) or {})})
-    n_pos = getattr(lm.module.config, 'max_position_embeddings', None)
-    if max_seq_len and isinstance(n_pos, int) and n_pos < max_seq_len:
-        raise ConfigError(f"The model takes at most {n_pos} positions but the data's sequence length is {max_seq_len}: "
-                          f"lower data.seq_len or set model.max_seq_len>={max_seq_len}.")
     return lm
+
+def planned_max_len(model_cfg) -> tuple[int|None, str|None]:
+    "The longest sequence the model of `model_cfg` will take, known before it is built (reference and Hugging Face models)."
+    if getattr(model_cfg, 'max_seq_len', None): return model_cfg.max_seq_len, 'model.max_seq_len'
+    if getattr(model_cfg, 'name', None) == 'hf' and model_cfg.path:
+        config, _, _ = hf_config(model_cfg.path)
+        found = next(((v, k) for k in LEN_KEYS if (v := _int_field(config, k))), None)
+        if found: return found[0], f"{found[1]} of its config"
+    return None, None
+
+def check_seq_len(lm:LoadedModel, seq_len:int|None) -> None:
+    "Raise a `ConfigError` naming both numbers and the fix when `seq_len` is longer than the model of `lm` takes."
+    limit, where = lm.limits.get('max_seq_len'), lm.limits.get('max_seq_len_from')
+    if seq_len and limit: choose_seq_len(seq_len, seq_len, limit, where)
 
 def build_model(model_cfg, *, vocab_size:int|None=None, num_labels:int|None=None, max_seq_len:int|None=None,
                 task:str|None=None, pad_id:int|None=None, image_shape:tuple[int,int,int]|None=None) -> LoadedModel:
@@ -353,12 +583,14 @@ def build_model(model_cfg, *, vocab_size:int|None=None, num_labels:int|None=None
         if model_cfg.name == 'hf':
             lm = _hf(model_cfg, vocab_size=vocab_size, num_labels=num_labels, max_seq_len=max_seq_len, task=task, pad_id=pad_id)
         else:
-            ignored = [k for k in ('n_layer', 'n_head', 'd_model', 'max_seq_len') if getattr(model_cfg, k, None) is not None]
+            ignored = [k for k in ('n_layer', 'n_head', 'd_model') if getattr(model_cfg, k, None) is not None]
             if ignored: warnings.warn(f"model.{', model.'.join(ignored)} do not apply to a file model: set its constructor's "
                                       f"parameters in config.json or model.kwargs", stacklevel=2)
-            lm = load_file_model(model_cfg.path, trust_code=bool(getattr(model_cfg, 'trust_code', False)), **(model_cfg.kwargs or {}))
+            lm = load_file_model(model_cfg.path, trust_code=bool(getattr(model_cfg, 'trust_code', False)),
+                                 max_seq_len=getattr(model_cfg, 'max_seq_len', None), **(model_cfg.kwargs or {}))
     else:
         if model_cfg.name not in MODELS: MODELS.get(model_cfg.name)  # the registry's error, with suggestions
         lm = _reference(model_cfg, vocab_size=vocab_size, num_labels=num_labels, max_seq_len=max_seq_len, task=task, image_shape=image_shape)
+    if task != 'image_classification': check_seq_len(lm, max_seq_len)
     if vocab_size is not None: check_vocab(lm.module, vocab_size)
     return lm

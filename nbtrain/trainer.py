@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/trainer.html.md"""
 
 # %% ../nbs/11_trainer.ipynb #1d77f6f1
 from __future__ import annotations
-import json, math, os, shutil, signal, threading, time, warnings
+import json, math, os, shutil, signal, threading, time, traceback, warnings
 import yaml
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,14 +15,14 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from .config import RunConfig, load_config, save_config, redact, nested_to_dotted
-from .errors import ConfigError, DataError, did_you_mean
+from .errors import ConfigError, DataError, ModelLoadError, NbtrainError, did_you_mean
 from .hardware import device_info, resolve_accelerator, resolve_precision, explain_precision, enable_fast_math, peak_flops
 from .monitor import GradientMonitor, describe
 from .memory import estimate_memory, recommend, find_micro_batch, is_oom, free_memory, split_batch, smaller_micro_batch
 from .registry import TRACKERS
 from .repro import seed_everything, write_env, rng_state, set_rng_state
 from .models import unwrap_model
-from .loading import build_model
+from .loading import LoadedModel, build_model, planned_max_len, choose_seq_len, vocab_note
 from .tasks import build_task
 from .data import resolve_data, make_loader, set_epoch, loader_sampler, default_cache_dir
 from .loading import check_vocab
@@ -72,6 +72,7 @@ class Trainer:
         seed_everything(t.seed, t.deterministic)
 
         self.run_dir = self._run_path(run_dir)
+        pre = self._plan_length(model)  # the model's limits fix data.seq_len before the data is cut and the run compared
         self._check_same_run(resume)  # before anything is written: a different model must not take over a run's folder
         self.lock = RunLock(self.run_dir)
         self._lock_run(write=False)   # nor a second session while another one trains there
@@ -81,17 +82,17 @@ class Trainer:
             self.data = resolve_data(data, cfg.data, cfg.task, t.seed, run_dir=self.run_dir if self.run_dir.exists() else None,
                                      cache_dir=cfg.data.cache_dir or default_cache_dir(cfg.output_dir))
         self.task = task if task is not None else build_task(cfg.task)
-        if model is None:
+        if pre is None:
             tok, sample = self.data.tokenizer, self.data.train[0]
             image_shape = tuple(sample['pixel_values'].shape) if 'pixel_values' in sample else None
             loaded = build_model(cfg.model, vocab_size=self.data.vocab_size, num_labels=cfg.task.num_labels or self.data.num_labels,
                                  max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len, task=cfg.task.name,
                                  pad_id=getattr(tok, 'pad_id', None), image_shape=image_shape)
             model, self.model_info = loaded.module, dict(loaded.info, kind=loaded.kind)
-        else:
-            loaded = build_model(model)
-            model, self.model_info = loaded.module, dict(loaded.info, kind=loaded.kind)
+        else:  # built before the data: a model instance, or a file model (its config.json fixes its shape)
+            model, self.model_info = pre.module, dict(pre.info, kind=pre.kind)
             if self.data.vocab_size: check_vocab(model, self.data.vocab_size)
+        if self.data.vocab_size and (note := vocab_note(model, self.data.vocab_size)): self._say(note)
         self.model_info = redact(self.model_info)
         if t.gradient_checkpointing: self._enable_gradient_checkpointing(model)
         self.model_info.setdefault('n_params', sum(p.numel() for p in unwrap_model(model).parameters()))
@@ -128,6 +129,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps)
 
         self.step, self.should_stop, self.stop_reason, self._stop_signal = 0, False, '', None
+        self._forward_ok, self._aux_said = False, False
         self._write_run_files()
         self.callbacks = CallbackList(self._default_callbacks(callbacks) + list(callbacks))
         c = cfg.checkpoint
@@ -145,6 +147,24 @@ class Trainer:
     def epoch(self) -> float:
         "Epochs completed, as a fraction: a view of the optimizer step."
         return self.step / self.steps_per_epoch
+
+# %% ../nbs/11_trainer.ipynb #9a82240d
+@patch
+def _say(self:Trainer, line:str):
+    "One line for the person running the training (first process only)."
+    if self.is_global_zero: print(line, flush=True)
+
+@patch
+def _plan_length(self:Trainer, model) -> LoadedModel|None:
+    "Build what needs no data (a model instance, a file model), read the model's maximum length, fix `data.seq_len`."
+    cfg, pre = self.cfg, None
+    if model is not None: pre = build_model(model)
+    elif cfg.model.name == 'file': pre = build_model(cfg.model)
+    limit, where = (pre.limits.get('max_seq_len'), pre.limits.get('max_seq_len_from')) if pre is not None else planned_max_len(cfg.model)
+    if cfg.task.name == 'image_classification': limit = None  # images have no sequence length
+    cfg.data.seq_len, note = choose_seq_len(cfg.data.seq_len, cfg.data.default_seq_len, limit, where)
+    if note and cfg.task.name != 'image_classification': self._say(note)
+    return pre
 
 # %% ../nbs/11_trainer.ipynb #061aabf3
 @patch
@@ -390,10 +410,48 @@ def backward_window(self:Trainer, batches:list) -> torch.Tensor:
     total = 0.
     for i, b in enumerate(batches):
         with f.no_backward_sync(self.model, enabled=i < len(batches) - 1):
-            loss = self.task.loss_sum(self.task.forward(self.model, b), b) / n
-            f.backward(loss * ws)
+            out = self._forward(b)
+            loss = self.task.loss_sum(out, b) / n
+            aux = self.task.aux_loss(out)
+            if out.aux_losses and not self._aux_said: self._say_aux(out)
+            if aux is None: f.backward(loss * ws)
+            else:  # the model's own loss terms, each micro-batch's by its share of the window's targets
+                share = self.task.num_targets(b) / n
+                f.backward((loss + self.task.aux_loss_weight * aux * share) * ws)
+                self._win_aux = self._win_aux + aux.detach() * share
         total = total + loss.detach()
     return total
+
+@patch
+def _say_aux(self:Trainer, out):
+    w, names = self.task.aux_loss_weight, ', '.join(out.aux_losses)
+    self._say(f"The model returns auxiliary losses ({names}): " + (f"added to the task loss with weight {w:g} (task.aux_loss_weight; "
+              f"0 ignores them), logged as aux_loss." if w else "ignored (task.aux_loss_weight=0)."))
+    self._aux_said = True
+
+@patch
+def _forward(self:Trainer, batch:dict):
+    "The task's forward; a model failing on the run's very first batch gets an error that says what to check."
+    if self._forward_ok: return self.task.forward(self.model, batch)
+    try: out = self.task.forward(self.model, batch)
+    except (IndexError, RuntimeError, ValueError, TypeError) as e:
+        if is_oom(e) or _is_compile_error(e) or isinstance(e, NbtrainError): raise
+        raise ModelLoadError(self._first_batch_error(batch, e)) from None
+    self._forward_ok = True
+    return out
+
+@patch
+def _first_batch_error(self:Trainer, batch:dict, e:BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not any(s in f.filename for s in ('/torch/', '/nbtrain/', '/lightning'))]
+    at = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ''
+    shapes = ', '.join(f"{k} {list(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
+    T, V = self.cfg.data.seq_len, self.data.vocab_size
+    lim = self.model_info.get('limits') or {}
+    hint = (f"The data's sequences are {T} tokens long: if the model takes fewer positions, set data.seq_len to its maximum "
+            f"(or model.max_seq_len, so nbtrain knows its limit)" + (f"; the tokenizer uses {V} ids: the model needs a vocabulary "
+            f"of at least that many" if V else '') + '.') if lim.get('max_seq_len') is None or lim.get('vocab_size') is None else \
+           f"The model reports at most {lim['max_seq_len']} positions and {lim['vocab_size']} tokens: check that its forward takes a batch ({shapes})."
+    return f"The model failed on the run's first batch ({shapes}) with {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{at}. {hint}"
 
 @patch
 def optimizer_step(self:Trainer, loss:torch.Tensor|None=None) -> torch.Tensor|None:
@@ -437,7 +495,7 @@ def evaluate(self:Trainer) -> dict:
     for i, b in enumerate(self.val_loader or ()):
         if limit and i >= limit: break
         b = self._to_device(b)
-        out = self.task.forward(self.model, b)
+        out = self._forward(b)
         s = self.task.eval_stats(out, b)
         self.callbacks.fire('on_eval_batch', self, out, b)
         v = torch.stack([s[k].double() for k in keys])
@@ -572,6 +630,7 @@ def _clock(self:Trainer) -> dict[str, bool]:
 @patch
 def _new_window(self:Trainer):
     self._win_loss, self._win_steps, self._win_tokens, self._win_samples, self._win_t = 0., 0, 0, 0, time.monotonic()
+    self._win_aux = 0.
 
 @patch
 def _count(self:Trainer, batches:list):
@@ -589,6 +648,9 @@ def _log(self:Trainer, norm):
     if ws > 1: loss = f.all_reduce(loss, reduce_op='sum')  # each process holds its share of the mean
     dt = max(time.monotonic() - self._win_t, 1e-9)
     m = dict(loss=loss.item() / self._win_steps, lr=self.lr, samples_per_s=self._win_samples * ws / dt)
+    if isinstance(self._win_aux, torch.Tensor):  # the model's auxiliary losses, unweighted, per step
+        aux = f.all_reduce(self._win_aux, reduce_op='sum') if ws > 1 else self._win_aux
+        m['aux_loss'] = aux.item() / self._win_steps
     if self._win_tokens:
         m['tokens_per_s'] = float(self._win_tokens) * ws / dt
         if self.peak_flops: m['mfu'] = m['tokens_per_s'] * self.flops_per_token / (self.peak_flops * ws)
@@ -608,7 +670,7 @@ def _log(self:Trainer, norm):
 def _validate_batch(self:Trainer, batch:dict):
     "Value checks on the first batch (labels in range): one host sync per run, an error instead of a device assert."
     self.model.eval()  # no dropout: this extra forward must not consume random numbers
-    try: self.task.validate_batch(batch, self.task.forward(self.model, batch))
+    try: self.task.validate_batch(batch, self._forward(batch))
     finally: self.model.train()
 
 @patch
@@ -758,7 +820,7 @@ def _truncate_metrics(self:Trainer, step:int):
 # %% ../nbs/11_trainer.ipynb #0a863f6a
 @patch
 def save_final(self:Trainer) -> Path|None:
-    "Write `final/` (safetensors weights, config, tokenizer) to the run folder."
+    "Write `final/` (safetensors weights, the model's own config.json, nbtrain.json, tokenizer) to the run folder."
     sd = full_model_state(self.raw_model, self.tied) if self.sharded else None  # every FSDP process takes part in gathering it
     if not self.is_global_zero: return None
     from safetensors.torch import save_model
@@ -772,13 +834,25 @@ def save_final(self:Trainer) -> Path|None:
     elif mcfg is not None and hasattr(mcfg, '__dataclass_fields__'):
         from dataclasses import asdict
         mcfg = asdict(mcfg)
-    info = redact(dict(model=self.model_info, model_config=mcfg if isinstance(mcfg, dict) else None,
-                       task=self.cfg.task.name, run_config=self.cfg.to_dict()))
-    (d/'config.json').write_text(json.dumps(info, indent=2, default=str))
+    mcfg = mcfg if isinstance(mcfg, dict) else None
+    info = redact(dict(model=self.model_info, model_config=mcfg, task=self.cfg.task.name, run_config=self.cfg.to_dict()))
+    (d/'nbtrain.json').write_text(json.dumps(info, indent=2, default=str))
+    (d/'config.json').write_text(json.dumps(redact(self._own_config(mcfg)), indent=2, default=str))
     self.data.save(d)  # tokenizer and data.json (label names, normalisation, sizes)
     src = self.model_info.get('model_py')
     if src and Path(src).is_file(): shutil.copy(src, d/'model.py')
     return d
+
+@patch
+def _own_config(self:Trainer, model_config:dict|None) -> dict:
+    "The model's own `config.json`: an export's (with the overrides the run used), a Hugging Face config, a reference model's settings."
+    info = self.model_info
+    src = Path(info.get('model_py') or '').parent/'config.json'
+    if info.get('kind') == 'file' and src.is_file():
+        try: raw = json.loads(src.read_text(encoding='utf-8'))
+        except ValueError: raw = None
+        if isinstance(raw, dict): return {**raw, **(info.get('overrides') or {})}  # top-level values win when flattened
+    return model_config or info.get('config') or {}
 
 # %% ../nbs/11_trainer.ipynb #3744d647
 def train(config=None, preset:str|None=None, overrides:dict|None=None, *, model=None, data=None, callbacks=(), **kw) -> FitResult:
