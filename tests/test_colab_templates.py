@@ -60,7 +60,7 @@ def check_run_folder(run:Path, cwd:Path, tokenizer:bool=True) -> list[dict]:
     ckpts = sorted((run/'checkpoints').glob('step-*'))
     assert ckpts and verify_checkpoint(ckpts[-1]) is None, [verify_checkpoint(c) for c in ckpts]
     assert (run/'final'/'model.safetensors').stat().st_size > 1000
-    final = json.loads((run/'final'/'config.json').read_text())
+    final = json.loads((run/'final'/'nbtrain.json').read_text())
     assert final['task'] == cfg['task']['name'] and final['run_config']['name'] == run.name
     assert (run/'final'/'tokenizer.json').is_file() == tokenizer
     env = json.loads((run/'env.json').read_text())

@@ -36,7 +36,7 @@ def test_language_model_eval_metrics_in_metrics_jsonl(tmp_path):
 
 def res_vocab(res):
     import json
-    return json.loads((res.run_dir/'final'/'config.json').read_text())['model_config']['vocab_size']
+    return json.loads((res.run_dir/'final'/'nbtrain.json').read_text())['model_config']['vocab_size']
 
 
 def test_classifier_eval_metrics_in_metrics_jsonl(tmp_path):
