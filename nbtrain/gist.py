@@ -106,7 +106,7 @@ def _transient_network(e:BaseException) -> bool:
 def _send_token(url:str, api:str) -> bool:
     "Only the API's own host and GitHub's raw file host get the token."
     host, api_host = urllib.parse.urlsplit(url).netloc.lower(), urllib.parse.urlsplit(api).netloc.lower()
-    return host == api_host or host.endswith('githubusercontent.com') or host == 'api.github.com'
+    return host in (api_host, 'api.github.com') or host.endswith('.githubusercontent.com')
 
 def _http_get(url:str, *, api:str, token:str|None, timeout:float, retries:int, backoff:float, max_wait:float,
               sleep:Callable[[float], None], accept:str='application/vnd.github+json') -> bytes:
@@ -118,7 +118,9 @@ def _http_get(url:str, *, api:str, token:str|None, timeout:float, retries:int, b
         try:
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r: return r.read()
         except urllib.error.HTTPError as e:
-            e.close()
+            try: e.gh_message = json.loads(e.read() or b'{}').get('message')  # GitHub says why in a JSON 'message'
+            except Exception: e.gh_message = None
+            finally: e.close()
             limited = _rate_limited(e.code, e.headers)
             if not limited and e.code not in RETRY_STATUS: raise
             wait = _server_wait(e.headers, time.time())
@@ -141,6 +143,8 @@ def _no_network(url:str, gid:str, e:BaseException, folder:Path) -> ModelLoadErro
                           f"'Download ZIP') into a folder and load that folder instead.{have}")
 
 def _http_error(e:urllib.error.HTTPError, url:str, gid:str, what:str, token:str|None) -> ModelLoadError:
+    said = getattr(e, 'gh_message', None)
+    said = f" GitHub says: {said[:200]}" if isinstance(said, str) and said and e.code not in (401, 404) else ''
     if e.code == 404:
         return ModelLoadError(f"No {what} at {url} (HTTP 404): check the gist ID '{gid}' (secret gists work with their "
                               f"ID, deleted ones do not; a revision must be a full commit sha of that gist).")
@@ -149,9 +153,9 @@ def _http_error(e:urllib.error.HTTPError, url:str, gid:str, what:str, token:str|
                               f"(or token=), or unset it: public and secret gists need no token.")
     if e.code == 403:
         return ModelLoadError(f"GitHub refused {url} (HTTP 403{', with a token' if token else ''}): the gist may be "
-                              f"unavailable to you; open https://gist.github.com/{gid} in a browser to check.")
+                              f"unavailable to you; open https://gist.github.com/{gid} in a browser to check.{said}")
     return ModelLoadError(f"Fetching {url} failed: HTTP {e.code} {e.reason}" + (f" after retries" if e.code in RETRY_STATUS else '') +
-                          ". GitHub may be having trouble: try again in a few minutes.")
+                          f". GitHub may be having trouble: try again in a few minutes.{said}")
 
 def _rate_error(r:_RateLimited, token:str|None, retries:int) -> ModelLoadError:
     when = _reset_text(r.headers)
@@ -183,25 +187,35 @@ def _wanted(have:dict, files) -> list[str]:
 
 def _utc_now() -> str: return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')
 
+def _swap_in(tmp:Path, final:Path, tries:int=5):
+    "Rename the complete folder `tmp` to `final`, moving a previous `final` aside first (and back if the rename fails)."
+    for attempt in range(tries):
+        old = None
+        if final.exists():
+            old = final.with_name(f'.{final.name}.{os.getpid()}.{time.monotonic_ns()}.old')
+            try: final.rename(old)
+            except FileNotFoundError: old = None  # another process moved it first
+        try: tmp.rename(final)
+        except OSError:  # another process put its copy in between: try again, or restore the previous folder
+            if old is not None:
+                try: old.rename(final)
+                except OSError: shutil.rmtree(old, ignore_errors=True)
+            if attempt == tries - 1: raise
+            continue
+        if old is not None: shutil.rmtree(old, ignore_errors=True)
+        return
+
 def _write_folder(final:Path, contents:dict[str, bytes], record:dict):
     "Write `contents` and gist.json into a temporary sibling of `final`, then swap it into place."
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{final.name}.', suffix='.partial', dir=final.parent))
-    old = None
     try:
         for name, data in contents.items(): (tmp / name).write_bytes(data)
         (tmp / 'gist.json').write_text(json.dumps(record, indent=2) + '\n', encoding='utf-8')
-        if final.exists():
-            old = final.with_name(f'.{final.name}.{os.getpid()}.{time.monotonic_ns()}.old')
-            final.rename(old)
-        try: tmp.rename(final)
-        except OSError:
-            if old is not None and not final.exists(): old.rename(final); old = None
-            raise
+        _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old is not None: shutil.rmtree(old, ignore_errors=True)
 
 # %% ../nbs/06a_gist.ipynb #8a0691ef
 def fetch_gist(gist:str, dest='gists', *, revision:str|None=None, token:str|None=None, files=('model.py', 'config.json'),

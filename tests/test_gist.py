@@ -159,8 +159,8 @@ def test_persistent_rate_limit_gives_the_clear_error(srv, tmp_path):
 
 def test_forbidden_without_rate_limit_is_not_retried(srv, tmp_path):
     gid = srv.add_gist(EXPORTS / 'flat_lm')
-    srv.fail('gist', 5, 403)
-    with pytest.raises(ModelLoadError, match='HTTP 403'): fetch_gist(gid, tmp_path, sleep=Waits())
+    srv.fail('gist', 5, 403, body=b'{"message": "Resource not accessible"}')
+    with pytest.raises(ModelLoadError, match='HTTP 403.*GitHub says: Resource not accessible'): fetch_gist(gid, tmp_path, sleep=Waits())
     assert len(srv.requests) == 1
 
 
@@ -303,6 +303,21 @@ def test_failed_fetch_leaves_no_folder_or_the_previous_one(srv, tmp_path):
     srv.state.failures.clear()
     assert (fetch_gist(gid, tmp_path) / 'model.py').read_text() == '# a new revision\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == [gid]
+
+
+def test_concurrent_fetches_of_one_gist(srv, tmp_path):
+    gid = srv.add_gist(EXPORTS / 'moe_lm')
+    fetch_gist(gid, tmp_path)
+    errors = []
+    def run():
+        try: fetch_gist(gid, tmp_path)
+        except Exception as e: errors.append(e)
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [gid]
+    assert sorted(p.name for p in (tmp_path / gid).iterdir()) == ['config.json', 'gist.json', 'model.py', 'moe_layers.py']
 
 
 def test_write_failure_keeps_the_previous_folder(srv, tmp_path, monkeypatch):
