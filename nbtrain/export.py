@@ -17,7 +17,7 @@ from . import __version__
 from .errors import NbtrainError, ConfigError, did_you_mean
 from .config import DataConfig, TaskConfig, redact
 from .models import ModelOutput, call_model, unwrap_model
-from .loading import model_vocab_size
+from .loading import model_limits, model_vocab_size
 from .tasks import build_task
 from .data import build_data
 from .hub import read_run, load_final, FinalModel, RunSummary
@@ -388,10 +388,10 @@ def _inputs_spec(ho:HeldOut, example:tuple, axes:dict) -> list[dict]:
             for n, t in zip(ho.input_names, example)]
 
 def _model_limits(fm:FinalModel, run:RunSummary) -> dict:
-    m, cfg = unwrap_model(fm.module), getattr(unwrap_model(fm.module), 'config', None)
-    seq = getattr(cfg, 'max_seq_len', None) or getattr(cfg, 'max_position_embeddings', None) or (run.run_config.get('data') or {}).get('seq_len')
-    tok = fm.tokenizer
-    return {'max_seq_len': seq, 'vocab_size': model_vocab_size(m), 'pad_id': getattr(tok, 'pad_id', None) if tok else None}
+    "The longest sequence (the model's own limit, else the length it trained on), the vocabulary and the padding id."
+    lim, tok = model_limits(fm.module, fm.info.get('config')), fm.tokenizer
+    seq = lim['max_seq_len'] or (run.run_config.get('data') or {}).get('seq_len')
+    return {'max_seq_len': seq, 'vocab_size': lim['vocab_size'], 'pad_id': getattr(tok, 'pad_id', None) if tok else None}
 
 # %% ../nbs/17_export.ipynb #b6854439
 def _export_format(f:str, fm:FinalModel, module:LogitsModule, checks:list, tmp:Path, *, trust_code, opset, exporter,
@@ -454,6 +454,9 @@ def export_run(run_dir, formats=FORMATS, out_dir=None, *, quantize:bool=False, b
     checks, limits = check_inputs(ho), _model_limits(fm, run)
     axes = dynamic_axes(module, checks[0], ho.input_names)
     rep = ExportReport(out, held_out=ho.source)
+    with torch.no_grad(): aux = call_model(fm.module, dict(zip(ho.input_names, checks[0])), ho.primary).aux_losses
+    if aux: rep.notes.append(f"the model also returns auxiliary losses ({', '.join(aux)}): they are training terms, so the "
+                             f"exports return the logits only")
     for f in formats:
         t0 = time.time()
         rep.formats[f] = _export_format(f, fm, module, checks, tmp, trust_code=trust_code, opset=opset, exporter=exporter,

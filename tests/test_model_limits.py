@@ -130,6 +130,9 @@ def test_auxiliary_losses_are_trained_logged_and_said_once(tmp_path, capsys):
     from safetensors.torch import load_file
     a, b = load_file(res.run_dir/'final'/'model.safetensors'), load_file(off.run_dir/'final'/'model.safetensors')
     assert not torch.equal(a['router.weight'], b['router.weight'])  # only the auxiliary loss trains the router
+    from nbtrain.export import export_run  # exports say what they do with them
+    rep = export_run(res.run_dir, ['safetensors'], trust_code=True, log=None)
+    assert any('auxiliary losses (aux_loss)' in n and 'logits only' in n for n in rep.notes), rep.notes
 
 @pytest.mark.parametrize('kind', ['file', 'reference', 'hf'])
 def test_final_opens_as_the_trained_model(tmp_path, kind):
