@@ -847,9 +847,9 @@ def test_attention_patterns(model:nn.Module, config, input_text:str="The quick b
     task = _task_arg('test_attention_patterns', adapter, task_spec)
     if tokenizer is None: r, info = legacy_check('test_attention_patterns', 'attention', model, config, task=task, batch_size=1, seq_len=16)
     else:
-        if not callable(getattr(tokenizer, 'encode', None)):
-            raise LegacyArgumentError(f"tokenizer is a {type(tokenizer).__name__} without .encode(text): give a tokenizer whose "
-                                      f"encode(text) returns token ids (e.g. a Hugging Face tokenizer), or None for random tokens")
+        if isinstance(tokenizer, (str, bytes)) or not callable(getattr(tokenizer, 'encode', None)):
+            raise LegacyArgumentError(f"tokenizer is a {type(tokenizer).__name__}: give a tokenizer whose encode(text) returns token ids "
+                                      f"(e.g. AutoTokenizer.from_pretrained('gpt2')), or None for random tokens")
         if not isinstance(input_text, str) or not input_text.strip():
             raise LegacyArgumentError(f"input_text={_short(input_text)} is not valid: give a non-empty string to tokenize")
         enc = tokenizer.encode(input_text)

@@ -1,7 +1,6 @@
-"""The Transformer Builder templates' functions on nbtrain's engine: the tier 1 and tier 2 checks run from the template's own cells,
-documented results, training in place, the given
-validation split, the deprecation warning with the new call, clear errors, a search under the legacy names, and a
-benchmark that never downloads its baseline.
+"""The Transformer Builder templates' functions on nbtrain's engine: the tier 1 and tier 2 checks run from the template's
+own cells, documented results, training in place, the given validation split, the deprecation warning with the new
+call, clear errors, a search under the legacy names, and a benchmark that never downloads its baseline.
 
 Models are tiny (a 2-layer GPT with d_model 32) and torch runs on one thread: on a shared 2-core machine, several
 intra-op threads slow such small models down many times over.
@@ -594,3 +593,15 @@ def test_hyperparameter_search_takes_deterministic(tmp_path):
     import yaml
     cfg = yaml.safe_load((res['study_dir']/'trials'/'trial-000'/'config.yaml').read_text())
     assert cfg['train']['deterministic'] is True
+
+
+def test_attention_patterns_reads_the_text_through_the_tokenizer():
+    from nbtrain.legacy import test_attention_patterns
+    class Chars:
+        "A tokenizer of the kind the template took: encode(text) -> token ids."
+        def encode(self, text): return [ord(c) % VOCAB for c in text]
+    with pytest.warns(DeprecationWarning, match=r"run_checks\(model, checks=\['attention'\], inputs=input_ids\)"):
+        res = test_attention_patterns(gpt(), {'vocab_size': VOCAB}, 'hello world', Chars())
+    assert (res['num_layers'], res['input_length'], len(res['attention_entropy'])) == (2, 11, 2)
+    with pytest.raises(LegacyArgumentError, match="tokenizer is a str: give a tokenizer whose encode"):
+        test_attention_patterns(gpt(), None, tokenizer='gpt2')
