@@ -151,6 +151,10 @@ def import_model_file(path:Path) -> tuple[types.ModuleType, str]:
     name = f"nbtrain_user_model_{sha[:16]}"
     mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
     sys.modules[name] = mod
+    for sib in path.parent.glob('*.py'):  # a helper module of this export replaces one of the same name from another export
+        old = sys.modules.get(sib.stem)
+        if old is not None and sib != path and (f := getattr(old, '__file__', None)) and Path(f).resolve() != sib.resolve() \
+           and Path(f).resolve().parent != Path(sys.prefix).resolve() and 'site-packages' not in f: del sys.modules[sib.stem]
     sys.path.insert(0, str(path.parent))
     try: exec(compile(code, str(path), 'exec'), mod.__dict__)  # the bytes we hashed are the bytes we run
     except Exception as e:
@@ -297,7 +301,9 @@ def load_file_model(path, *, trust_code:bool=False, class_name:str|None=None, ma
     cls = find_builder(mod, class_name, raw.get('model_name'))
     limit = None
     if max_seq_len is not None:  # the constructor's own length parameter, else a limit on the data
-        key = next((k for k in LEN_KEYS if k in _takes(cls) or k in flat), None)
+        takes = _takes(cls)  # a one-config-object constructor reads any field of the config
+        whole = len(_params(cls)[0]) == 1 and not (takes & set(flat))
+        key = next((k for k in LEN_KEYS if k in takes or whole and k in flat), None)
         if key is None or key in overrides: limit = max_seq_len
         else: overrides = {**overrides, key: max_seq_len}
     cfg = {**flat, **overrides}

@@ -19,7 +19,7 @@ from torch import nn, Tensor
 from .errors import ConfigError, ModelLoadError, TaskError, did_you_mean, format_choices
 from .registry import MODELS
 from .models import ModelOutput, call_model, unwrap_model
-from .loading import LoadedModel, model_vocab_size, resolve_model
+from .loading import LoadedModel, model_vocab_size, resolve_model, max_positions as _positions
 from .tasks import Task, build_task, shift_tokens_right
 
 # %% auto #0
@@ -74,24 +74,14 @@ _HF_HEADS = (('ForCausalLM', 'causal_lm'), ('LMHeadModel', 'causal_lm'), ('ForMa
              ('ForSequenceClassification', 'sequence_classification'), ('ForTokenClassification', 'token_classification'),
              ('ForImageClassification', 'image_classification'), ('ForConditionalGeneration', 'seq2seq'),
              ('ForSeq2SeqLM', 'seq2seq'))
-_LEN_KEYS = ('max_seq_len', 'max_position_embeddings', 'n_positions', 'block_size', 'n_ctx', 'context_length',
-             'max_len', 'max_seq_length', 'seq_len')
-
 def _cfg_get(src, key):
     v = src.get(key) if isinstance(src, Mapping) else getattr(src, key, None)
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
-def max_positions(model:nn.Module) -> int|None:
-    "Longest sequence `model` takes: from its config, a position embedding's size, or a square mask buffer; None if unknown."
-    m = unwrap_model(model)
-    for src in (getattr(m, 'config', None), m):
-        for k in _LEN_KEYS:
-            if src is not None and (v := _cfg_get(src, k)): return v
-    for name, e in m.named_modules():
-        if isinstance(e, nn.Embedding) and re.search(r'pos', name, re.I): return e.num_embeddings
-    for name, b in m.named_buffers():
-        if b.ndim >= 2 and b.shape[-1] == b.shape[-2] and re.search(r'mask|causal|tril|bias', name, re.I): return int(b.shape[-1])
-    return None
+def max_positions(model:nn.Module, config=None) -> int|None:
+    "Longest sequence `model` takes (`nbtrain.loading.max_positions`: its config, attributes, positional embedding or mask), None if unknown."
+    found = _positions(model, config)
+    return found[0] if found else None
 
 def image_shape(model:nn.Module) -> tuple[int, int, int]|None:
     "(channels, height, width) of the images `model` takes: from its config, else its first Conv2d and 32x32."
@@ -260,7 +250,7 @@ class Probe:
 
     @classmethod
     def build(cls, model:nn.Module, task=None, inputs=None, device=None, batch_size:int=4, seq_len:int|None=None,
-              seed:int=0, **settings) -> Probe:
+              seed:int=0, limits:dict|None=None, **settings) -> Probe:
         "Infer what `build` needs from `model` (moved to `device`), `task` (a name or `Task`) and an optional batch `inputs`."
         bad = [k for k in settings if k not in _SETTINGS]
         if bad: raise ConfigError(f"Unknown check setting '{bad[0]}'.{did_you_mean(bad[0], _SETTINGS)} Settings: {format_choices(_SETTINGS)}.")
@@ -279,8 +269,9 @@ class Probe:
             x = inputs[task.primary_input]
             batch_size = len(x)
             if kind == 'tokens': seq_len = seq_len or x.shape[1]
-        vocab = model_vocab_size(m) if kind == 'tokens' else None
-        max_len = max_positions(m) if kind == 'tokens' else None
+        limits = limits or {}  # what loading found (an export's config.json too), else what the instance says
+        vocab = (limits.get('vocab_size') or model_vocab_size(m)) if kind == 'tokens' else None
+        max_len = (limits.get('max_seq_len') or max_positions(m)) if kind == 'tokens' else None
         shape = None
         if kind == 'pixels':
             shape = tuple(inputs[task.primary_input].shape[1:]) if inputs is not None else image_shape(m)
@@ -292,7 +283,11 @@ class Probe:
                 batch_size=batch_size, seq_len=seq_len, seed=seed, info=info, **settings)
         with torch.no_grad(), p.isolated():
             m.eval()
-            p.num_outputs = int(p.forward(p.batch(2)).logits.shape[-1])
+            out = p.forward(p.batch(2))
+            p.num_outputs = int(out.logits.shape[-1])
+        if out.aux_losses:  # what the checks do with a model's own loss terms
+            info['aux_losses'] = (f"{', '.join(out.aux_losses)}: added to the task loss where a check trains or takes gradients "
+                                  f"(weight {task.aux_loss_weight:g}, as in training); the loss at initialisation is compared without them")
         if inputs is not None: p.inputs = {k: v.to(dev) for k, v in inputs.items()}
         return p
 
@@ -677,7 +672,8 @@ def init_stats(p:Probe) -> CheckResult:
         if t is not None and t.is_floating_point() and name not in acts: acts[name] = float(t.float().std())
     b = p.batch()
     with _hooks(modules, hook): out = p.forward(b)
-    loss, expected = float(p.task.loss(out, b)), math.log(p.num_outputs) if p.num_outputs > 1 else None
+    loss = float(p.task.loss_sum(out, b) / p.task.num_targets(b).clamp_min(1))  # the task's loss alone, against ln(classes)
+    expected = math.log(p.num_outputs) if p.num_outputs > 1 else None
     blocks = [v for k, v in acts.items() if k != 'embedding']
     growth = blocks[-1] / blocks[0] if len(blocks) >= 2 and blocks[0] > 0 else None
     nums = dict(loss=loss, expected_loss=expected, weight_std=weights, activation_std=acts, activation_growth=growth,
@@ -1289,7 +1285,7 @@ def run_checks(model, tiers=(1, 2), task=None, inputs=None, *, checks=None, skip
     home = next(m.parameters(), torch.empty(0)).device
     t0 = time.perf_counter()
     try:
-        try: probe = Probe.build(m, task=task, inputs=inputs, device=device, **settings)
+        try: probe = Probe.build(m, task=task, inputs=inputs, device=device, limits=loaded.limits if loaded is not None else None, **settings)
         except (ConfigError, TypeError): raise
         except Exception as e:
             why = f"{type(e).__name__}: {_one_line(e)}{_user_frame(e.__traceback__)}"
