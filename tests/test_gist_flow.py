@@ -58,11 +58,13 @@ def planted(export:str) -> dict:
     return {**files, 'model.py': MARKER + files['model.py']}
 
 @pytest.mark.slow
-@pytest.mark.parametrize('export,max_len', [('flat_lm', 32), ('graph_lm', 64)])
-def test_from_the_builder_link_to_a_trained_run(export, max_len, gists, tmp_path):
+@pytest.mark.parametrize('export,max_len,repo', [('flat_lm', 32, 'nbtrain/nbtrain/blob/main'),
+                                                  ('graph_lm', 64, 'someone/fork/blob/dev')])  # a fork's notebook links to the fork
+def test_from_the_builder_link_to_a_trained_run(export, max_len, repo, gists, tmp_path):
     gid = gists.add_gist(EXPORTS/export)
     # the template, opened from Transformer Builder's link: the gist is the source without being named anywhere else
-    nb = execute('template.ipynb', tmp_path/'check', colab_url=f'{PAGE}?gist_id={gid}', trust_code=True, **CHECKS)
+    page = f'https://colab.research.google.com/github/{repo}/template.ipynb?gist_id={gid}'
+    nb = execute('template.ipynb', tmp_path/'check', colab_url=page, trust_code=True, **CHECKS)
     report = json.loads((tmp_path/'check'/'model_report'/'report.json').read_text())
     assert report['model']['source']['kind'] == 'file', report['model']
     assert {c['name'] for c in report['checks']} >= {'shapes', 'causality', 'gradient_flow'}
@@ -75,7 +77,7 @@ def test_from_the_builder_link_to_a_trained_run(export, max_len, gists, tmp_path
     printed = re.findall(r'Train it in training\.ipynb: (\S+)', outputs(nb))
     assert len(printed) == 1, outputs(nb)
     link = printed[0]
-    assert link.startswith('https://colab.research.google.com/github/nbtrain/nbtrain/blob/main/training.ipynb#')
+    assert link.startswith(f'https://colab.research.google.com/github/{repo}/training.ipynb#')
     assert f'href="{html.escape(link)}"' in outputs(nb, 'text/html')  # the same link, as an anchor to click
     got = url_params(link)
     assert (got['gist_id'], got['revision'], got['max_seq_len'], got['vocab_size']) == \
