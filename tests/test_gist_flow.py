@@ -117,3 +117,13 @@ def test_without_trust_code_nothing_of_the_gist_runs(gists, tmp_path, monkeypatc
     (err,) = errors(e.value.notebook)
     assert len(err['traceback']) == 1 and 'tick trust_code' in err['traceback'][0], err
     assert not (tmp_path/'train'/'model_code_ran').exists() and not (tmp_path/'train'/'runs'/'my-run').exists()
+
+@pytest.mark.slow
+def test_the_link_names_the_model_of_a_file_with_two(gists, tmp_path):
+    "config.json's model_name says MoELM; the link's name picks the other class of the same model.py."
+    gid = gists.add_gist(EXPORTS/'two_models')
+    link = f'https://colab.research.google.com/github/nbtrain/nbtrain/blob/main/training.ipynb#gist_id={gid}&name=DenseLM&max_seq_len=48'
+    execute('training.ipynb', tmp_path, colab_url=link, trust_code=True, **{**TRAIN, 'max_steps': 2})
+    run = tmp_path/'runs'/'my-run'
+    assert json.loads((run/'model.json').read_text())['class'] == 'DenseLM'
+    assert (run/'final'/'model.safetensors').is_file()
