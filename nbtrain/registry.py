@@ -33,8 +33,10 @@ class Registry:
             key = (name or getattr(obj, '__name__', '')).lower()
             if not key: raise ValueError(f"{self.kind} registry: pass a name for {obj!r}")
             old = self._items.get(key)
-            # re-running a notebook cell redefines the same class: replace it rather than refuse
-            same = old is obj or getattr(old, '__qualname__', None) == getattr(obj, '__qualname__', 0)
+            # re-running a notebook cell redefines the same class: replace it rather than refuse; a built-in named
+            # lazily (below) is replaced by its implementation when its module registers it
+            same = (old is obj or getattr(old, '__qualname__', None) == getattr(obj, '__qualname__', 0)
+                    or isinstance(old, _Lazy) and old.target.rpartition(':')[2] == getattr(obj, '__qualname__', 0))
             if old is not None and not override and not same:
                 raise ValueError(f"{self.kind} '{key}' is already registered (to {self._items[key]!r}); "
                                  f"pass override=True to replace it")
@@ -87,3 +89,10 @@ TRACKERS.add_lazy('wandb', 'nbtrain.tracking:WandbTracker')
 TRACKERS.add_lazy('tensorboard', 'nbtrain.tracking:TensorBoardTracker')
 TRACKERS.add_lazy('eval_metrics', 'nbtrain.metrics:TaskMetrics')
 TRACKERS.add_lazy('dashboard', 'nbtrain.dashboard:LiveDashboard')
+for _n, _t in dict(gpt='GPT', encoder_classifier='EncoderClassifier', vit='ViT').items(): MODELS.add_lazy(_n, f'nbtrain.models:{_t}')
+for _n, _t in dict(causal_lm='CausalLM', masked_lm='MaskedLM', sequence_classification='SequenceClassification',
+                   token_classification='TokenClassification', image_classification='ImageClassification', seq2seq='Seq2Seq').items():
+    TASKS.add_lazy(_n, f'nbtrain.tasks:{_t}')
+OPTIMIZERS.add_lazy('adamw', 'nbtrain.optim:make_adamw')
+OPTIMIZERS.add_lazy('sgd', 'nbtrain.optim:make_sgd')
+for _n in ('cosine', 'linear', 'constant'): SCHEDULERS.add_lazy(_n, f'nbtrain.optim:{_n}')
