@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 import numpy as np
 import torch
+from .files import write_json
 
 # %% auto #0
 __all__ = ['PACKAGES', 'seed_everything', 'seed_worker', 'rng_state', 'set_rng_state', 'git_info', 'env_snapshot', 'write_env']
@@ -124,9 +125,7 @@ def env_snapshot(cwd=None) -> dict:
     }
 
 def write_env(run_dir) -> Path:
-    "Write `env_snapshot()` to `run_dir/env.json` (pretty JSON) and return its path."
+    """Write `env_snapshot()` to `run_dir/env.json` (pretty JSON) and return its path. The write is atomic: a full disk
+    leaves the old env.json (or none) and no temporary file, and raises `DiskFullError` naming the file."""
     run_dir = Path(run_dir); run_dir.mkdir(parents=True, exist_ok=True)
-    path, tmp = run_dir / 'env.json', run_dir / 'env.json.tmp'
-    tmp.write_text(json.dumps(env_snapshot(), indent=2, default=str) + '\n')
-    tmp.replace(path)  # never leave a half-written env.json behind
-    return path
+    return write_json(run_dir / 'env.json', env_snapshot())
