@@ -12,14 +12,82 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 from .errors import ConfigError, closest, did_you_mean, format_choices
-from .registry import TRACKERS
+from .registry import MODELS, TASKS, OPTIMIZERS, SCHEDULERS, TRACKERS
 
 # %% auto #0
-__all__ = ['ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SHORTCUTS', 'SECRET_ENV_VARS', 'REDACTED', 'opt', 'Section', 'ModelConfig',
+__all__ = ['SECRET_ENV_VARS', 'REDACTED', 'ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SHORTCUTS', 'remember_secrets',
+           'secret_values', 'find_secrets', 'redact', 'redact_argv', 'opt', 'Section', 'Registered', 'ModelConfig',
            'TaskConfig', 'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig',
            'TrackingConfig', 'MonitorConfig', 'RunConfig', 'deep_merge', 'read_config_file', 'parse_overrides',
-           'dotted_to_nested', 'nested_to_dotted', 'load_config', 'secret_values', 'redact', 'save_config',
-           'describe_fields']
+           'dotted_to_nested', 'nested_to_dotted', 'load_config', 'save_config', 'describe_fields']
+
+# %% ../nbs/02_config.ipynb #4bbaac75
+SECRET_ENV_VARS = ('WANDB_API_KEY', 'HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HUGGINGFACE_TOKEN', 'HF_API_TOKEN',
+                   'OPENAI_API_KEY', 'AWS_SECRET_ACCESS_KEY', 'GITHUB_TOKEN', 'COMET_API_KEY', 'NEPTUNE_API_TOKEN')
+_SECRET_KEY = re.compile(r'(^|_)(token|api_?key|secret|password|passwd|credentials?|auth)$', re.I)
+REDACTED = '***'
+_SEEN: set[str] = set()  # credentials found in this process's configs: kept in memory, never written
+
+# in free text: https://user:PASSWORD@host and https://TOKEN@host; ?token=X&sig=Y; api_token: X, "hf_token": "X",
+# --model.kwargs.api_token=X; Authorization: Bearer X
+_URL_USER = re.compile(r"(\b[a-z][a-z0-9+.-]*://)([^/\s@'\"]+)@", re.I)
+_TEXT_PATTERNS = (
+    re.compile(r"([?&;](?:[\w.-]*?[_-])?(?:token|api_?key|key|sig|signature|secret|password|auth)=)([^&#\s'\"]+)", re.I),
+    re.compile(r"((?<![\w])(?:[\w.-]*?[_.-])?(?:token|api_?key|secret|password|passwd|credentials?)['\"]?\s*[:=]\s*['\"]?)([^\s'\",}&]{4,})", re.I),
+    re.compile(r"(\bbearer\s+)([\w.~+/-]{6,}=*)", re.I))
+
+def remember_secrets(values) -> set[str]:
+    "Keep `values` (strings of 6 or more characters) in memory, so that every later `redact` in this process removes them wherever they appear."
+    new = {v for v in values if isinstance(v, str) and len(v) >= 6 and REDACTED not in v}
+    _SEEN.update(new)
+    return new
+
+def secret_values() -> set[str]:
+    "Values of the known secret environment variables (and any *_TOKEN / *_API_KEY / *_SECRET variable) that are set, and the credentials seen in configs."
+    names = set(SECRET_ENV_VARS) | {k for k in os.environ if k.upper().endswith(('_TOKEN', '_API_KEY', '_SECRET', '_PASSWORD'))}
+    return {os.environ[k] for k in names if len(os.environ.get(k, '')) >= 6} | _SEEN
+
+def _text_secrets(s:str) -> set[str]:
+    out = {u.partition(':')[2] or u for m in _URL_USER.finditer(s) for u in [m.group(2)]}
+    return out | {m.group(2) for rx in _TEXT_PATTERNS for m in rx.finditer(s)}
+
+def find_secrets(obj) -> set[str]:
+    "The credentials inside `obj` (nested dicts/lists/strings): strings under credential-like keys, passwords and tokens in URLs, `token=...`-like text."
+    if isinstance(obj, dict):
+        return set().union(*({v} if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v else find_secrets(v) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)): return set().union(*map(find_secrets, obj))
+    return {s for s in _text_secrets(obj) if s != REDACTED} if isinstance(obj, str) else set()
+
+def _redact_text(s:str, secrets) -> str:
+    for x in sorted(secrets, key=len, reverse=True):  # the longest first: one secret may contain another
+        if x and x in s: s = s.replace(x, REDACTED)
+    s = _URL_USER.sub(lambda m: f"{m.group(1)}{m.group(2).partition(':')[0] + ':' if ':' in m.group(2) else ''}{REDACTED}@", s)
+    for rx in _TEXT_PATTERNS: s = rx.sub(lambda m: m.group(1) + REDACTED, s)
+    return s
+
+def redact(obj, secrets:set[str]|None=None):
+    """A copy of `obj` (nested dicts/lists, or a string) with credential-like keys, known secret values (`secrets`, else
+    the environment's), credentials seen in configs, and credentials in URLs and `key=value` text replaced by '***'."""
+    secrets = (secret_values() if secrets is None else set(secrets)) | _SEEN
+    if isinstance(obj, dict):
+        # a credential is a string under a key like hf_token or api_key (not pad_token_id, not a per_token flag)
+        return {k: (REDACTED if _SECRET_KEY.search(str(k)) and isinstance(obj[k], str) and obj[k]
+                    else redact(v, secrets)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(redact(v, secrets) for v in obj)
+    if isinstance(obj, str): return _redact_text(obj, secrets)
+    return obj
+
+def redact_argv(argv:list[str]) -> list[str]:
+    "Command-line arguments with secrets replaced: the value of an option named like a credential (`--x.api_token VALUE`) and whatever `redact` finds."
+    out, hide = [], False
+    for a in map(str, argv):
+        if hide: out.append(REDACTED); hide = False; continue
+        key, eq, _ = a.partition('=')
+        if a.startswith('--') and _SECRET_KEY.search(key[2:].replace('-', '_').split('.')[-1]):
+            if eq: out.append(f'{key}={REDACTED}'); continue
+            hide = True
+        out.append(redact(a))
+    return out
 
 # %% ../nbs/02_config.ipynb #763115bf
 def opt(default=None, help:str='', *, choices=None, ge=None, gt=None, le=None, lt=None):
@@ -41,7 +109,7 @@ def _coerce(value, tp, name:str):
     "Convert `value` (possibly a command-line string) to type `tp`, or raise a `ConfigError` naming `name`."
     origin, args = get_origin(tp), get_args(tp)
     def bad(extra=''):
-        return ConfigError(f"{name}={value!r} is not a valid {_type_name(tp)}{extra}.")
+        return ConfigError(redact(f"{name}={value!r} is not a valid {_type_name(tp)}{extra}."))
     if tp is Any: return value
     if origin in (Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_STRINGS and type(None) in args):
@@ -136,19 +204,26 @@ def _check_bounds(v, md, path):
     if v is None or isinstance(v, (list, dict)): return
     ch = md.get('choices')
     if ch is not None and v not in ch:
-        raise ConfigError(f"{path}={v!r} is not one of the choices: {format_choices(map(str, ch))}."
-                          f"{did_you_mean(v, map(str, ch))}")
+        raise ConfigError(redact(f"{path}={v!r} is not one of the choices: {format_choices(map(str, ch))}."
+                                 f"{did_you_mean(v, map(str, ch))}"))
     if not isinstance(v, (int, float)) or isinstance(v, bool): return
     for key, ok, word in (('ge', lambda a, b: a >= b, '>='), ('gt', lambda a, b: a > b, '>'),
                           ('le', lambda a, b: a <= b, '<='), ('lt', lambda a, b: a < b, '<')):
         b = md.get(key)
         if b is not None and not ok(v, b): raise ConfigError(f"{path}={v!r} is out of range: expected a value {word} {b}.")
 
+class Registered:
+    "The `choices` of a field that names an implementation: the names registered in `registry` (now, not at import), and `extra`."
+    def __init__(self, registry, *extra): self.registry, self.extra = registry, extra
+    def __contains__(self, v): return isinstance(v, str) and (v in self.extra or v in self.registry)
+    def __iter__(self): return iter([*self.extra, *self.registry])
+    def __repr__(self): return f"Registered({self.registry.kind!r})"
+
 # %% ../nbs/02_config.ipynb #40709352
 @dataclass
 class ModelConfig(Section):
     _name = 'model'
-    name: str = opt('gpt', "A registered reference model ('gpt', 'encoder_classifier', 'vit'), 'file' for a model.py + config.json export, or 'hf' for a Hugging Face config")
+    name: str = opt('gpt', "A registered reference model ('gpt', 'encoder_classifier', 'vit'), 'file' for a model.py + config.json export, or 'hf' for a Hugging Face config", choices=Registered(MODELS, 'file', 'hf'))
     size: str = opt('tiny', "Size preset of a reference model (tiny, mini, small, gpt2-small)")
     path: str|None = opt(None, "model.py / export folder for name='file'; model type, config or checkpoint folder for name='hf'")
     trust_code: bool = opt(False, "Allow executing the model.py given in `path`")
@@ -170,7 +245,7 @@ class ModelConfig(Section):
 @dataclass
 class TaskConfig(Section):
     _name = 'task'
-    name: str = opt('causal_lm', "A registered task: causal_lm, masked_lm, sequence_classification, token_classification, image_classification, seq2seq")
+    name: str = opt('causal_lm', "A registered task: causal_lm, masked_lm, sequence_classification, token_classification, image_classification, seq2seq", choices=Registered(TASKS))
     ignore_index: int = opt(-100, "Label value that is ignored by the loss")
     label_smoothing: float = opt(0.0, "Label smoothing for cross-entropy", ge=0.0, lt=1.0)
     class_weights: list[float]|None = opt(None, "Per-class loss weights (classification)")
@@ -222,7 +297,7 @@ class DataConfig(Section):
 @dataclass
 class OptimConfig(Section):
     _name = 'optim'
-    name: str = opt('adamw', "A registered optimizer: adamw, sgd")
+    name: str = opt('adamw', "A registered optimizer: adamw, sgd", choices=Registered(OPTIMIZERS))
     lr: float = opt(3e-4, "Peak learning rate", gt=0.0)
     weight_decay: float = opt(0.1, "Decoupled weight decay (not applied to norms, biases and embeddings)", ge=0.0)
     beta1: float = opt(0.9, "Adam beta1", ge=0.0, lt=1.0)
@@ -234,7 +309,7 @@ class OptimConfig(Section):
 @dataclass
 class ScheduleConfig(Section):
     _name = 'schedule'
-    name: str = opt('cosine', "Learning-rate schedule after warmup", choices=['cosine', 'linear', 'constant'])
+    name: str = opt('cosine', "Learning-rate schedule after warmup: a registered schedule (cosine, linear, constant)", choices=Registered(SCHEDULERS))
     warmup_steps: int|None = opt(None, "Linear warmup length in optimizer steps (overrides warmup_ratio)", ge=0)
     warmup_ratio: float = opt(0.05, "Warmup as a fraction of the total optimizer steps", ge=0.0, le=1.0)
     min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak (cosine, linear)", ge=0.0, le=1.0)
@@ -484,32 +559,10 @@ def load_config(file=None, preset:str|None=None, overrides:dict|list[str]|None=N
         for k in _STOP_KEYS: base.get('train', {}).pop(k, None)  # your stopping rule replaces the preset's
     d = deep_merge(deep_merge(base, fd), over)
     d['preset'] = name
+    remember_secrets(find_secrets(d))  # before validation: an error message that quotes one redacts it
     return RunConfig.from_dict(d)
 
 # %% ../nbs/02_config.ipynb #c3a1448c
-SECRET_ENV_VARS = ('WANDB_API_KEY', 'HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HUGGINGFACE_TOKEN', 'HF_API_TOKEN',
-                   'OPENAI_API_KEY', 'AWS_SECRET_ACCESS_KEY', 'GITHUB_TOKEN', 'COMET_API_KEY', 'NEPTUNE_API_TOKEN')
-_SECRET_KEY = re.compile(r'(^|_)(token|api_?key|secret|password|passwd|credentials?|auth)$', re.I)
-REDACTED = '***'
-
-def secret_values() -> set[str]:
-    "Values of the known secret environment variables (and any *_TOKEN / *_API_KEY / *_SECRET variable) that are set."
-    names = set(SECRET_ENV_VARS) | {k for k in os.environ if k.upper().endswith(('_TOKEN', '_API_KEY', '_SECRET', '_PASSWORD'))}
-    return {os.environ[k] for k in names if len(os.environ.get(k, '')) >= 6}
-
-def redact(obj, secrets:set[str]|None=None):
-    "A copy of `obj` (nested dicts/lists) with credential-like keys and known secret values replaced by '***'."
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(obj, dict):
-        # a credential is a string under a key like hf_token or api_key (not pad_token_id, not a per_token flag)
-        return {k: (REDACTED if _SECRET_KEY.search(str(k)) and isinstance(obj[k], str) and obj[k]
-                    else redact(v, secrets)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return type(obj)(redact(v, secrets) for v in obj)
-    if isinstance(obj, str):
-        for s in secrets:
-            if s in obj: obj = obj.replace(s, REDACTED)
-    return obj
-
 def save_config(cfg:RunConfig, path) -> Path:
     "Write `cfg` (secrets redacted) as YAML or JSON, chosen by the file suffix."
     p = Path(path)
@@ -529,6 +582,6 @@ def describe_fields() -> list[dict]:
         hints = get_type_hints(cls)
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append(dict(key=f'{sec}.{f.name}', type=_type_name(hints[f.name]), default=default,
-                             **{k: v for k, v in f.metadata.items() if v is not None}))
+            md = {k: (list(v) if k == 'choices' else v) for k, v in f.metadata.items() if v is not None}
+            rows.append(dict(key=f'{sec}.{f.name}', type=_type_name(hints[f.name]), default=default, **md))
     return rows
