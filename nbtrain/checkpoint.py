@@ -13,11 +13,12 @@ from typing import Any, Callable
 import torch
 from fastcore.basics import patch
 from .errors import NbtrainError
+from .files import DiskFullError, is_disk_full, human_bytes, free_space
 
 # %% auto #0
 __all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'LOCK', 'CheckpointError', 'ckpt_name', 'sha256_file', 'snapshot', 'split_tied',
-           'model_state', 'load_weights', 'write_checkpoint', 'read_manifest', 'verify_checkpoint', 'CheckpointInfo',
-           'CheckpointManager', 'RunLockedError', 'RunLock']
+           'model_state', 'load_weights', 'write_checkpoint', 'nbytes', 'read_manifest', 'verify_checkpoint',
+           'CheckpointInfo', 'CheckpointManager', 'RunLockedError', 'RunLock']
 
 # %% ../nbs/09a_checkpoint.ipynb #81279dc2
 class CheckpointError(NbtrainError, RuntimeError):
@@ -123,31 +124,44 @@ def write_checkpoint(dest, weights:dict, state:dict, meta:dict, aliases:dict|Non
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception):
-            raise CheckpointError(f"Saving checkpoint {dest} failed while {stage}: {type(e).__name__}: {e}.{_disk_hint(e, dest.parent)} "
+            need = nbytes(weights) + nbytes(state)
+            raise CheckpointError(f"Saving checkpoint {dest} failed while {stage}: {type(e).__name__}: {e}.{_disk_hint(e, dest.parent, need)} "
                                   f"The previous checkpoints in {dest.parent} are untouched.") from e
         raise
 
-def _disk_hint(e:BaseException, where:Path) -> str:
-    import errno
-    codes = {getattr(x, 'errno', None) for x in (e, e.__cause__, e.__context__)}
-    if not codes & {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}: return ''
-    try: free = f'{shutil.disk_usage(where).free / 2**30:.1f} GB free there'
-    except OSError: free = 'free space unknown'
-    return (f" The disk is full or a size limit was hit ({free}): free some space, lower checkpoint.keep_last_n, "
-            f"or point the run's output_dir elsewhere.")
+def nbytes(obj) -> int:
+    "Bytes of the tensors in a nested structure (what a checkpoint of it needs on disk, roughly)."
+    if isinstance(obj, torch.Tensor): return obj.numel() * obj.element_size()
+    if isinstance(obj, dict): return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)): return sum(nbytes(v) for v in obj)
+    return 0
+
+def _disk_hint(e:BaseException, where:Path, needed:int|None=None) -> str:
+    "What to do when `e` is a full disk (also safetensors' errors, which carry only the text); else ''."
+    if not is_disk_full(e): return ''
+    free = free_space(where)
+    need = f"it needs about {human_bytes(needed)}, " if needed else ''
+    return (f" The disk is full or a size limit was hit ({need}{human_bytes(free) + ' free there' if free is not None else 'free space unknown'}): "
+            f"free some space, lower checkpoint.keep_last_n, or point the run's output_dir elsewhere.")
 
 def read_manifest(path) -> dict:
-    return json.loads((Path(path)/MANIFEST).read_text())
+    "The manifest of checkpoint `path` (raises `OSError` or `ValueError` when it is missing or garbage)."
+    m = json.loads((Path(path)/MANIFEST).read_text(encoding='utf-8'))
+    if not isinstance(m, dict) or not isinstance(m.get('files', {}), dict): raise ValueError('not a checkpoint manifest (expected a JSON object with files)')
+    return m
 
 def verify_checkpoint(path, deep:bool=True) -> str|None:
     "None if the checkpoint at `path` is complete and its files match the manifest, else what is wrong."
     p = Path(path)
     if not (p/MANIFEST).is_file(): return f"{p/MANIFEST} is missing (the write did not finish)"
     try: m = read_manifest(p)
+    except UnicodeDecodeError: return f"{p/MANIFEST} is unreadable: not UTF-8 text"
     except (OSError, ValueError) as e: return f"{p/MANIFEST} is unreadable: {e}"
+    if 'step' not in m: return f"{p/MANIFEST} is unreadable: it has no step"
     for name, info in m.get('files', {}).items():
         f = p/name
         if not f.is_file(): return f"{f} is missing"
+        if not isinstance(info, dict) or 'bytes' not in info: return f"{p/MANIFEST} is unreadable: no size for {name}"
         if f.stat().st_size != info['bytes']: return f"{f} has {f.stat().st_size} bytes, the manifest says {info['bytes']} (truncated?)"
         if deep and sha256_file(f) != info['sha256']: return f"{f} does not match its sha256 in the manifest (corrupted)"
     return None
@@ -182,6 +196,7 @@ class CheckpointManager:
         self.objects: dict[str, Any] = {}
         self._thread, self._error, self._buffers, self._completed = None, None, None, []
         self.last_save_stall_s = 0.0
+        self.skipped: list[str] = []  # what the last search for a checkpoint passed over, and why
         self.dir.mkdir(parents=True, exist_ok=True)
         for t in self.dir.glob('.tmp-*'): shutil.rmtree(t, ignore_errors=True)  # left by a crash mid-write
 
@@ -274,14 +289,57 @@ def mirror_list(self:CheckpointManager) -> list[CheckpointInfo]:
     return sorted(out, key=lambda c: c.step)
 
 @patch
+def _candidates(self:CheckpointManager, include_mirror:bool=True) -> list[tuple[int, Path]]:
+    "(step, path) of every checkpoint folder here (step from its name) and mirror slot, newest first (local before mirror)."
+    out = [(int(m.group(1)), p) for p in (sorted(self.dir.iterdir()) if self.dir.exists() else [])
+           if p.is_dir() and (m := _NAME.match(p.name))]
+    if include_mirror and self.mirror is not None and self.mirror.exists():
+        for s in sorted(self.mirror.glob('slot-*')):
+            try: out.append((int(read_manifest(s)['step']), s))
+            except (OSError, ValueError, KeyError, TypeError): out.append((-1, s))  # named when it comes to it
+    out = sorted(out, key=lambda c: (c[0], c[1].parent == self.dir), reverse=True)
+    return [c for c in out if c[0] < 0] + [c for c in out if c[0] >= 0]  # slots of unknown step are named first
+
+@patch
+def _skip(self:CheckpointManager, path:Path, why:str):
+    self.skipped.append(f"{path.name}: {why}")
+    warnings.warn(f"Skipping checkpoint {path}: {why}", RuntimeWarning)
+
+@patch
 def latest_valid(self:CheckpointManager, include_mirror:bool=True) -> CheckpointInfo|None:
-    "The newest checkpoint (here or in the mirror) that verifies; each one skipped is named in a warning."
-    cands = self.list() + (self.mirror_list() if include_mirror else [])
-    for c in sorted(cands, key=lambda c: (c.step, c.path.parent == self.dir), reverse=True):
-        why = verify_checkpoint(c.path)
-        if why is None: return c
-        warnings.warn(f"Skipping checkpoint {c.path}: {why}", RuntimeWarning)
+    """The newest checkpoint (here or in the mirror) that verifies. Each one skipped is named in a warning, with why
+    (a missing or garbage manifest too), and listed in `skipped`."""
+    self.skipped = []
+    for step, p in self._candidates(include_mirror):
+        why = verify_checkpoint(p)
+        if why is None:
+            try: return CheckpointInfo.read(p)
+            except (OSError, ValueError, KeyError, TypeError) as e: why = f"{p/MANIFEST} is unreadable: {e}"
+        self._skip(p, why)
     return None
+
+@patch
+def load_latest(self:CheckpointManager, include_mirror:bool=True) -> dict|None:
+    """Load the newest checkpoint that verifies *and* reads (see `load`); None when there is none. A checkpoint whose
+    files match the manifest but cannot be read (a damaged safetensors header, a state that safe loading refuses) is
+    skipped like a damaged one, with its reason, and the one before it is tried. `skipped` lists every one passed over."""
+    self.skipped, seen = [], set()
+    for step, p in self._candidates(include_mirror):
+        why = verify_checkpoint(p)
+        if why is None:
+            try: return self.load(CheckpointInfo.read(p))
+            except (OSError, ValueError, KeyError, TypeError) as e: why = f"{p/MANIFEST} is unreadable: {e}"
+            except CheckpointError as e: why = getattr(e, 'reason', str(e))
+        self._skip(p, why)
+    return None
+
+@patch
+def no_checkpoint_reason(self:CheckpointManager) -> str:
+    "Why the last `latest_valid`/`load_latest` found nothing, in one line."
+    where = f"{self.dir}" + (f" or {self.mirror}" if self.mirror is not None else '')
+    if not self.skipped: return f"no checkpoint in {where}"
+    n = len(self.skipped)
+    return f"no usable checkpoint in {where}: {n} skipped ({'; '.join(self.skipped[:6])}{'; ...' if n > 6 else ''})"
 
 @patch
 def best(self:CheckpointManager) -> CheckpointInfo|None:
@@ -323,7 +381,9 @@ def _mirror(self:CheckpointManager, src:Path):
             _fsync(slot/n)
         shutil.copyfile(src/MANIFEST, slot/MANIFEST)
     except Exception as e:
-        raise CheckpointError(f"Mirroring {src.name} to {slot} failed: {type(e).__name__}: {e}. "
+        shutil.rmtree(slot, ignore_errors=True)  # no half copy left: the other slots keep their checkpoints
+        need = sum(f.stat().st_size for f in src.iterdir() if f.is_file())
+        raise CheckpointError(f"Mirroring {src.name} to {slot} failed: {type(e).__name__}: {e}.{_disk_hint(e, self.mirror, need)} "
                               f"The local checkpoint {src} is complete.") from e
 
 # %% ../nbs/09a_checkpoint.ipynb #cf85c0bb
@@ -331,19 +391,45 @@ def _mirror(self:CheckpointManager, src:Path):
 def load(self:CheckpointManager, which='latest') -> dict:
     "Load `which` ('latest', 'best', a step, a path or a `CheckpointInfo`): {'model', 'state', 'manifest', 'path'}."
     from safetensors.torch import load_file
-    if which == 'latest': c = self.latest_valid()
-    elif which == 'best': c = self.best()
+    if which == 'latest':
+        if (ck := self.load_latest()) is not None: return ck
+        raise CheckpointError(f"No checkpoint to load: {self.no_checkpoint_reason()}")
+    elif which == 'best': c = self.best(); self.skipped = []
     elif isinstance(which, CheckpointInfo): c = which
     elif isinstance(which, int): c = CheckpointInfo.read(self.dir/ckpt_name(which))
     else: c = CheckpointInfo.read(which)
-    if c is None: raise CheckpointError(f"No valid checkpoint in {self.dir}" + (f" or {self.mirror}" if self.mirror else ''))
+    if c is None: raise CheckpointError(f"No checkpoint to load: {self.no_checkpoint_reason()}")
     why = verify_checkpoint(c.path)
-    if why: raise CheckpointError(f"Checkpoint {c.path} cannot be loaded: {why}")
+    if why: _unreadable(c.path, why, None)
     man = read_manifest(c.path)
-    sd = load_file(str(c.path/WEIGHTS))
-    for k, v in man.get('aliases', {}).items(): sd[k] = sd[v]
-    state = torch.load(c.path/STATE, weights_only=True, map_location='cpu')
+    try: sd = load_file(str(c.path/WEIGHTS))
+    except Exception as e: _unreadable(c.path, f"{c.path/WEIGHTS} cannot be read ({_first_line(e)})", e)
+    try:
+        for k, v in man.get('aliases', {}).items(): sd[k] = sd[v]
+    except (KeyError, TypeError, AttributeError) as e: _unreadable(c.path, f"{c.path/MANIFEST} names a tied tensor {e} that {WEIGHTS} lacks", e)
+    try: state = torch.load(c.path/STATE, weights_only=True, map_location='cpu')
+    except Exception as e: _unreadable(c.path, _state_reason(c.path/STATE, e), e)
+    if not isinstance(state, dict): _unreadable(c.path, f"{c.path/STATE} holds a {type(state).__name__}, not a checkpoint's state", None)
     return dict(model=sd, state=state, manifest=man, path=c.path)
+
+def _first_line(e:BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0] if s else ''}"
+
+def _state_reason(path:Path, e:BaseException) -> str:
+    "Why `torch.load(weights_only=True)` refused `path`, without torch's advice to turn the safety off."
+    s = str(e)
+    if 'WeightsUnpickler error:' in s:
+        what = s.split('WeightsUnpickler error:', 1)[1].strip().splitlines()[0]
+        what = re.split(r' was not an allowed global| Please use|\. Please', what)[0].strip()
+        return (f"{path} holds something safe (weights-only) loading refuses ({what}): it was not written by nbtrain's "
+                f"checkpoints, or a registered object saved a Python object instead of tensors and plain values")
+    return f"{path} cannot be read ({_first_line(e)})"
+
+def _unreadable(path:Path, why:str, e:BaseException|None):
+    err = CheckpointError(f"Checkpoint {path} cannot be loaded: {why}")
+    err.reason = why
+    raise err from None
 
 @patch
 def restore(self:CheckpointManager, ckpt:dict):
