@@ -10,10 +10,11 @@ import json, math, time, traceback, warnings
 from pathlib import Path
 from typing import Any
 from .errors import CallbackError
+from .files import DiskFullError, is_disk_full, disk_full_error
 
 # %% auto #0
-__all__ = ['EVENTS', 'Callback', 'CallbackList', 'JSONLLogger', 'read_metrics', 'ProgressBar', 'EarlyStopping', 'plot_loss_curve',
-           'LossCurve']
+__all__ = ['EVENTS', 'STOPPED', 'Callback', 'CallbackList', 'JSONLLogger', 'read_metrics', 'ProgressBar', 'EarlyStopping',
+           'plot_loss_curve', 'LossCurve']
 
 # %% ../nbs/10_callbacks.ipynb #f1480563
 EVENTS = ('on_fit_start', 'on_step_end', 'on_log', 'on_eval_batch', 'on_eval_metrics', 'on_eval_end', 'on_epoch_end',
@@ -43,8 +44,11 @@ class Callback:
     def name(self) -> str: return type(self).__name__
 
 # %% ../nbs/10_callbacks.ipynb #38ad81eb
+STOPPED = 'training stopped there; run it again with the same name to resume from its newest checkpoint'
+
 class CallbackList:
-    "Dispatches events to callbacks, isolating the errors of non-critical ones."
+    """Dispatches events to callbacks, isolating the errors of non-critical ones. A full disk is no callback's own
+    failure: it stops training with one line (`DiskFullError`) naming the file, whichever callback met it."""
     def __init__(self, callbacks=()):
         self.callbacks = sorted(callbacks, key=lambda c: c.order)
         self.failures: list[dict] = []
@@ -63,6 +67,10 @@ class CallbackList:
         for cb in self._by_event[event]:
             try: getattr(cb, event)(trainer, *args)
             except Exception as e:
+                if isinstance(e, DiskFullError): raise  # the disk is full for every writer: training stops, resumable
+                if is_disk_full(e):
+                    where = getattr(e, 'filename', None) or f"the files of callback {cb.name} in {getattr(trainer, 'run_dir', None) or '.'}"
+                    raise disk_full_error(where, None, e, STOPPED) from None
                 if cb.critical:
                     raise CallbackError(f"Critical callback {cb.name} failed in {event}: {type(e).__name__}: {e}") from e
                 self._disable(cb, event, e)
@@ -95,13 +103,22 @@ class JSONLLogger(Callback):
 
     def on_fit_start(self, trainer):
         if trainer.run_dir is not None and trainer.is_global_zero:
-            self._f = open(Path(trainer.run_dir)/self.filename, 'a', encoding='utf-8')
+            self.path = Path(trainer.run_dir)/self.filename
+            self._f = open(self.path, 'ab', buffering=0)  # unbuffered: a row is on disk (or not at all) when write returns
 
     def write(self, trainer, metrics:dict):
         if self._f is None: return
         row = dict(step=trainer.step, epoch=trainer.epoch, time=round(time.time(), 3), **metrics)
-        self._f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + '\n')
-        self._f.flush()
+        data = (json.dumps({k: _clean(v) for k, v in row.items()}) + '\n').encode('utf-8')
+        end = self._f.seek(0, 2)
+        try:
+            view = memoryview(data)
+            while view: view = view[self._f.write(view):]
+        except OSError as e:
+            try: self._f.truncate(end)  # no half row left behind
+            except OSError: pass
+            if is_disk_full(e): raise disk_full_error(self.path, len(data), e, STOPPED) from None
+            raise
 
     def on_log(self, trainer, metrics): self.write(trainer, metrics)
     def on_eval_end(self, trainer, metrics): self.write(trainer, metrics)
@@ -111,10 +128,19 @@ class JSONLLogger(Callback):
         if self._f is not None: self._f.close(); self._f = None
 
 def read_metrics(run_dir, filename:str='metrics.jsonl') -> list[dict]:
-    "The rows of a run's `metrics.jsonl`."
+    """The rows of a run's `metrics.jsonl`. A last line cut short (a crash in the middle of a write) is left out; a
+    line that is not a JSON object elsewhere is left out with a warning naming the file and the line."""
     p = Path(run_dir)/filename
     if not p.exists(): return []
-    return [json.loads(l) for l in p.read_text(encoding='utf-8').splitlines() if l.strip()]
+    lines = p.read_text(encoding='utf-8', errors='replace').splitlines()
+    rows = []
+    for i, l in enumerate(lines, 1):
+        if not l.strip(): continue
+        try: r = json.loads(l)
+        except ValueError: r = None
+        if isinstance(r, dict): rows.append(r)
+        elif i < len(lines): warnings.warn(f"{p}, line {i}: not a metrics row ({l[:60]!r}); left out", RuntimeWarning)
+    return rows
 
 # %% ../nbs/10_callbacks.ipynb #36119186
 class ProgressBar(Callback):
