@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 from .callbacks import Callback, read_metrics
-from .config import redact
+from .config import redact, redact_argv
 from .errors import ConfigError, did_you_mean
 from .repro import rng_state, set_rng_state
 
@@ -233,12 +233,16 @@ class WandbTracker(Callback):
             print(f"W&B: logging offline ({self.mode_reason}); upload it later with:  wandb sync {Path(self.run.dir).parent}")
 
     def _init(self, trainer, mode:str):
-        import wandb
+        import sys, wandb
         settings = dict(self.settings, **({'api_key': self._key} if self._key and mode == 'online' else {}))
-        return wandb.init(project=self.project, entity=self.entity, name=self.run_name or Path(trainer.run_dir).name,
-                          id=self.run_id, resume='allow', dir=os.environ.get('WANDB_DIR') or str(trainer.run_dir),
-                          config=tracker_config(trainer), tags=self.tags or None, job_type='train', mode=mode,
-                          reinit='create_new', settings=wandb.Settings(**settings))
+        argv = sys.argv
+        sys.argv = [argv[0], *redact_argv(argv[1:])] if argv else argv  # W&B records the command line (args) from sys.argv
+        try:
+            return wandb.init(project=self.project, entity=self.entity, name=redact(self.run_name or Path(trainer.run_dir).name),
+                              id=self.run_id, resume='allow', dir=os.environ.get('WANDB_DIR') or str(trainer.run_dir),
+                              config=tracker_config(trainer), tags=redact(self.tags) or None, job_type='train', mode=mode,
+                              reinit='create_new', settings=wandb.Settings(**settings))
+        finally: sys.argv = argv
 
     def _log(self, trainer, metrics):
         if self.run is None: return
@@ -262,6 +266,7 @@ class WandbTracker(Callback):
                                                                      metadata=metadata, lock=lock))
 
     def on_alert(self, trainer, title, text, level='info'):
+        title, text = redact(str(title)), redact(str(text))  # an alert may quote an exception, a path or a value
         self.alerts.append(dict(step=trainer.step, title=title, text=text, level=level, time=round(time.time(), 3)))
         del self.alerts[:-100]
         if self.run is None: return
@@ -306,7 +311,7 @@ def _wandb_records(path):
         elif kind == 4: yield buf + chunk; buf = b''  # last
 
 def read_offline_run(path) -> dict:
-    "What a W&B run file (or the newest under a folder) holds: `run_id`, `config`, `history` (rows with `_step`), `alerts`, `artifacts`."
+    "What a W&B run file (or the newest under a folder) holds: `run_id`, `config`, `history` (rows with `_step`), `alerts`, `artifacts`, `args` (the recorded command line)."
     import json
     from wandb.proto import wandb_internal_pb2 as pb
     p = Path(path)
@@ -314,7 +319,7 @@ def read_offline_run(path) -> dict:
         files = sorted(p.rglob('run-*.wandb'), key=lambda f: f.stat().st_mtime)
         if not files: raise FileNotFoundError(f"No W&B run file (run-*.wandb) under {p}")
         p = files[-1]
-    out = dict(run_id=None, config={}, history=[], alerts=[], artifacts=[])
+    out = dict(run_id=None, config={}, history=[], alerts=[], artifacts=[], args=[])
     key = lambda item: item.key or '/'.join(item.nested_key)
     for raw in _wandb_records(p):
         r = pb.Record(); r.ParseFromString(raw)
@@ -325,6 +330,7 @@ def read_offline_run(path) -> dict:
         elif kind == 'config': out['config'].update({key(i): json.loads(i.value_json) for i in r.config.update})
         elif kind == 'history': out['history'].append({key(i): json.loads(i.value_json) for i in r.history.item})
         elif kind == 'alert': out['alerts'].append(dict(title=r.alert.title, text=r.alert.text, level=r.alert.level))
+        elif kind == 'environment': out['args'] = list(getattr(r.environment, 'args', []))
         elif kind == 'artifact': out['artifacts'].append(dict(name=r.artifact.name, type=r.artifact.type, aliases=list(r.artifact.aliases)))
     return out
 
@@ -353,7 +359,7 @@ class TensorBoardTracker(Callback):
     def on_eval_end(self, trainer, metrics): self._log(trainer, metrics); self.writer and self.writer.flush()
 
     def on_alert(self, trainer, title, text, level='info'):
-        if self.writer is not None: self.writer.add_text('alerts', f'**{level}** {title}: {text}', trainer.step)
+        if self.writer is not None: self.writer.add_text('alerts', redact(f'**{level}** {title}: {text}'), trainer.step)
 
     def on_fit_end(self, trainer): self._close()
     def on_exception(self, trainer, exc): self._close()
