@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/cli.html.md"""
 
 # %% ../nbs/12_cli.ipynb #b9bd0b21
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, json, os, sys, traceback
 from pathlib import Path
 import yaml
 from . import __version__
@@ -60,6 +60,7 @@ def cmd_train(cfg) -> int:
         f"({len(tr.data.train):,} train / {len(tr.data.val or ()):,} val examples)")
     say(f"device: {tr.fabric.device} | {tr.precision_note} | {tr.total_steps} optimizer steps of "
         f"{cfg.train.micro_batch_size * cfg.train.grad_accum * tr.fabric.world_size} examples")
+    if getattr(tr, 'memory_note', None): say(f"memory: {tr.memory_note}")  # before the first step: on a GPU, the advice if it will not fit
     res = tr.fit()
     first, last = (res.first_eval or {}).get('val_loss'), (res.last_eval or {}).get('val_loss')
     if first is not None: say(f"validation loss at start: {first:.4f}")
@@ -95,8 +96,13 @@ def main(argv:list[str]|None=None) -> int:
         if args.command == 'config': return cmd_config(cfg, args.fields)
         return cmd_train(cfg)
     except NbtrainError as e:
-        print(f"nbtrain {command or ''}: error: {e}", file=sys.stderr)
+        print(redact(f"nbtrain {command or ''}: error: {e}"), file=sys.stderr)
         return 2
+    except Exception as e:
+        text = ''.join(traceback.format_exception(type(e), e, e.__traceback__))
+        if redact(text) == text: raise
+        print(redact(text), file=sys.stderr)
+        return 1
 
 # %% ../nbs/12_cli.ipynb #4e7b86fc
 def parse_tiers(value) -> tuple[int, ...]:
