@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from .errors import ConfigError, ModelLoadError, did_you_mean, format_choices
-from .config import REDACTED
 from .registry import MODELS
 from .models import get_reference, unwrap_model
 
@@ -449,6 +448,7 @@ def is_final_folder(path) -> bool:
 
 def _unredacted(cfg:dict|None, task:str, where:str, pad_id:int|None=None) -> dict:
     "A model config without values a secret filter replaced by '***': `per_token` follows the task, `pad_token_id` the tokenizer, others take their defaults."
+    from nbtrain.config import REDACTED  # here, not at the top: the checks import this module without PyYAML
     cfg, lost = dict(cfg or {}), []
     for k, v in list(cfg.items()):
         if v != REDACTED: continue
@@ -493,6 +493,19 @@ def _rebuild(info:dict, model_config:dict|None, folder:Path, trust_code:bool, ta
                          f"rebuild from files: construct it yourself, then load the weights with "
                          f"safetensors.torch.load_model(model, '{folder/'model.safetensors'}').")
 
+def _verify_final(p:Path):
+    """A final folder with a manifest (written by `Trainer.save_final`) must match it; a truncated or changed file is one
+    `ModelLoadError` naming it. Folders without one (older runs) are read as they are; so is a manifest carried along
+    into another folder (an export, a Hub repository), whose files were rewritten there."""
+    from nbtrain.files import MANIFEST, read_manifest, verify_manifest
+    if not (p/MANIFEST).is_file(): return
+    again = "Run the training again with the same name (it rewrites final/ from the newest checkpoint), or copy the folder again."
+    try: m = read_manifest(p)
+    except UnicodeDecodeError: raise ModelLoadError(f"{p/MANIFEST} is not UTF-8 text: the final model folder is damaged. {again}") from None
+    except (OSError, ValueError) as e: raise ModelLoadError(f"{p/MANIFEST} is unreadable ({e}): the final model folder is damaged. {again}") from None
+    if m.get('folder') not in (None, p.name): return
+    if why := verify_manifest(p): raise ModelLoadError(f"The final model in {p} is damaged: {why}. {again}")
+
 def load_final_folder(path, *, trust_code:bool=False, pad_id:int|None=None) -> LoadedModel:
     "The trained model of a final folder (or of the run folder holding `final/`), weights loaded; `info['final']` is the folder."
     p = Path(path).expanduser()
@@ -500,6 +513,7 @@ def load_final_folder(path, *, trust_code:bool=False, pad_id:int|None=None) -> L
     if not is_final_folder(p):
         raise ModelLoadError(f"{p} is not a final model folder: it needs model.safetensors and nbtrain.json (a run folder's final/, "
                              f"or a repository pushed by nbtrain).")
+    _verify_final(p)
     nb, model_config = final_config(p)
     info = dict(nb.get('model') or {})
     model = _rebuild(info, model_config, p, trust_code, nb.get('task', ''), pad_id, new=(p/'nbtrain.json').is_file())
