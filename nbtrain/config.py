@@ -16,7 +16,7 @@ from .registry import MODELS, TASKS, OPTIMIZERS, SCHEDULERS, TRACKERS
 
 # %% auto #0
 __all__ = ['SECRET_ENV_VARS', 'REDACTED', 'ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SHORTCUTS', 'remember_secrets',
-           'secret_values', 'find_secrets', 'redact', 'redact_argv', 'opt', 'Section', 'Registered', 'ModelConfig',
+           'secret_values', 'secrets_in', 'redact', 'redact_argv', 'opt', 'Section', 'Registered', 'ModelConfig',
            'TaskConfig', 'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig',
            'TrackingConfig', 'MonitorConfig', 'RunConfig', 'deep_merge', 'read_config_file', 'parse_overrides',
            'dotted_to_nested', 'nested_to_dotted', 'load_config', 'save_config', 'describe_fields']
@@ -51,11 +51,11 @@ def _text_secrets(s:str) -> set[str]:
     out = {u.partition(':')[2] or u for m in _URL_USER.finditer(s) for u in [m.group(2)]}
     return out | {m.group(2) for rx in _TEXT_PATTERNS for m in rx.finditer(s)}
 
-def find_secrets(obj) -> set[str]:
+def secrets_in(obj) -> set[str]:
     "The credentials inside `obj` (nested dicts/lists/strings): strings under credential-like keys, passwords and tokens in URLs, `token=...`-like text."
     if isinstance(obj, dict):
-        return set().union(*({v} if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v else find_secrets(v) for k, v in obj.items()))
-    if isinstance(obj, (list, tuple)): return set().union(*map(find_secrets, obj))
+        return set().union(*({v} if _SECRET_KEY.search(str(k)) and isinstance(v, str) and v else secrets_in(v) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)): return set().union(*map(secrets_in, obj))
     return {s for s in _text_secrets(obj) if s != REDACTED} if isinstance(obj, str) else set()
 
 def _redact_text(s:str, secrets) -> str:
@@ -559,7 +559,7 @@ def load_config(file=None, preset:str|None=None, overrides:dict|list[str]|None=N
         for k in _STOP_KEYS: base.get('train', {}).pop(k, None)  # your stopping rule replaces the preset's
     d = deep_merge(deep_merge(base, fd), over)
     d['preset'] = name
-    remember_secrets(find_secrets(d))  # before validation: an error message that quotes one redacts it
+    remember_secrets(secrets_in(d))  # before validation: an error message that quotes one redacts it
     return RunConfig.from_dict(d)
 
 # %% ../nbs/02_config.ipynb #c3a1448c

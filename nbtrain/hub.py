@@ -23,9 +23,9 @@ from .tokenizer import load_tokenizer
 # %% auto #0
 __all__ = ['EVAL_PREFIX', 'PIPELINE_TAGS', 'TASK_NAMES', 'MODEL_NOUNS', 'METRIC_NAMES', 'HEADLINE', 'TOKEN_ENV_VARS',
            'TRAINING_FILES', 'TRANSIENT_STATUS', 'HubError', 'PushError', 'RunSummary', 'read_run', 'FinalModel',
-           'load_final', 'metric_name', 'headline_metrics', 'metrics_table', 'card_metadata', 'model_card',
-           'colab_secret', 'hf_token', 'find_secrets', 'stage_repo', 'is_transient', 'retry', 'PushResult',
-           'upload_commands', 'push_run', 'load_from_hub', 'PushCommand']
+           'load_final', 'metric_name', 'headline_metrics', 'metrics_table', 'install_extra', 'card_metadata',
+           'model_card', 'colab_secret', 'hf_token', 'find_secrets', 'stage_repo', 'is_transient', 'retry',
+           'PushResult', 'upload_commands', 'push_run', 'load_from_hub', 'PushCommand']
 
 # %% ../nbs/15_hub.ipynb #eb340bfe
 class HubError(NbtrainError, RuntimeError):
@@ -157,10 +157,14 @@ def metrics_table(run:RunSummary, max_rows:int=10) -> str:
     return _table(['step', 'epoch', *keys], rows)
 
 # %% ../nbs/15_hub.ipynb #8b98ebe4
-def _load_snippet(repo_id:str, revision:str|None, kind:str, task:str, info:dict) -> str:
+def install_extra(kind:str, tokenizer:str|None=None) -> str:
+    "The `nbtrain[...]` extra that loading a published model needs: `ship` (the Hub client) for nbtrain's own models and tokenizers, `train` when transformers or tokenizers are needed too."
+    return 'ship' if kind != 'hf' and tokenizer in (None, 'char', 'byte') else 'train'
+
+def _load_snippet(repo_id:str, revision:str|None, kind:str, task:str, info:dict, tokenizer:str|None=None) -> str:
     rev = f", revision={revision!r}" if revision else ''
     trust = ', trust_code=True' if kind == 'file' else ''
-    lines = [f"# pip install 'nbtrain[hub]=={__version__}'", "from nbtrain.hub import load_from_hub", "",
+    lines = [f"# pip install 'nbtrain[{install_extra(kind, tokenizer)}]=={__version__}'", "from nbtrain.hub import load_from_hub", "",
              f"m = load_from_hub({repo_id!r}{rev}{trust})", "model, tokenizer = m.module, m.tokenizer"]
     if task == 'causal_lm' and kind != 'hf':
         lines += ["ids = tokenizer.encode('Once upon a time')", "next_id = model(torch.tensor([ids])).logits[0, -1].argmax()"]
@@ -238,7 +242,7 @@ def model_card(run:RunSummary, repo_id:str|None=None, *, revision:str|None=None,
             f"for {run.steps:,} optimizer steps."]
     if headline_metrics(run):
         head.append("Final evaluation: " + ', '.join(f"{metric_name(k).lower()} {_fmt(v)}" for k, v in headline_metrics(run).items()) + '.')
-    s = ['\n'.join(head), "## How to load it\n\n" + _load_snippet(repo_id, revision, info.get('kind', ''), task, info)]
+    s = ['\n'.join(head), "## How to load it\n\n" + _load_snippet(repo_id, revision, info.get('kind', ''), task, info, data.get('tokenizer'))]
     d_rows = [['source', data.get('source')], ['tokenizer', data.get('tokenizer')], ['sequence length', data.get('seq_len')],
               ['validation fraction', data.get('val_fraction')]]
     if data.get('source') == 'embedded': d_rows.append(['stories in the corpus', data.get('corpus_size')])
