@@ -25,7 +25,7 @@ __all__ = ['EVAL_PREFIX', 'PIPELINE_TAGS', 'TASK_NAMES', 'MODEL_NOUNS', 'METRIC_
            'TRAINING_FILES', 'TRANSIENT_STATUS', 'HubError', 'PushError', 'RunSummary', 'read_run', 'FinalModel',
            'load_final', 'metric_name', 'headline_metrics', 'metrics_table', 'install_extra', 'card_metadata',
            'model_card', 'colab_secret', 'hf_token', 'find_secrets', 'stage_repo', 'is_transient', 'retry',
-           'PushResult', 'upload_commands', 'push_run', 'load_from_hub', 'PushCommand']
+           'PushResult', 'upload_commands', 'hub_client', 'push_run', 'load_from_hub', 'PushCommand']
 
 # %% ../nbs/15_hub.ipynb #eb340bfe
 class HubError(NbtrainError, RuntimeError):
@@ -409,11 +409,19 @@ def _message(run_dir, tag:str|None) -> str: return f"nbtrain: {Path(run_dir).nam
 def _endpoint(endpoint:str|None) -> str|None:
     return (endpoint or os.environ.get('HF_ENDPOINT') or '').rstrip('/') or None
 
+def hub_client():
+    "The `huggingface_hub` module, or an `ImportError` that names the extra bringing it."
+    try: import huggingface_hub
+    except ImportError: raise ImportError("Talking to the Hugging Face Hub needs the huggingface_hub package: "
+                                          "pip install 'nbtrain[ship]' (or pip install huggingface_hub)") from None
+    return huggingface_hub
+
 def push_run(run_dir, repo_id:str, *, private:bool=False, revision:str|None=None, tag:str|None=None,
              token:str|None=None, endpoint:str|None=None, message:str|None=None, license:str|None=None, tags=(),
              attempts:int=4, backoff:float=1.0, log=print) -> PushResult:
     "Publish the final model of `run_dir` to the Hub repository `repo_id` ('name', 'user/name' or 'org/name')."
-    from huggingface_hub import HfApi, CommitOperationAdd
+    hh = hub_client()
+    HfApi, CommitOperationAdd = hh.HfApi, hh.CommitOperationAdd
     endpoint, rev = _endpoint(endpoint), revision or 'main'
     token = hf_token(token)
     message = message or _message(run_dir, tag)
@@ -460,7 +468,7 @@ def push_run(run_dir, repo_id:str, *, private:bool=False, revision:str|None=None
 def load_from_hub(repo_id:str, revision:str|None=None, *, token:str|None=None, endpoint:str|None=None,
                   cache_dir=None, trust_code:bool=False, device='cpu') -> FinalModel:
     "Download `repo_id` at `revision` and rebuild its model with nbtrain's loaders."
-    from huggingface_hub import snapshot_download
+    snapshot_download = hub_client().snapshot_download
     try:
         path = snapshot_download(repo_id, revision=revision, token=hf_token(token), endpoint=_endpoint(endpoint),
                                  cache_dir=cache_dir, ignore_patterns=['training/*'])
