@@ -160,7 +160,7 @@ def verify_manifest(folder, deep:bool=True) -> str|None:
         if deep and sha256_file(f) != info.get('sha256'): return f"{f} does not match its sha256 in the manifest (corrupted)"
     return None
 
-def write_manifest(folder, **meta) -> Path:
+def write_manifest(folder, /, **meta) -> Path:
     "Write `manifest.json` for the files now in `folder`, with `meta` (JSON values) at its top level."
     folder = Path(folder)
     m = dict(meta, files=file_entries(folder), format=1, written_at=time.time())

@@ -30,10 +30,12 @@ from .optim import build_optimizer, build_scheduler, LRSchedule
 from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
 from .distributed import (check_strategy, is_sharded_strategy, fsdp_strategy, tied_names, full_model_state,
                                  full_optimizer_state, load_full_state, save_weights)
-from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANIFEST, RunLock, RunLockedError
+from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANIFEST, RunLock, RunLockedError, nbytes
+from .files import DiskFullError, disk_guard, atomic_write, write_json, write_folder
 
 # %% auto #0
-__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'CLOCK', 'FitResult', 'Trainer', 'run_differences', 'train']
+__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'AGAIN', 'CLOCK', 'RESUME_MODES', 'FitResult', 'Trainer',
+           'run_differences', 'train']
 
 # %% ../nbs/11_trainer.ipynb #11a756d8
 @dataclass
@@ -138,7 +140,7 @@ class Trainer:
                                       mirror_slots=c.mirror_slots, async_save=c.async_save, on_error=c.on_error)
         self.resume = c.resume if resume is None else resume
         self.first_eval = self.last_eval = self.last_log = None
-        self._last_eval_step, self._elapsed_before, self._last_ckpt_step = -1, 0.0, -1
+        self._last_eval_step, self._elapsed_before, self._last_ckpt_step, self._ckpt_eval_step = -1, 0.0, -1, -1
 
     @property
     def is_global_zero(self) -> bool: return self.fabric.is_global_zero
@@ -363,13 +365,31 @@ def run_differences(saved:dict, cfg:RunConfig, keys=SAME_RUN_KEYS) -> list[tuple
     return [(k, old.get(k), new[k]) for key in keys for k in pick(key) if k in old and old.get(k) != new[k]]
 
 @patch
+def _saved_config(self:Trainer) -> dict|None:
+    "The run folder's `config.yaml` as a dict (None when there is none); one that cannot be read is a `ConfigError` naming it."
+    p = self.run_dir/'config.yaml'
+    if not p.exists(): return None
+    keep = (f"Nothing was changed: repair or move {p.name} away (the run's checkpoints stay; the next run writes a new one), "
+            f"or choose another run name (name)")
+    try: saved = yaml.safe_load(p.read_text(encoding='utf-8'))
+    except UnicodeDecodeError: raise ConfigError(f"{p} is not UTF-8 text (a binary file?), so this run cannot be compared with it. {keep}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, 'problem_mark', None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ''
+        raise ConfigError(f"{p} is not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}{at}), so this run cannot be "
+                          f"compared with it. {keep}") from None
+    except OSError as e: raise ConfigError(f"{p} cannot be read ({e}). {keep}") from None
+    if saved is None: return {}
+    if not isinstance(saved, dict): raise ConfigError(f"{p} holds a YAML {type(saved).__name__}, not a run configuration. {keep}")
+    return saved
+
+@patch
 def _check_same_run(self:Trainer, resume=None):
     "Refuse to resume a run folder whose checkpoints were trained with a different model, task or data."
     d, r = self.run_dir, self.cfg.checkpoint.resume if resume is None else resume
-    if r != 'auto' or not (d/'config.yaml').exists() or not any((d/'checkpoints').glob('step-*/manifest.json')): return
-    try: saved = yaml.safe_load((d/'config.yaml').read_text(encoding='utf-8')) or {}
-    except (OSError, yaml.YAMLError): return
-    if diff := run_differences(saved if isinstance(saved, dict) else {}, self.cfg):
+    saved = self._saved_config()  # also when nothing would be compared: an unreadable config.yaml is never overwritten silently
+    if r not in ('auto', 'must') or saved is None or not any((d/'checkpoints').glob('step-*/manifest.json')): return
+    if diff := run_differences(saved, self.cfg):
         what = '; '.join(f'{k}={a!r} there, {b!r} here' for k, a, b in diff[:4])
         raise ConfigError(f"Run '{d.name}' in {d.parent} was trained with other settings, so it cannot be resumed with these: "
                           f"{what}. Choose another run name (name) for a new run, or set the values back to resume it")
@@ -386,18 +406,30 @@ def _lock_run(self:Trainer, write:bool):
     if (err := self.fabric.broadcast(err, src=0)) is not None: raise RunLockedError(err)
     self._lock_taken = write
 
+AGAIN = "run again with the same name: it resumes from the run's newest checkpoint, if it has one"
+
 @patch
 def _write_run_files(self:Trainer):
     self._lock_run(write=True)  # the last check, then the lock file: the run folder is ours from here
     if not self.is_global_zero: return
     d = self.run_dir
-    d.mkdir(parents=True, exist_ok=True)
-    tok = self.data.tokenizer
-    if tok is not None and not (d/'tokenizer').exists(): tok.save(d/'tokenizer')
-    save_config(self.cfg, d/'config.yaml')
-    write_env(d)
-    (d/'model.json').write_text(json.dumps(self.model_info, indent=2, default=str))
-    (d/'data.json').write_text(json.dumps(redact(self.data.info), indent=1, default=str))
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tok = self.data.tokenizer
+        if tok is not None and not (d/'tokenizer').exists():  # a folder: written aside, renamed when complete
+            tmp = d/f'.tokenizer-{os.getpid()}.tmp'
+            with disk_guard(d/'tokenizer', cleanup=[tmp], then=AGAIN):
+                tok.save(tmp)
+                os.replace(tmp, d/'tokenizer')
+        with disk_guard(d/'config.yaml', len(yaml.safe_dump(redact(self.cfg.to_dict()), sort_keys=False)),
+                        cleanup=[d/'config.yaml.tmp'], then=AGAIN):
+            save_config(self.cfg, d/'config.yaml')
+        write_env(d)
+        write_json(d/'model.json', self.model_info, then=AGAIN)
+        write_json(d/'data.json', redact(self.data.info), indent=1, then=AGAIN)
+    except BaseException:
+        self.lock.release()  # nothing trains here: the next attempt must not wait for this lock
+        raise
 
 # %% ../nbs/11_trainer.ipynb #0e634695
 @patch
@@ -543,6 +575,7 @@ def _fit(self:Trainer) -> FitResult:
     self._deadline = self._t0 + t.max_time * 60 - self._elapsed_before if t.max_time else None
     self._last_ckpt_t, self._in_step = time.monotonic(), False
     self._new_window()
+    self._load_window(getattr(self, '_resumed_window', None))
     if self.lock.held: self.lock.start()  # the heartbeat, while training runs
     cb.fire('on_fit_start', self)
     try:
@@ -581,13 +614,20 @@ def _fit(self:Trainer) -> FitResult:
         cb.fire('on_exception', self, e)
         raise
     interrupted = self._stop_signal is not None or self.stop_reason.startswith('interrupted')
-    if self._last_eval_step != self.step and not interrupted: self._evaluate()
-    c = self.cfg.checkpoint
-    if (c.at_end or (interrupted and c.on_interrupt)) and not self._in_step and self._last_ckpt_step != self.step:
-        self.save_checkpoint('interrupt' if interrupted else 'end')
-    self.ckpt.close()
-    for p in self.ckpt.pop_completed(): cb.fire('on_checkpoint', self, p)
-    if self.cfg.checkpoint.save_final: self.save_final()
+    try:
+        if self._last_eval_step != self.step and not interrupted: self._evaluate()
+        c = self.cfg.checkpoint
+        # the end checkpoint also records an evaluation made after the step's checkpoint: rerunning a finished run adds nothing
+        if (c.at_end or (interrupted and c.on_interrupt)) and not self._in_step and \
+           (self._last_ckpt_step != self.step or self._ckpt_eval_step != self._last_eval_step):
+            self.save_checkpoint('interrupt' if interrupted else 'end')
+        self.ckpt.close()
+        for p in self.ckpt.pop_completed(): cb.fire('on_checkpoint', self, p)
+        if self.cfg.checkpoint.save_final: self.save_final()
+    except BaseException as e:
+        self.ckpt.wait()
+        cb.fire('on_exception', self, e)
+        raise
     summary = f"{self.stop_reason or 'stopped'}" + (f"; val_loss {self.last_eval['val_loss']:.4f}" if self.last_eval else '')
     cb.fire('on_alert', self, 'Training finished', f"{self.run_dir}: {summary}", 'info')
     cb.fire('on_fit_end', self)
@@ -710,12 +750,26 @@ def state_parts(self:Trainer) -> dict:
                 monitor=self.monitor.state_dict() if self.monitor is not None else {},
                 trainer=dict(step=self.step, elapsed_s=self.elapsed_s, first_eval=self.first_eval or {},
                              micro_batch_size=self.cfg.train.micro_batch_size,
-                             last_eval=self.last_eval or {}, last_eval_step=self._last_eval_step))
+                             last_eval=self.last_eval or {}, last_eval_step=self._last_eval_step, window=self._window_state()))
+
+@patch
+def _window_state(self:Trainer) -> dict:
+    "The logging window so far (loss sum, steps, tokens, samples): a resumed run logs the same mean loss at its next log step."
+    t = lambda v: v.detach() if isinstance(v, torch.Tensor) else float(v)
+    return dict(loss=t(self._win_loss), steps=int(self._win_steps), tokens=int(self._win_tokens), samples=int(self._win_samples),
+                aux=t(self._win_aux))
+
+@patch
+def _load_window(self:Trainer, w:dict|None):
+    if not w: return
+    dev = lambda v: v.to(self.fabric.device) if isinstance(v, torch.Tensor) else float(v)
+    self._win_loss, self._win_aux = dev(w['loss']), dev(w.get('aux', 0.))
+    self._win_steps, self._win_tokens, self._win_samples = int(w['steps']), int(w['tokens']), int(w['samples'])
 
 @patch
 def save_checkpoint(self:Trainer, reason:str='', pinned:bool=False) -> Path|None:
     "Checkpoint the run now (written in the background); returns the checkpoint's path."
-    self._last_ckpt_t, self._last_ckpt_step = time.monotonic(), self.step
+    self._last_ckpt_t, self._last_ckpt_step, self._ckpt_eval_step = time.monotonic(), self.step, self._last_eval_step
     if not self.is_global_zero:
         if self.sharded: self._model_optimizer_state()  # gathering the shards takes every process
         return None
@@ -758,25 +812,37 @@ def request_stop(self:Trainer, why:str='a stop request'):
     if not self._stop_signal: self._stop_signal = why
 
 # %% ../nbs/11_trainer.ipynb #00dff887
+RESUME_MODES = ('auto', 'must', 'never')
+
 @patch
-def _find_resume(self:Trainer) -> CheckpointInfo|None:
+def _find_resume(self:Trainer) -> dict|None:
+    "The loaded checkpoint to resume from (see `checkpoint.resume`), or None to start from step 0."
     r = self.resume
     if r in (None, False, 'never', 'none'): return None
-    if r == 'auto': return self.ckpt.latest_valid()
+    if r in ('auto', 'must'):
+        ck = self.ckpt.load_latest()
+        if ck is not None: return ck
+        why = self.ckpt.no_checkpoint_reason()
+        if r == 'must':
+            raise CheckpointError(f"checkpoint.resume='must': {why}. Nothing was changed. Set checkpoint.resume='auto' to start "
+                                  f"this run from step 0, or give a checkpoint or run folder to resume from")
+        if self.ckpt.skipped: self._say(f"Starting from step 0: {why}.")
+        return None
     p = Path(r)
-    if (p/MANIFEST).exists(): return CheckpointInfo.read(p)
-    found = CheckpointManager(p/'checkpoints' if (p/'checkpoints').is_dir() else p, keep_last_n=None).latest_valid(include_mirror=False)
-    if found is None: raise CheckpointError(f"checkpoint.resume={str(r)!r}: no valid checkpoint there. Give a checkpoint folder "
-                                            f"(with {MANIFEST}), a run folder, 'auto' or 'never'")
+    if (p/MANIFEST).exists(): return self.ckpt.load(CheckpointInfo.read(p))
+    cm = CheckpointManager(p/'checkpoints' if (p/'checkpoints').is_dir() else p, keep_last_n=None)
+    found = cm.load_latest(include_mirror=False)
+    if found is None: raise CheckpointError(f"checkpoint.resume={str(r)!r}: {cm.no_checkpoint_reason()}. Give a checkpoint folder "
+                                            f"(with {MANIFEST}), a run folder, or one of {', '.join(map(repr, RESUME_MODES))}")
     return found
 
 @patch
 def _resume(self:Trainer) -> bool:
-    info = self._find_resume()
-    if info is None:
+    self._resumed_window = None
+    ck = self._find_resume()
+    if ck is None:
         self._truncate_metrics(-1)  # a fresh start: rows from an earlier attempt without a checkpoint are stale
         return False
-    ck = self.ckpt.load(info)
     st = ck['state']
     load_full_state(self.model, self.optimizer, ck['model'], st['optimizer'])  # sharded or not, whichever wrote it
     wanted = self.scheduler.lr_lambdas[0].settings() if isinstance(self.scheduler.lr_lambdas[0], LRSchedule) else {}
@@ -802,7 +868,8 @@ def _resume(self:Trainer) -> bool:
             what = ', '.join(f"{k} {was[k]} -> {v}" for k, v in wanted.items() if was[k] != v)
             how = f"over {sched.warmup} steps (a warmup, not a jump)" if sched.warmup else "at once (no warmup is set)"
             note = f"\nThe learning-rate schedule changed ({what}): the rate goes from {lr:.3g} to the new schedule {how}"
-    self._last_ckpt_step = self.step
+    self._last_ckpt_step, self._ckpt_eval_step = self.step, self._last_eval_step
+    self._resumed_window = tr.get('window')
     self._truncate_metrics(self.step)
     if self.is_global_zero: print(f"Resumed from {ck['path']} at step {self.step}{note}")
     return True
@@ -813,9 +880,7 @@ def _truncate_metrics(self:Trainer, step:int):
     p = Path(self.run_dir)/'metrics.jsonl'
     if not self.is_global_zero or not p.exists(): return
     rows = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step]
-    tmp = p.with_name(p.name + '.tmp')
-    tmp.write_text(''.join(json.dumps(r) + '\n' for r in rows), encoding='utf-8')
-    os.replace(tmp, p)
+    atomic_write(p, ''.join(json.dumps(r) + '\n' for r in rows), then=AGAIN)
 
 # %% ../nbs/11_trainer.ipynb #0a863f6a
 @patch
@@ -825,10 +890,7 @@ def save_final(self:Trainer) -> Path|None:
     if not self.is_global_zero: return None
     from safetensors.torch import save_model
     d = Path(self.run_dir)/'final'
-    d.mkdir(parents=True, exist_ok=True)
     m = unwrap_model(self.raw_model)
-    if sd is None: save_model(m, str(d/'model.safetensors'))
-    else: save_weights(sd, d/'model.safetensors', self.tied)  # the same file, from the gathered shards
     mcfg = getattr(m, 'config', None)
     if hasattr(mcfg, 'to_dict'): mcfg = mcfg.to_dict()
     elif mcfg is not None and hasattr(mcfg, '__dataclass_fields__'):
@@ -836,12 +898,22 @@ def save_final(self:Trainer) -> Path|None:
         mcfg = asdict(mcfg)
     mcfg = mcfg if isinstance(mcfg, dict) else None
     info = redact(dict(model=self.model_info, model_config=mcfg, task=self.cfg.task.name, run_config=self.cfg.to_dict()))
-    (d/'nbtrain.json').write_text(json.dumps(info, indent=2, default=str))
-    (d/'config.json').write_text(json.dumps(redact(self._own_config(mcfg)), indent=2, default=str))
-    self.data.save(d)  # tokenizer and data.json (label names, normalisation, sizes)
+    own = redact(self._own_config(mcfg))
     src = self.model_info.get('model_py')
-    if src and Path(src).is_file(): shutil.copy(src, d/'model.py')
-    return d
+    weights = nbytes(sd if sd is not None else m.state_dict())
+    then = (f"{d} is as it was before (the checkpoints are complete); run again with the same name to write it from "
+            f"the newest checkpoint")
+    def fill(tmp:Path):
+        with disk_guard(d/'model.safetensors', weights, then=then):
+            if sd is None: save_model(m, str(tmp/'model.safetensors'))
+            else: save_weights(sd, tmp/'model.safetensors', self.tied)  # the same file, from the gathered shards
+        for name, obj in (('nbtrain.json', info), ('config.json', own)):
+            text = json.dumps(obj, indent=2, default=str)
+            with disk_guard(d/name, len(text), then=then): (tmp/name).write_text(text)
+        with disk_guard(d, then=then): self.data.save(tmp)  # tokenizer and data.json (label names, normalisation, sizes)
+        if src and Path(src).is_file():
+            with disk_guard(d/'model.py', Path(src).stat().st_size, then=then): shutil.copy(src, tmp/'model.py')
+    return write_folder(d, fill, meta=dict(folder=d.name, step=self.step), needed=weights, then=then)
 
 @patch
 def _own_config(self:Trainer, model_config:dict|None) -> dict:
