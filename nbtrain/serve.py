@@ -340,6 +340,7 @@ class BundleServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server_version = 'nbtrain-serve/1'
     protocol_version = 'HTTP/1.1'
+    default_request_version = 'HTTP/1.1'  # a malformed request line still gets a status line and headers with its error
     disable_nagle_algorithm = True  # headers and body are two writes: without this a kept-alive connection waits for delayed ACKs
     ENDPOINTS = 'GET /health, GET /ready, POST /predict'
 

@@ -3,7 +3,7 @@
 The ONNX bundle runs with torch made unimportable, which proves it needs only numpy and onnxruntime. Its answers
 are compared with the PyTorch model in this process; bad requests must get clear 4xx errors.
 """
-import json, os, re, signal, subprocess, sys, time, urllib.error, urllib.request
+import http.client, json, os, re, shutil, signal, socket, subprocess, sys, threading, time, urllib.error, urllib.request
 from pathlib import Path
 import numpy as np
 import pytest
@@ -27,13 +27,13 @@ def exported(tmp_path_factory):
 
 class Server:
     "serve.py started in a real process on a free port; stopped with SIGTERM."
-    def __init__(self, folder: Path, argv: list[str]):
+    def __init__(self, folder: Path, argv: list[str], env: dict | None = None):
         self.proc = subprocess.Popen([sys.executable, *argv, '--port', '0', '--quiet'], cwd=folder, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
         line = self.proc.stdout.readline()  # 'serving GPT (onnx) on http://127.0.0.1:PORT'
         m = re.search(r'http://127\.0\.0\.1:(\d+)', line)
         assert m, f"no address in {line!r}; stderr: {self.proc.stderr.read() if self.proc.poll() is not None else ''}"
-        self.url = f'http://127.0.0.1:{m[1]}'
+        self.url, self.port = f'http://127.0.0.1:{m[1]}', int(m[1])
 
     def wait_ready(self, timeout: float = 90):
         t0 = time.time()
@@ -45,13 +45,14 @@ class Server:
             time.sleep(0.1)
         raise TimeoutError(f'{self.url} not ready after {timeout} s')
 
-    def request(self, method: str, path: str, body=None, headers=None):
+    def request(self, method: str, path: str, body=None, headers=None, with_headers=False):
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={'Content-Type': 'application/json', **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=30) as r: return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e: return e.code, json.loads(e.read())
+            with urllib.request.urlopen(req, timeout=30) as r: out = r.status, json.loads(r.read()), r.headers
+        except urllib.error.HTTPError as e: out = e.code, (json.loads(raw) if (raw := e.read()) else None), e.headers
+        return out if with_headers else out[:2]
 
     def get(self, path): return self.request('GET', path)
     def post(self, body, path='/predict', **kw): return self.request('POST', path, body, **kw)
@@ -138,5 +139,192 @@ def test_torchscript_bundle_serves_the_same(exported, tmp_path):
         assert status == 200
         with torch.no_grad(): want = fm.module(torch.tensor([fm.tokenizer.encode('Once upon a time')])).logits[0].numpy()
         assert np.abs(np.array(out['logits'][0]) - want).max() < 1e-4
+    finally:
+        srv.stop()
+
+
+# ---- a server that holds ------------------------------------------------------------------------------------------
+
+def raw(port: int, data: bytes, *, half_close: bool = False, timeout: float = 15) -> tuple[int, dict | None, dict]:
+    "Send `data` as it is on a new connection; (status, JSON body, headers) of the answer, read until the server closes."
+    s = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+    s.sendall(data)
+    if half_close: s.shutdown(socket.SHUT_WR)
+    buf = b''
+    try:
+        while chunk := s.recv(65536): buf += chunk
+    finally: s.close()
+    head, _, body = buf.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    headers = {k.strip().lower(): v.strip() for k, v in (l.split(':', 1) for l in lines[1:] if ':' in l)}
+    return int(lines[0].split()[1]), (json.loads(body) if body else None), headers
+
+
+def post(port: int, body: bytes = b'', headers: str = '', **kw):
+    return raw(port, b'POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nConnection: close\r\n'
+               + headers.encode() + b'\r\n' + body, **kw)
+
+
+def chunked(data: bytes, size: int = 1000) -> bytes:
+    return b''.join(b'%x\r\n%s\r\n' % (len(data[i:i + size]), data[i:i + size]) for i in range(0, len(data), size)) + b'0\r\n\r\n'
+
+
+GOOD = b'{"input_ids": [[1, 2, 3, 4]]}'
+
+
+@pytest.fixture(scope='module')
+def quick_server(exported):
+    "The ONNX bundle served with a 1 s deadline to receive a request."
+    srv = Server(exported[1].bundle, ['serve.py', '--timeout', '1'])
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def test_200_concurrent_requests_all_answered(exported):
+    srv = Server(exported[1].bundle, ['serve.py'])
+    try:
+        srv.wait_ready()
+        n, start, lat, errors = 200, threading.Barrier(200, timeout=60), [], []
+        def client():
+            try:
+                start.wait()
+                t0 = time.perf_counter()
+                c = http.client.HTTPConnection('127.0.0.1', srv.port, timeout=60)
+                c.request('POST', '/predict', GOOD, {'Content-Type': 'application/json'})
+                r = c.getresponse()
+                body = r.read()
+                c.close()
+                if r.status != 200: errors.append((r.status, body[:200]))
+                else: lat.append(time.perf_counter() - t0)
+            except Exception as e: errors.append(repr(e))
+        threads = [threading.Thread(target=client) for _ in range(n)]
+        t0 = time.perf_counter()
+        for t in threads: t.start()
+        for t in threads: t.join(90)
+        wall = time.perf_counter() - t0
+        assert errors == [] and len(lat) == n, errors[:5]
+        lat.sort()
+        p50, p99 = lat[n // 2] * 1000, lat[int(n * 0.99) - 1] * 1000
+        print(f'\n{n} concurrent POST /predict: 0 errors, p50 {p50:.1f} ms, p99 {p99:.1f} ms, {n / wall:.0f} requests/s')
+        assert srv.get('/health') == (200, {'status': 'ok'})
+    finally:
+        srv.stop()
+
+
+def test_stalled_clients_are_closed_and_predict_still_answers(quick_server):
+    srv = quick_server
+    stalled = []
+    for i in range(20):  # half stall in the body, half in the headers
+        s = socket.create_connection(('127.0.0.1', srv.port), timeout=10)
+        s.sendall(b'POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"inp'
+                  if i % 2 else b'POST /predict HTTP/1.1\r\nHost: t\r\nContent-Le')
+        stalled.append(s)
+    t0 = time.monotonic()
+    status, out, _ = post(srv.port, GOOD, f'Content-Length: {len(GOOD)}\r\n')  # answered while they hang
+    assert status == 200 and out['predictions'], out
+    closed = []
+    for i, s in enumerate(stalled):
+        buf = b''
+        try:
+            while chunk := s.recv(65536): buf += chunk
+        except ConnectionResetError: pass
+        closed.append(time.monotonic() - t0)
+        s.close()
+        if i % 2: assert buf.startswith(b'HTTP/1.1 408 ') and b'did not arrive within 1 s' in buf, buf[:300]
+    assert max(closed) < 4, closed  # a 1 s deadline, checked every 0.25 s
+    assert post(srv.port, GOOD, f'Content-Length: {len(GOOD)}\r\n')[0] == 200
+
+
+def test_body_limits_cannot_be_bypassed(quick_server):
+    port = quick_server.port
+    big = b'{"text": "' + b'a' * (1 << 20) + b'"}'
+    cases = [  # (headers, body, half close, status, words)
+        ('Content-Length: -5\r\n', GOOD, False, 400, "Content-Length '-5' is not a whole number"),
+        ('Content-Length: abc\r\n', GOOD, False, 400, "Content-Length 'abc' is not a whole number"),
+        ('Content-Length: +29\r\n', GOOD, False, 400, 'is not a whole number'),
+        ('Content-Length: 29\r\nContent-Length: 30\r\n', GOOD, False, 400, 'different Content-Length headers'),
+        ('Content-Length: 5000\r\n', GOOD, True, 400, 'the body ended after 29 of the 5000 bytes'),  # lying: longer
+        ('Content-Length: 5\r\n', GOOD, False, 400, 'not valid JSON'),                               # lying: shorter
+        ('', GOOD, False, 411, 'a Content-Length header is required'),                                # missing, with a body
+        (f'Content-Length: {len(big)}\r\n', big, False, 413, 'over the limit of 1048576 bytes'),
+        ('Transfer-Encoding: chunked\r\n', chunked(big, 1 << 16), False, 413, 'chunked body is over the limit'),
+        ('Transfer-Encoding: chunked\r\n', b'zz\r\nhello\r\n0\r\n\r\n', False, 400, "chunk size 'zz' is not a hexadecimal number"),
+        ('Transfer-Encoding: chunked\r\nContent-Length: 29\r\n', chunked(GOOD), False, 400, 'not both'),
+        ('Transfer-Encoding: gzip\r\n', GOOD, False, 501, "Transfer-Encoding 'gzip' is not supported"),
+        ('Content-Length: 100000\r\n', b'[' * 100_000, False, 400, 'nests 100000 levels deep; at most 32'),
+        ('Transfer-Encoding: chunked\r\n', chunked(b'[' * 100_000), False, 400, 'nests 100000 levels deep'),
+    ]
+    for headers, body, half, code, words in cases:
+        status, out, h = post(port, body, headers, half_close=half)
+        assert status == code and words in out['error'], (headers, status, out)
+        assert h['content-type'] == 'application/json'
+    status, out, _ = post(port, chunked(GOOD, 7), 'Transfer-Encoding: chunked\r\n')  # a chunked body within the limit is read
+    assert status == 200 and out['predictions'], out
+    assert quick_server.get('/health')[0] == 200
+
+
+def test_every_status_is_json_without_paths(exported, quick_server, tmp_path):
+    srv, bundle = quick_server, exported[1].bundle
+    for method in ('HEAD', 'PUT', 'DELETE', 'PATCH', 'OPTIONS', 'TRACE', 'BREW'):
+        for path, allowed in (('/predict', 'POST'), ('/health', 'GET'), ('/ready', 'GET')):
+            status, out, h = raw(srv.port, f'{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n'.encode())
+            assert status == 405 and h['allow'] == allowed and h['content-type'] == 'application/json', (method, path, status)
+            if method != 'HEAD': assert out['error'] == f'{method} is not allowed on {path}: use {allowed} {path}'
+    status, out, h = srv.request('DELETE', '/nowhere', with_headers=True)
+    assert status == 404 and 'no endpoint /nowhere' in out['error'] and h['Content-Type'] == 'application/json'
+    assert raw(srv.port, b'GARBAGE\r\n\r\n')[0] == 400  # the standard library's own refusals are JSON too
+    status, out, _ = raw(srv.port, b'GET /' + b'a' * 70000 + b' HTTP/1.1\r\n\r\n')
+    assert status == 414 and 'error' in out
+    status, ready = srv.get('/ready')
+    assert status == 200 and str(bundle) not in json.dumps(ready) and '/' not in json.dumps(ready)
+
+    broken = tmp_path/'broken'  # a bundle whose model cannot load: /ready says why, without a path
+    shutil.copytree(bundle, broken)
+    (broken/'model.onnx').write_bytes(b'not a model')
+    bad = Server(broken, ['serve.py'])
+    try:
+        for _ in range(100):
+            status, out = bad.get('/ready')
+            if out.get('error') != 'loading the model': break
+            time.sleep(0.1)
+        assert status == 503 and out['error'] and str(broken) not in out['error'] and str(tmp_path) not in out['error'], out
+        status, out, h = bad.request('POST', '/predict', GOOD, with_headers=True)
+        assert status == 503 and str(tmp_path) not in out['error'] and h['Retry-After'] == '1'
+    finally: bad.stop()
+
+
+def test_api_key(exported):
+    srv = Server(exported[1].bundle, ['serve.py'], env={'NBTRAIN_API_KEY': 'k3y-' + 'x' * 30})
+    try:
+        assert srv.get('/health') == (200, {'status': 'ok'})  # open: a load balancer probes it
+        for headers in ({}, {'Authorization': 'Bearer wrong'}, {'X-API-Key': 'k3y'}, {'Authorization': 'k3y-' + 'x' * 30}):
+            status, out, h = srv.request('GET', '/ready', headers=headers, with_headers=True)
+            assert status == 401 and 'needs an API key' in out['error'] and h['WWW-Authenticate'] == 'Bearer', headers
+            assert srv.post({'input_ids': [[1, 2]]}, headers=headers)[0] == 401
+            assert srv.get('/nowhere')[0] == 401  # nothing about the endpoints without the key
+        for headers in ({'Authorization': 'Bearer k3y-' + 'x' * 30}, {'X-API-Key': 'k3y-' + 'x' * 30}):
+            assert srv.request('GET', '/ready', headers=headers)[0] in (200, 503)
+        srv.wait_ready = lambda: None
+        t0 = time.time()
+        while srv.request('GET', '/ready', headers={'X-API-Key': 'k3y-' + 'x' * 30})[0] != 200 and time.time() - t0 < 60: time.sleep(0.1)
+        status, out = srv.post({'input_ids': [[1, 2]]}, headers={'Authorization': 'Bearer k3y-' + 'x' * 30})
+        assert status == 200 and out['predictions']
+    finally:
+        srv.stop()
+
+
+def test_connections_over_the_cap_get_503(exported):
+    srv = Server(exported[1].bundle, ['serve.py', '--max-connections', '3'])
+    try:
+        srv.wait_ready()
+        held = [socket.create_connection(('127.0.0.1', srv.port), timeout=10) for _ in range(3)]
+        for s in held: s.sendall(b'GET /health HTTP/1.1\r\n')  # started, not finished
+        time.sleep(0.3)
+        status, out, h = raw(srv.port, b'GET /health HTTP/1.1\r\nHost: t\r\n\r\n')
+        assert status == 503 and h['retry-after'] == '1' and 'connections open, its limit' in out['error'], out
+        for s in held: s.close()
+        time.sleep(0.3)
+        assert srv.get('/health') == (200, {'status': 'ok'})
     finally:
         srv.stop()
