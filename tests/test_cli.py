@@ -46,6 +46,11 @@ def test_run_folder_complete_and_free_of_secrets(tmp_path):
             data = p.read_bytes()
             for s in secrets.values(): assert s.encode() not in data, f'secret found in {p}'
     assert 'validation loss at start' in r.stdout and 'validation loss at end' in r.stdout
+    lines = r.stdout.splitlines()  # the memory estimate: one line on a CPU, before the first step (or evaluation) is printed
+    memory = [i for i, l in enumerate(lines) if l.startswith('memory: ')]
+    steps = [i for i, l in enumerate(lines) if l.lstrip().startswith('step ')]
+    assert len(memory) == 1 and 'Estimated training memory' in lines[memory[0]] and 'GB' in lines[memory[0]], r.stdout
+    assert steps and memory[0] < steps[0], r.stdout
 
 @pytest.mark.slow
 def test_gist_export_trains_from_cli(tmp_path):
