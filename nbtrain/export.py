@@ -519,8 +519,8 @@ def bundle_requirements(meta:dict, runtime:str, target:str) -> str:
         lines.append(f"tokenizers=={_versions('tokenizers')['tokenizers']}")
     return '\n'.join(lines) + '\n'
 
-_CHECK = ('python -c "import os, urllib.request; '
-          "urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/ready', timeout=4)\"")
+_CHECK = ('python -c "import os, urllib.request as u; u.urlopen(u.Request(\'http://127.0.0.1:\' + os.environ.get(\'PORT\', \'8000\') '
+          "+ '/ready', headers={'Authorization': 'Bearer ' + os.environ.get('NBTRAIN_API_KEY', '')}), timeout=4)\"")  # the key, when set
 
 def bundle_dockerfile(meta:dict, runtime:str, target:str) -> str:
     "A Dockerfile for the bundle: python slim for CPU; a CUDA + cuDNN base for onnxruntime-gpu."

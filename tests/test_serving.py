@@ -76,6 +76,10 @@ def test_bundle_contents(exported):
     readme = (b/'README.md').read_text()
     assert 'curl -s -X POST localhost:8000/predict' in readme and 'docker run' in readme
     assert not re.search(r'^\s*(import|from)\s+nbtrain', (b/'serve.py').read_text(), re.M)  # serve.py needs no nbtrain
+    import nbtrain.serve
+    assert (b/'serve.py').read_bytes() == Path(nbtrain.serve.__file__).read_bytes()  # the module itself, copied
+    assert 'ENV HOST=0.0.0.0' in docker and "os.environ.get('NBTRAIN_API_KEY', '')" in docker  # the health check sends the key
+    assert 'Warning: without an API key, anyone who can reach the port can use the model' in readme
 
 
 def test_onnx_server_answers_like_pytorch_and_refuses_bad_input(exported):
