@@ -338,7 +338,7 @@ class BundleServer(ThreadingHTTPServer):
 
 # %% ../nbs/17a_serve.ipynb #5fe8f803
 class Handler(BaseHTTPRequestHandler):
-    server_version = 'nbtrain-serve/1'
+    server_version, sys_version = 'nbtrain-serve/1', ''  # the Server header names no Python version
     protocol_version = 'HTTP/1.1'
     default_request_version = 'HTTP/1.1'  # a malformed request line still gets a status line and headers with its error
     disable_nagle_algorithm = True  # headers and body are two writes: without this a kept-alive connection waits for delayed ACKs
@@ -426,7 +426,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(401, _error_body('this server needs an API key: send the header Authorization: Bearer KEY '
                                                '(or X-API-Key: KEY)'), {'WWW-Authenticate': 'Bearer'})
         allowed = {'/health': 'GET', '/ready': 'GET', '/predict': 'POST'}.get(path)
-        if method != 'GET' and (path, method) != ('/predict', 'POST'): self.close_connection = self.linger = True  # its body is not read
+        if (path, method) != ('/predict', 'POST') and (method != 'GET' or self.headers.get('Transfer-Encoding')
+                                                       or self.headers.get('Content-Length', '0').strip() != '0'):
+            self.close_connection = self.linger = True  # a body it may have sent is not read: the connection cannot carry on
         if allowed is None:
             return self._json(404, _error_body(f'no endpoint {path[:100]}; endpoints: {self.ENDPOINTS}'))
         if method != allowed:
