@@ -1,5 +1,5 @@
 """Checkpoints under fire: SIGKILL at random points (also mid-write), corrupted and failed writes, retention, mirror."""
-import json, os, random, signal, subprocess, sys, time, warnings
+import csv, json, os, random, signal, subprocess, sys, time, warnings
 from pathlib import Path
 import pytest, torch
 from safetensors.torch import load_file
@@ -30,15 +30,23 @@ def wait_for(pred, proc, timeout=120, every=0.0005):
 def steps_logged(run_dir):
     return [r['step'] for r in read_metrics(run_dir) if 'loss' in r]
 
+TIMING = {'time', 'samples_per_s', 'tokens_per_s', 'mfu', 'gpu_mem_gb', 'elapsed_s'}
+
+def untimed(run_dir):
+    "The rows of metrics.jsonl and metrics.csv without the columns that measure time."
+    with open(Path(run_dir)/'metrics.csv', newline='', encoding='utf-8') as f: table = list(csv.DictReader(f))
+    return [[{k: v for k, v in r.items() if k not in TIMING} for r in rs] for rs in (read_metrics(run_dir), table)]
+
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path):
-    rc, o, e = run(tmp_path, 'reference', 16)
+    every4 = ('--checkpoint.every_steps', '4')  # checkpoints between log steps: the logging window travels in them
+    rc, o, e = run(tmp_path, 'reference', 16, *every4)
     assert rc == 0 and 'DONE step=60' in o, e[-2000:]
     run_dir, ck = tmp_path/'killed', tmp_path/'killed'/'checkpoints'
     rng = random.Random(0)
     kinds = ['mid-write', 'random', 'mid-write', 'random']
     for kind in kinds:
-        p = start(tmp_path, 'killed', 16)
+        p = start(tmp_path, 'killed', 16, *every4)
         before = max(steps_logged(run_dir), default=0)
         if kind == 'mid-write':  # a checkpoint directory still under its temporary name: the writer is busy
             hit = wait_for(lambda: ck.exists() and any(x.name.startswith('.tmp-') for x in ck.iterdir()), p)
@@ -48,7 +56,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path):
         if p.poll() is None: p.send_signal(signal.SIGKILL)
         p.communicate()
         assert hit or p.returncode == 0, f'{kind}: the run ended before it could be killed'
-    rc, o, e = run(tmp_path, 'killed', 16)
+    rc, o, e = run(tmp_path, 'killed', 16, *every4)
     assert rc == 0 and 'DONE step=60' in o, e[-2000:]
     assert 'Resumed from' in o
     a, b = load_file(tmp_path/'reference'/'final'/WEIGHTS), load_file(run_dir/'final'/WEIGHTS)
@@ -58,7 +66,16 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(tmp_path):
     assert [r['step'] for r in rows if 'val_loss' in r] == [0, 20, 40, 60]
     ref = {r['step']: r['val_loss'] for r in read_metrics(tmp_path/'reference') if 'val_loss' in r}
     assert {r['step']: r['val_loss'] for r in rows if 'val_loss' in r} == ref
+    # the metrics files equal the uninterrupted run's, timing aside: every logged loss too (the logging window in
+    # progress is part of each checkpoint), and the final evaluation once
+    killed_rows, killed_csv = untimed(run_dir)
+    ref_rows, ref_csv = untimed(tmp_path/'reference')
+    assert killed_rows == ref_rows and killed_csv == ref_csv
     assert not any(x.name.startswith('.tmp-') for x in ck.iterdir())
+    # the same command once more: a finished run adds nothing
+    rc, o, e = run(tmp_path, 'killed', 16, *every4)
+    assert rc == 0 and 'DONE step=60' in o, e[-2000:]
+    assert untimed(run_dir) == [killed_rows, killed_csv]
 
 @pytest.mark.slow
 def test_full_disk_keeps_previous_checkpoint(tmp_path):
