@@ -116,3 +116,22 @@ def test_trainer_resume_with_skip_not_read(tmp_path, monkeypatch):
     assert rest.step == 6
     a, b = load_file(full.run_dir/'final'/'model.safetensors'), load_file(rest.run_dir/'final'/'model.safetensors')
     assert all(torch.equal(a[k], b[k]) for k in a), 'resumed run differs'
+
+def test_full_disk_in_the_token_cache_trains_on_without_it(tmp_path, monkeypatch):
+    "A full disk while the token ids are cached: a warning names the cache entry, nothing half-written stays, training goes on."
+    import errno, warnings
+    from nbtrain.processing import Encoded
+    real = Encoded.save
+    def save(self, folder):
+        real(self, folder)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(Encoded, 'save', save)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        res = train(preset='tiny-cpu', overrides=quick(tmp_path, **{'data.corpus_size': 20, 'data.seq_len': 16, 'train.max_steps': 2,
+                                                                   'model.kwargs': {'n_layer': 1, 'd_model': 32, 'n_head': 2}}))
+    assert res.step == 2
+    said = [str(x.message) for x in w if 'data cache' in str(x.message)]
+    assert said and all(str(tmp_path/'cache'/'tokens') in m and 'No space left on device' in m for m in said), said
+    assert not [p for p in (tmp_path/'cache').rglob('*') if p.name.endswith('.tmp')]
+    assert not (tmp_path/'cache'/'tokens').exists() or not any((tmp_path/'cache'/'tokens').iterdir())
