@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from fastcore.basics import patch
 from .errors import NbtrainError
-from .files import DiskFullError, is_disk_full, human_bytes, free_space
+from .files import DiskFullError, is_disk_full, human_bytes, free_space, atomic_write
 
 # %% auto #0
 __all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'LOCK', 'CheckpointError', 'ckpt_name', 'sha256_file', 'snapshot', 'split_tied',
@@ -491,9 +491,7 @@ class RunLock:
         info = dict(id=self.id, host=socket.gethostname(), pid=os.getpid(), started=getattr(self, '_started', None) or
                     time.strftime('%Y-%m-%d %H:%M:%S'), heartbeat=time.time())
         self._started = info['started']
-        tmp = self.path.with_name(f'{LOCK}.{self.id}.tmp')
-        tmp.write_text(json.dumps(info), encoding='utf-8')
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(info))  # a full disk: one line naming the file, no temporary file left
 
     def acquire(self, take_over:bool=False) -> str:
         "Check, then write the lock; returns the notice of `check` ('' when the folder was free)."
