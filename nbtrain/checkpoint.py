@@ -323,13 +323,11 @@ def load_latest(self:CheckpointManager, include_mirror:bool=True) -> dict|None:
     """Load the newest checkpoint that verifies *and* reads (see `load`); None when there is none. A checkpoint whose
     files match the manifest but cannot be read (a damaged safetensors header, a state that safe loading refuses) is
     skipped like a damaged one, with its reason, and the one before it is tried. `skipped` lists every one passed over."""
-    self.skipped, seen = [], set()
+    self.skipped = []
     for step, p in self._candidates(include_mirror):
-        why = verify_checkpoint(p)
-        if why is None:
-            try: return self.load(CheckpointInfo.read(p))
-            except (OSError, ValueError, KeyError, TypeError) as e: why = f"{p/MANIFEST} is unreadable: {e}"
-            except CheckpointError as e: why = getattr(e, 'reason', str(e))
+        try: return self.load(CheckpointInfo.read(p))  # verifies (once) before reading
+        except CheckpointError as e: why = getattr(e, 'reason', str(e))
+        except (OSError, ValueError, KeyError, TypeError) as e: why = verify_checkpoint(p, deep=False) or f"{p/MANIFEST} is unreadable: {e}"
         self._skip(p, why)
     return None
 
