@@ -531,7 +531,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(503, _error_body(st.error or 'the model is still loading; retry when GET /ready says ready'),
                               {'Retry-After': str(RETRY_AFTER_S)})
         if not srv.slots.acquire(timeout=srv.queue_timeout):
-            return self._json(503, _error_body(f'the server is busy: its {srv.workers} workers stayed taken for '
+            return self._json(503, _error_body(f'the server is busy: all {srv.workers} of its workers stayed taken for '
                                                f'{srv.queue_timeout:g} s; retry after {RETRY_AFTER_S} s'), {'Retry-After': str(RETRY_AFTER_S)})
         t0 = time.perf_counter()
         try:
@@ -566,7 +566,7 @@ def make_server(folder: str, host: str = '127.0.0.1', port: int = 0, *, device: 
     else: state.load(device)
     return httpd
 
-# %% ../nbs/17a_serve.ipynb #a704d1ad
+# %% ../nbs/17a_serve.ipynb #785c6459
 def _positive(kind):
     def check(v: str):
         try: x = kind(v)
@@ -606,6 +606,6 @@ def main(argv=None):
     finally: httpd.server_close()
     return 0
 
-# %% ../nbs/17a_serve.ipynb #59b86b9d
+# %% ../nbs/17a_serve.ipynb #19727c4d
 if __name__ == '__main__':
     sys.exit(main())
