@@ -98,3 +98,22 @@ def test_no_secret_in_printed_config_or_errors(tmp_path, secret_env):
     assert r.returncode == 2 and "train.seed='***'" in r.stderr, r.stderr
     for s in ALL: assert s not in r.stdout + r.stderr
     assert not (tmp_path/'runs').exists()
+
+
+
+
+@pytest.mark.slow
+def test_no_secret_in_the_training_notebooks_saved_outputs(tmp_path, monkeypatch):
+    """training.ipynb run by papermill with a token in the environment, also pasted into a config value: it is in neither
+    the saved notebook's outputs nor the run on Drive. (papermill itself records the parameters it was given, in the
+    injected cell and in the notebook's metadata: a token passed as a parameter is the caller's to keep out.)"""
+    from test_training_notebook import run_notebook, outputs_text, TINY
+    token = ENV_SECRETS['MY_SERVICE_TOKEN']
+    monkeypatch.setenv('MY_SERVICE_TOKEN', token)
+    nb = run_notebook(tmp_path, monkeypatch, max_steps=4, overrides={**TINY, 'tracking.group': f'grp-{token}'})
+    outputs = outputs_text(nb)
+    assert 'validation loss' in outputs.lower() or 'val_loss' in outputs, outputs[-2000:]  # it trained, and printed
+    assert token not in outputs and token not in json.dumps([c.get('outputs', []) for c in nb['cells']])
+    hits = found_in([tmp_path/'drive'])
+    assert not hits, 'secrets written to:\n' + '\n'.join(hits)
+    assert list((tmp_path/'drive').rglob('run-*.wandb'))  # tracked by W&B, offline
