@@ -38,7 +38,8 @@ _TEXT_PATTERNS = (
 
 def remember_secrets(values) -> set[str]:
     "Keep `values` (strings of 6 or more characters) in memory, so that every later `redact` in this process removes them wherever they appear."
-    new = {v for v in values if isinstance(v, str) and len(v) >= 6 and REDACTED not in v}
+    special = lambda v: v[:1] + v[-1:] in ('<>', '[]')  # a special token under eos_token or pad_token is no secret
+    new = {v for v in values if isinstance(v, str) and len(v) >= 6 and REDACTED not in v and not special(v)}
     _SEEN.update(new)
     return new
 
