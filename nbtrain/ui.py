@@ -243,11 +243,14 @@ def load_run(self:TrainForm, name:str):
                           f"{format_choices([r.name for r in self.runs]) or 'none'}")
     saved = nested_to_dotted(read_config_file(d/'config.yaml'))
     saved.pop('output_dir', None)
+    trusted = saved.pop('model.trust_code', False)  # consent to run a model.py is given here and now, never by a folder
     # a key this version of nbtrain no longer has, or a secret that was redacted on disk, cannot be restored: leave
     # those to their defaults (secrets come back from the environment or Colab's secrets) and say so
     gone = [k for k in saved if k not in self.fields and k not in TOP_FIELDS]
     hidden = [k for k, v in saved.items() if v == REDACTED or (isinstance(v, dict) and REDACTED in v.values())]
     self.set({**{k: v for k, v in saved.items() if k not in gone and k not in hidden}, 'name': name})
+    if trusted and not self.fields['model.trust_code'].value:
+        self.status.value += _msg(" The run trained a model.py: tick model.trust_code after reading it to train it on.", '#a60')
     if gone or hidden:
         self.status.value += _msg(f" Not restored: {', '.join(gone + hidden)} (" + ('no longer settings; ' if gone else '') +
                                   ('secrets are never saved: set them again' if hidden else 'their defaults apply') + ').', '#a60')
