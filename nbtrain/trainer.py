@@ -737,7 +737,7 @@ def _model_optimizer_state(self:Trainer) -> tuple[dict, dict]:
     return full_model_state(self.model, self.tied), full_optimizer_state(self.model, self.optimizer)
 
 @patch
-def state_parts(self:Trainer) -> dict:
+def state_parts(self:Trainer, window:dict|None=None) -> dict:
     "Everything a checkpoint holds, as tensors and plain values (`torch.load(weights_only=True)` can read it)."
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
     epoch, pos = divmod(self.step, self.steps_per_epoch)
@@ -750,19 +750,26 @@ def state_parts(self:Trainer) -> dict:
                 monitor=self.monitor.state_dict() if self.monitor is not None else {},
                 trainer=dict(step=self.step, elapsed_s=self.elapsed_s, first_eval=self.first_eval or {},
                              micro_batch_size=self.cfg.train.micro_batch_size,
-                             last_eval=self.last_eval or {}, last_eval_step=self._last_eval_step, window=self._window_state()))
+                             last_eval=self.last_eval or {}, last_eval_step=self._last_eval_step,
+                             window=window if window is not None else self._window_state()))
 
 @patch
 def _window_state(self:Trainer) -> dict:
-    "The logging window so far (loss sum, steps, tokens, samples): a resumed run logs the same mean loss at its next log step."
-    t = lambda v: v.detach() if isinstance(v, torch.Tensor) else float(v)
-    return dict(loss=t(self._win_loss), steps=int(self._win_steps), tokens=int(self._win_tokens), samples=int(self._win_samples),
-                aux=t(self._win_aux))
+    """The logging window so far (loss sum, steps, tokens, samples): a resumed run logs the same mean loss at its next
+    log step. Several processes each hold a share of the loss: it is summed over them here (every process calls this)."""
+    f = self.fabric
+    def total(v):
+        if not isinstance(v, torch.Tensor): return float(v)
+        return f.all_reduce(v.detach().clone(), reduce_op='sum') if f.world_size > 1 else v.detach()  # a copy: the reduction is in place
+    return dict(loss=total(self._win_loss), steps=int(self._win_steps), tokens=int(self._win_tokens), samples=int(self._win_samples),
+                aux=total(self._win_aux))
 
 @patch
 def _load_window(self:Trainer, w:dict|None):
     if not w: return
-    dev = lambda v: v.to(self.fabric.device) if isinstance(v, torch.Tensor) else float(v)
+    # the saved sums are over every process: the first takes them, the others start from 0 (the log sums over processes)
+    dev = lambda v: (v.to(self.fabric.device) if self.is_global_zero else torch.zeros_like(v, device=self.fabric.device)) \
+                    if isinstance(v, torch.Tensor) else (float(v) if self.is_global_zero else 0.)
     self._win_loss, self._win_aux = dev(w['loss']), dev(w.get('aux', 0.))
     self._win_steps, self._win_tokens, self._win_samples = int(w['steps']), int(w['tokens']), int(w['samples'])
 
@@ -770,10 +777,11 @@ def _load_window(self:Trainer, w:dict|None):
 def save_checkpoint(self:Trainer, reason:str='', pinned:bool=False) -> Path|None:
     "Checkpoint the run now (written in the background); returns the checkpoint's path."
     self._last_ckpt_t, self._last_ckpt_step, self._ckpt_eval_step = time.monotonic(), self.step, self._last_eval_step
+    window = self._window_state()  # every process: its share of the window's loss is summed
     if not self.is_global_zero:
         if self.sharded: self._model_optimizer_state()  # gathering the shards takes every process
         return None
-    return self.ckpt.save(self.state_parts(), step=self.step, epoch=self.epoch, metrics=self.last_eval or {},
+    return self.ckpt.save(self.state_parts(window), step=self.step, epoch=self.epoch, metrics=self.last_eval or {},
                           pinned=pinned, reason=reason)
 
 @patch
