@@ -34,8 +34,8 @@ from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANI
 from .files import DiskFullError, disk_guard, atomic_write, write_json, write_folder
 
 # %% auto #0
-__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'AGAIN', 'CLOCK', 'RESUME_MODES', 'FitResult', 'Trainer',
-           'run_differences', 'train']
+__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'CLOCK', 'RESUME_MODES', 'FitResult', 'Trainer', 'run_differences',
+           'train']
 
 # %% ../nbs/11_trainer.ipynb #11a756d8
 @dataclass
@@ -406,7 +406,7 @@ def _lock_run(self:Trainer, write:bool):
     if (err := self.fabric.broadcast(err, src=0)) is not None: raise RunLockedError(err)
     self._lock_taken = write
 
-AGAIN = "run again with the same name: it resumes from the run's newest checkpoint, if it has one"
+_AGAIN = "run again with the same name: it resumes from the run's newest checkpoint, if it has one"
 
 @patch
 def _write_run_files(self:Trainer):
@@ -418,15 +418,15 @@ def _write_run_files(self:Trainer):
         tok = self.data.tokenizer
         if tok is not None and not (d/'tokenizer').exists():  # a folder: written aside, renamed when complete
             tmp = d/f'.tokenizer-{os.getpid()}.tmp'
-            with disk_guard(d/'tokenizer', cleanup=[tmp], then=AGAIN):
+            with disk_guard(d/'tokenizer', cleanup=[tmp], then=_AGAIN):
                 tok.save(tmp)
                 os.replace(tmp, d/'tokenizer')
         with disk_guard(d/'config.yaml', len(yaml.safe_dump(redact(self.cfg.to_dict()), sort_keys=False)),
-                        cleanup=[d/'config.yaml.tmp'], then=AGAIN):
+                        cleanup=[d/'config.yaml.tmp'], then=_AGAIN):
             save_config(self.cfg, d/'config.yaml')
         write_env(d)
-        write_json(d/'model.json', self.model_info, then=AGAIN)
-        write_json(d/'data.json', redact(self.data.info), indent=1, then=AGAIN)
+        write_json(d/'model.json', self.model_info, then=_AGAIN)
+        write_json(d/'data.json', redact(self.data.info), indent=1, then=_AGAIN)
     except BaseException:
         self.lock.release()  # nothing trains here: the next attempt must not wait for this lock
         raise
@@ -888,7 +888,7 @@ def _truncate_metrics(self:Trainer, step:int):
     p = Path(self.run_dir)/'metrics.jsonl'
     if not self.is_global_zero or not p.exists(): return
     rows = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step]
-    atomic_write(p, ''.join(json.dumps(r) + '\n' for r in rows), then=AGAIN)
+    atomic_write(p, ''.join(json.dumps(r) + '\n' for r in rows), then=_AGAIN)
 
 # %% ../nbs/11_trainer.ipynb #0a863f6a
 @patch
