@@ -204,6 +204,18 @@ def test_full_disk_in_the_mirror_leaves_no_half_slot(tmp_path, monkeypatch):
     assert [c.step for c in cm.mirror_list()] == [1] and len(list((tmp_path/'drive').iterdir())) == 1
     assert [c.step for c in cm.list(verify=True)] == [1, 2]
 
+def test_full_disk_writing_checkpoint_weights_gives_the_hint(tmp_path, monkeypatch):
+    "safetensors reports a full disk only in its text: the checkpoint error still says the disk is full and what it needed."
+    import safetensors.torch
+    cm = CheckpointManager(tmp_path/'ck', async_save=False)
+    cm.save({'model': {'w': torch.ones(1000)}}, step=1)
+    def full(*a, **k): raise RuntimeError('Error while serializing: I/O error: No space left on device (os error 28)')
+    monkeypatch.setattr(safetensors.torch, 'save_file', full)
+    with pytest.raises(CheckpointError) as e: cm.save({'model': {'w': torch.ones(1000)}}, step=2)
+    msg = str(e.value)
+    assert f'failed while writing {WEIGHTS}' in msg and 'The disk is full' in msg and 'it needs about 3.9 KB' in msg, msg
+    assert sorted(p.name for p in (tmp_path/'ck').iterdir()) == [ckpt_name(1)]
+
 # ---------------------------------------------------------------- config.yaml that cannot be read
 
 @pytest.mark.parametrize('content,why', [(b'\x89PNG\r\n\x1a\n\x00\xff', 'is not UTF-8 text'),
