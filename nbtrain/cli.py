@@ -67,7 +67,7 @@ def cmd_train(cfg) -> int:
     if last is not None:
         change = f" ({(last - first) / first:+.1%})" if first else ''
         say(f"validation loss at end:   {last:.4f}{change} after {res.step} steps, {res.elapsed_s:.0f} s ({res.stop_reason})")
-    for f in res.callback_failures: say(f"note: callback {f['callback']} failed in {f['event']} and was disabled: {f['error']}")
+    for f in res.callback_failures: say(redact(f"note: callback {f['callback']} failed in {f['event']} and was disabled: {f['error']}"))
     say(f"run folder: {res.run_dir}")
     return 0
 
