@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 import yaml
-import optuna
-from optuna.trial import TrialState
+from .registry import lazy_module
+optuna = lazy_module('optuna')  # imported on first use: `import nbtrain.hpo` works without the train extra
 from .callbacks import Callback, read_metrics
 from .config import (ALIASES, RunConfig, load_config, deep_merge, dotted_to_nested, parse_overrides,
                             read_config_file, describe_fields, redact)
@@ -24,10 +24,10 @@ from torch import nn
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['PARAM_TYPES', 'CLASSIFICATION_TASKS', 'PRUNERS', 'SAMPLERS', 'PLOTS', 'Param', 'default_space', 'parse_space',
-           'SearchSpec', 'make_pruner', 'make_sampler', 'SearchError', 'ReportToOptuna', 'worker_id', 'process_gone',
-           'retry_trial', 'recover_trials', 'finished_trials', 'Search', 'trials_table', 'write_trials_csv',
-           'best_trial', 'plot_search', 'SearchResult', 'search', 'SearchCommand']
+__all__ = ['optuna', 'PARAM_TYPES', 'CLASSIFICATION_TASKS', 'PRUNERS', 'SAMPLERS', 'PLOTS', 'Param', 'default_space',
+           'parse_space', 'SearchSpec', 'make_pruner', 'make_sampler', 'SearchError', 'ReportToOptuna', 'worker_id',
+           'process_gone', 'retry_trial', 'recover_trials', 'finished_trials', 'Search', 'trials_table',
+           'write_trials_csv', 'best_trial', 'plot_search', 'SearchResult', 'search', 'SearchCommand']
 
 # %% ../nbs/14_hpo.ipynb #f89e41ad
 PARAM_TYPES = ('float', 'int', 'categorical')
@@ -212,11 +212,11 @@ class SearchSpec:
     def mode(self) -> str: return 'min' if self.direction == 'minimize' else 'max'
 
 # %% ../nbs/14_hpo.ipynb #9f09f157
-PRUNERS = dict(median=(optuna.pruners.MedianPruner, dict(n_startup_trials=5, n_warmup_steps=None)),
-               percentile=(optuna.pruners.PercentilePruner, dict(percentile=25.0, n_startup_trials=5, n_warmup_steps=None)),
-               hyperband=(optuna.pruners.HyperbandPruner, {}),
-               successive_halving=(optuna.pruners.SuccessiveHalvingPruner, {}),
-               none=(optuna.pruners.NopPruner, {}))
+PRUNERS = dict(median=('MedianPruner', dict(n_startup_trials=5, n_warmup_steps=None)),  # optuna.pruners classes
+               percentile=('PercentilePruner', dict(percentile=25.0, n_startup_trials=5, n_warmup_steps=None)),
+               hyperband=('HyperbandPruner', {}),
+               successive_halving=('SuccessiveHalvingPruner', {}),
+               none=('NopPruner', {}))
 SAMPLERS = ('tpe', 'random')
 
 def make_pruner(spec='median', max_steps:int|None=None) -> optuna.pruners.BasePruner:
@@ -228,7 +228,8 @@ def make_pruner(spec='median', max_steps:int|None=None) -> optuna.pruners.BasePr
         spec = kw.pop('type', 'median')
     if not isinstance(spec, str) or spec not in PRUNERS:
         raise ConfigError(f"search.pruner={spec!r} is not one of: {', '.join(PRUNERS)}.{did_you_mean(str(spec), PRUNERS)}")
-    cls, defaults = PRUNERS[spec]
+    name, defaults = PRUNERS[spec]
+    cls = getattr(optuna.pruners, name)
     defaults = {k: (max(1, (max_steps or 0) // 4) if k == 'n_warmup_steps' and v is None else v) for k, v in defaults.items()}
     try: return cls(**{**defaults, **kw})
     except (TypeError, ValueError) as e: raise ConfigError(f"search.pruner {spec} with {kw}: {e}") from None
@@ -308,7 +309,7 @@ def _attempt(t) -> int: return int(t.user_attrs.get('attempt', 1))
 
 def _cut_off(t) -> bool:
     "A failed trial that did not raise: killed, disconnected, interrupted."
-    return t.state == TrialState.FAIL and 'error' not in t.user_attrs
+    return t.state == optuna.trial.TrialState.FAIL and 'error' not in t.user_attrs
 
 def retry_trial(study, trial, max_retries:int=3) -> bool:
     "Queue a cut-off `trial` again with the same parameters and run folder; False when its retries are used up."
@@ -319,16 +320,16 @@ def retry_trial(study, trial, max_retries:int=3) -> bool:
 
 def recover_trials(study, max_retries:int=3) -> list[int]:
     "Fail the RUNNING trials whose process is gone and queue a retry of every cut-off trial not yet retried."
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if process_gone(t.user_attrs.get('worker')): study.tell(t.number, state=TrialState.FAIL)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if process_gone(t.user_attrs.get('worker')): study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get('retry_of') for t in trials}
     return [t.number for t in trials if _cut_off(t) and t.number not in retried and retry_trial(study, t, max_retries)]
 
 def finished_trials(study, max_retries:int=3) -> int:
     "Trials that count towards the search's total: completed, pruned, raised, or cut off past `max_retries`."
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or (t.state == TrialState.FAIL and ('error' in t.user_attrs or _attempt(t) > max_retries))
+    return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+               or (t.state == optuna.trial.TrialState.FAIL and ('error' in t.user_attrs or _attempt(t) > max_retries))
                for t in study.get_trials(deepcopy=False))
 
 # %% ../nbs/14_hpo.ipynb #3df5d915
@@ -460,7 +461,7 @@ def open_study(self:Search) -> optuna.Study:
     study = make()
     was = study.user_attrs.get('metric', s.metric), study.direction.name.lower()
     if was != (s.metric, s.direction):
-        if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
             raise ConfigError(f"The study in {self.study_dir} optimises {was[0]} ({was[1]}), this search asks for {s.metric} "
                               f"({s.direction}): use another --name or --study-dir")
         optuna.delete_study(study_name=self.name, storage=storage)  # nothing was measured yet: start it afresh
@@ -613,7 +614,7 @@ def trials_table(study, metric:str='value') -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        r = dict(number=t.number, state=t.state.name, **{metric: t.value if t.state == TrialState.COMPLETE else None},
+        r = dict(number=t.number, state=t.state.name, **{metric: t.value if t.state == optuna.trial.TrialState.COMPLETE else None},
                  steps=a.get('steps'), resumed_step=a.get('resumed_step'), duration_s=a.get('duration_s'),
                  attempt=_attempt(t), retry_of=a.get('retry_of'), run_dir=a.get('run_dir'),
                  error=a.get('error') or a.get('diverged'))
@@ -661,7 +662,7 @@ def plot_search(study, out_dir) -> tuple[dict[str, Path], list[str]]:
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as vis
     out, paths, notes = Path(out_dir), {}, []
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete: return paths, ['no completed trials yet: no plots']
     out.mkdir(parents=True, exist_ok=True)
     for name, fn in PLOTS.items():

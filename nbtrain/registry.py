@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 from .errors import RegistryError, did_you_mean, format_choices
 
 # %% auto #0
-__all__ = ['MODELS', 'TASKS', 'OPTIMIZERS', 'SCHEDULERS', 'COLLATORS', 'TOKENIZERS', 'TRACKERS', 'Registry']
+__all__ = ['MODELS', 'TASKS', 'OPTIMIZERS', 'SCHEDULERS', 'COLLATORS', 'TOKENIZERS', 'TRACKERS', 'Registry', 'lazy_module']
 
 # %% ../nbs/01_registry.ipynb #95f43932
 class _Lazy:
@@ -96,3 +96,17 @@ for _n, _t in dict(causal_lm='CausalLM', masked_lm='MaskedLM', sequence_classifi
 OPTIMIZERS.add_lazy('adamw', 'nbtrain.optim:make_adamw')
 OPTIMIZERS.add_lazy('sgd', 'nbtrain.optim:make_sgd')
 for _n in ('cosine', 'linear', 'constant'): SCHEDULERS.add_lazy(_n, f'nbtrain.optim:{_n}')
+
+# %% ../nbs/01_registry.ipynb #d615402c
+class lazy_module:
+    "Stands in for the package `name`, imported at the first attribute read; missing, it is an error naming the `extra`."
+    def __init__(self, name:str, extra:str='train'): self.__dict__.update(_name=name, _extra=extra, _mod=None)
+    def _load(self):
+        if self._mod is None:
+            import importlib
+            try: self.__dict__['_mod'] = importlib.import_module(self._name)
+            except ImportError as e:
+                raise ImportError(f"{self._name} is not installed ({e}): pip install 'nbtrain[{self._extra}]'") from None
+        return self._mod
+    def __getattr__(self, attr): return getattr(self._load(), attr)
+    def __repr__(self): return f"<lazy module {self._name}{' (imported)' if self._mod is not None else ''}>"

@@ -9,20 +9,20 @@ from __future__ import annotations
 import contextlib, gc, html, io, logging, os, re, sys, threading, time, traceback
 import torch
 from pathlib import Path
-import ipywidgets as W
 import yaml
 from .callbacks import Callback
 from .colab import list_runs, RunInfo
 from .config import ALIASES, REDACTED, PRESETS, DEFAULT_PRESET, RunConfig, describe_fields, nested_to_dotted, load_config, read_config_file
 from .dashboard import LiveDashboard, notebook_display
 from .errors import ConfigError, NbtrainError, did_you_mean, format_choices
-from .registry import MODELS, OPTIMIZERS, TASKS
+from .registry import MODELS, OPTIMIZERS, TASKS, lazy_module
+W = lazy_module('ipywidgets')  # imported on first use: `import nbtrain.ui` works without the train extra
 from .trainer import FitResult, Trainer
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'to_text', 'field_widget', 'active', 'TrainForm', 'LogBuffer',
-           'FormView', 'run_form']
+__all__ = ['W', 'SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'to_text', 'field_widget', 'active', 'TrainForm',
+           'LogBuffer', 'FormView', 'run_form']
 
 # %% ../nbs/18a_ui.ipynb #98192c9f
 SUGGESTIONS = {
@@ -36,7 +36,9 @@ SUGGESTIONS = {
 
 _STYLE = {'description_width': '150px'}
 # ipywidgets 8 calls it `tooltip`; 7 (still found in some Colab images) `description_tooltip`
-_TIP = 'tooltip' if W.Text().has_trait('tooltip') else 'description_tooltip'
+def _tip() -> str:
+    "The hover-help trait of this ipywidgets: `tooltip` (8) or `description_tooltip` (7)."
+    return 'tooltip' if W.Text().has_trait('tooltip') else 'description_tooltip'
 _LAYOUT = dict(width='380px')
 
 def _is_text(row) -> bool:
@@ -54,7 +56,7 @@ def to_text(v) -> str:
 def field_widget(row:dict) -> W.Widget:
     "The widget for one row of `describe_fields()`, showing the field's default."
     key, default, kind = row['key'], row['default'], row['type']
-    common = dict(description=key.split('.', 1)[-1], style=_STYLE, layout=W.Layout(**_LAYOUT), **{_TIP: row.get('help', '')})
+    common = dict(description=key.split('.', 1)[-1], style=_STYLE, layout=W.Layout(**_LAYOUT), **{_tip(): row.get('help', '')})
     if row.get('choices') is not None:
         # 'none' rather than None as the value: a dropdown whose value is None shows nothing selected; the config reads 'none' as None
         opts = ([('(none)', 'none')] if 'None' in kind else []) + [(to_text(c), c) for c in row['choices']]
@@ -92,11 +94,11 @@ class TrainForm:
         self.rows = {r['key']: r for r in describe_fields()}
         self.fields = {k: field_widget(r) for k, r in self.rows.items()}
         self.errors = {k: W.HTML(layout=W.Layout(margin='0 0 0 155px')) for k in self.fields}
-        self.preset = W.Dropdown(options=list(PRESETS), value=DEFAULT_PRESET, description='preset', style=_STYLE, **{_TIP: TOP_FIELDS['preset']})
+        self.preset = W.Dropdown(options=list(PRESETS), value=DEFAULT_PRESET, description='preset', style=_STYLE, **{_tip(): TOP_FIELDS['preset']})
         self.name = W.Text(value='', placeholder='new dated folder', description='name', style=_STYLE, layout=W.Layout(**_LAYOUT),
-                           continuous_update=False, **{_TIP: TOP_FIELDS['name']})
+                           continuous_update=False, **{_tip(): TOP_FIELDS['name']})
         self.output_dir = W.Text(value=str(runs or 'runs'), description='output_dir', style=_STYLE,
-                                 layout=W.Layout(width='600px'), continuous_update=False, **{_TIP: TOP_FIELDS['output_dir']})
+                                 layout=W.Layout(width='600px'), continuous_update=False, **{_tip(): TOP_FIELDS['output_dir']})
         self.background = background
         self.trainer, self.result, self.error, self.error_text, self._thread, self._stop_wanted = None, None, None, '', None, False
         self._loading, self.runs = False, []

@@ -14,8 +14,7 @@ EXTRAS = PYPROJECT['project']['optional-dependencies']
 MODULES = sorted(f'nbtrain.{p.stem}' for p in (ROOT/'nbtrain').glob('*.py') if p.stem != '__main__')
 # Modules (outside this test's reach) that import an extra at module level today; each is expected to fail until its
 # import is made lazy, and then this list must shrink (strict xfail).
-KNOWN_EAGER = {'nbtrain.hpo': 'optuna (nbs/14_hpo.ipynb, the export cell: `import optuna`)',
-               'nbtrain.ui': 'ipywidgets (nbs/18a_ui.ipynb, the export cell: `import ipywidgets as W`)'}
+KNOWN_EAGER = {}  # module -> what it imports at module level that it should not (none now)
 
 # Runs in the child: which top-level modules the base requirements bring, and a wrapper that hides the others.
 HIDE = textwrap.dedent('''
