@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/config.html.md"""
 
 # %% ../nbs/02_config.ipynb #c9213a26
 from __future__ import annotations
-import copy, dataclasses, json, os, re, types, typing
+import copy, dataclasses, json, os, re, types, typing, warnings
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -363,7 +363,7 @@ class CheckpointConfig(Section):
     mirror_slots: int = opt(2, "Checkpoint slots reused in the mirror (bounded disk use)", ge=2)
     async_save: bool = opt(True, "Write checkpoints in a background thread (the loop only copies state to host memory)")
     on_error: str = opt('raise', "A failed save stops training ('raise') or warns and goes on ('warn')", choices=['raise', 'warn'])
-    resume: str = opt('auto', "'auto' (newest valid checkpoint of this run, if any), 'never', or a checkpoint / run folder path")
+    resume: str = opt('auto', "'auto' (the newest usable checkpoint of this run, else step 0 with a line saying why), 'must' (resume or refuse, never start over), 'never', or a checkpoint / run folder path")
     take_over: bool = opt(False, "Train in a run folder whose lock another session holds (set it when that session is known to be gone)")
 
 @dataclass
@@ -548,11 +548,15 @@ def nested_to_dotted(d:dict) -> dict:
 _STOP_KEYS = ('max_steps', 'max_epochs', 'max_time')
 
 def load_config(file=None, preset:str|None=None, overrides:dict|list[str]|None=None) -> RunConfig:
-    "Resolve a `RunConfig` from defaults < `preset` < `file` < `overrides` (a dict, dotted dict or CLI list)."
+    "Resolve a `RunConfig` from defaults < `preset` < `file` < `overrides` (a dict, dotted dict or CLI list); `model.trust_code` only from `overrides`."
     fd = read_config_file(file) if file else {}
     over = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else dotted_to_nested(overrides or {})
     name = over.pop('preset', None) or preset or fd.pop('preset', None) or DEFAULT_PRESET
     fd.pop('preset', None)
+    if isinstance(fd.get('model'), dict) and fd['model'].get('trust_code') and 'trust_code' not in (over.get('model') or {}):
+        fd['model']['trust_code'] = False  # consent to run a model.py is given in the call, never by a file (a run folder's config.yaml)
+        warnings.warn(f"model.trust_code in {file} is not taken from a file: a config can come from anyone. After reading the "
+                      f"model's model.py, say it in the command: --model.trust_code true (or trust_code=True).", stacklevel=2)
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset '{name}'.{did_you_mean(name, PRESETS)} Available presets: {format_choices(PRESETS)}.")
     base = copy.deepcopy(PRESETS[name])

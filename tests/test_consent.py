@@ -134,3 +134,16 @@ def test_legacy_functions_take_models_not_paths(planted):
     with pytest.raises(Exception):
         legacy.load_baseline(str(run/'final'))  # a Hugging Face name or folder: transformers runs no model.py of ours
     assert not marker.exists()
+
+
+def test_training_from_a_runs_config_needs_consent_in_the_call(planted, tmp_path):
+    "A run folder's config.yaml (or any config file) cannot grant trust_code: `--config RUN/config.yaml` alone does not run model.py."
+    from nbtrain.config import load_config
+    from nbtrain.trainer import Trainer
+    run, marker = planted
+    over = {'output_dir': str(tmp_path/'runs'), 'name': 'again', 'train.max_steps': 1}
+    with pytest.warns(UserWarning, match='is not taken from a file'):
+        cfg = load_config(run/'config.yaml', overrides=over)
+    without_consent(marker, lambda: Trainer(cfg))
+    cfg = load_config(run/'config.yaml', overrides={**over, 'model.trust_code': True})
+    with_consent(marker, lambda: Trainer(cfg))
