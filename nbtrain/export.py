@@ -162,7 +162,7 @@ def export_safetensors(fm:FinalModel, out:Path) -> list[Path]:
     save_model(unwrap_model(fm.module), str(out/'model.safetensors'), metadata={'format': 'pt', 'nbtrain': __version__})
     files = [out/'model.safetensors']
     for f in sorted(fm.folder.iterdir()):
-        if f.is_file() and f.name not in ('model.safetensors',) and not f.name.endswith('.tmp'):
+        if f.is_file() and f.name not in ('model.safetensors', 'manifest.json') and not f.name.endswith('.tmp'):  # final/'s manifest is not the export's
             shutil.copyfile(f, out/f.name); files.append(out/f.name)
     return files
 

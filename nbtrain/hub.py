@@ -320,8 +320,8 @@ def stage_repo(run_dir, repo_id:str|None=None, *, revision:str|None=None, folder
     tmp = folder.with_name(folder.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp/'training').mkdir(parents=True)
-    for f in sorted(final.iterdir()):  # weights, tokenizer files, model.py: everything but config.json (below)
-        if f.is_file() and f.name != 'config.json' and not f.name.endswith('.tmp'): _copy_atomic(f, tmp/f.name)
+    for f in sorted(final.iterdir()):  # weights, tokenizer files, model.py: all but config.json (below) and final/'s own manifest
+        if f.is_file() and f.name not in ('config.json', 'manifest.json') and not f.name.endswith('.tmp'): _copy_atomic(f, tmp/f.name)
     cfg, model_config = final_config(final)
     if run.model.get('kind') == 'hf' and model_config:  # transformers reads the top level, nbtrain the 'nbtrain' key
         pad = getattr(load_tokenizer(final), 'pad_id', None) if (final/'tokenizer.json').is_file() else None
