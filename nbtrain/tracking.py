@@ -6,11 +6,12 @@ Docs: https://nbtrain.github.io/nbtrain/tracking.html.md"""
 
 # %% ../nbs/13c_tracking.ipynb #4a739144
 from __future__ import annotations
-import csv, netrc, os, secrets, string, struct, threading, time, warnings
+import csv, io, netrc, os, secrets, string, struct, threading, time, warnings
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
-from .callbacks import Callback, read_metrics
+from .callbacks import STOPPED, Callback, read_metrics
+from .files import atomic_write, disk_full_error, is_disk_full
 from .config import redact, redact_argv
 from .errors import ConfigError, did_you_mean
 from .repro import rng_state, set_rng_state
@@ -52,15 +53,31 @@ class CSVLogger(Callback):
             with open(self.path, newline='', encoding='utf-8') as f: rows = list(csv.DictReader(f))
             self.columns += new
             self._rewrite(rows + [row])
-        else:
-            with open(self.path, 'a', newline='', encoding='utf-8') as f: csv.DictWriter(f, self.columns).writerow(row)
+        else: self._append(self._text([row], header=False))
+
+    def _text(self, rows, header:bool=True) -> str:
+        buf = io.StringIO(newline='')
+        w = csv.DictWriter(buf, self.columns)
+        if header: w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+
+    def _append(self, text:str):
+        "One row, on disk whole or not at all: a full disk takes the half row back out and stops the run in one line."
+        data = text.encode('utf-8')
+        with open(self.path, 'ab', buffering=0) as f:
+            end = f.seek(0, 2)
+            try:
+                view = memoryview(data)
+                while view: view = view[f.write(view):]
+            except OSError as e:
+                try: f.truncate(end)
+                except OSError: pass
+                if is_disk_full(e): raise disk_full_error(self.path, len(data), e, STOPPED) from None
+                raise
 
     def _rewrite(self, rows):
-        tmp = self.path.with_name(self.path.name + '.tmp')
-        with open(tmp, 'w', newline='', encoding='utf-8') as f:
-            w = csv.DictWriter(f, self.columns)
-            w.writeheader(); w.writerows(rows)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, self._text(rows), then=STOPPED)  # a temporary file renamed: no half file, no leftovers
 
     def on_log(self, trainer, metrics): self.write(trainer, metrics)
     def on_eval_end(self, trainer, metrics): self.write(trainer, metrics)

@@ -153,6 +153,36 @@ def test_full_disk_in_another_callback_is_one_line(tmp_path, monkeypatch):
         fit(tmp_path, 'csv')
     assert not leftovers(tmp_path/'csv')
 
+def test_full_disk_writing_metrics_csv_names_the_file_and_leaves_no_half_row(tmp_path, monkeypatch):
+    from nbtrain.tracking import CSVLogger
+    import builtins
+    real_open = builtins.open
+    def open_(path, mode='r', *a, **k):  # the disk fills up in the middle of the CSV row of step 6
+        f = real_open(path, mode, *a, **k)
+        if str(path).endswith('metrics.csv') and mode == 'ab' and open_.armed:
+            class Half:
+                def __enter__(self): return self
+                def __exit__(self, *e): f.close()
+                def seek(self, *a): return f.seek(*a)
+                def truncate(self, n): return f.truncate(n)
+                def write(self, b):
+                    if len(b) > 10: return f.write(b[:10])
+                    raise OSError(errno.ENOSPC, 'No space left on device')
+            return Half()
+        return f
+    open_.armed = False
+    real_write = CSVLogger.write
+    def write(self, trainer, metrics):
+        open_.armed = trainer.step == 6 and 'loss' in metrics
+        try: return real_write(self, trainer, metrics)
+        finally: open_.armed = False
+    with monkeypatch.context() as m:
+        m.setattr(builtins, 'open', open_); m.setattr(CSVLogger, 'write', write)
+        with pytest.raises(DiskFullError) as e: fit(tmp_path, 'c')
+    assert f"writing {tmp_path/'c'/'metrics.csv'} needs " in str(e.value) and 'resume' in str(e.value)
+    assert (tmp_path/'c'/'metrics.csv').read_bytes().endswith(b'\r\n') and not leftovers(tmp_path/'c')
+    assert fit(tmp_path, 'c').step == 8
+
 def test_full_disk_writing_final_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
     import safetensors.torch
     from nbtrain.loading import load_final_folder
