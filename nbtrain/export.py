@@ -22,6 +22,7 @@ from .tasks import build_task
 from .data import build_data
 from .hub import read_run, load_final, FinalModel, RunSummary
 from .registry_store import file_sha256, write_json
+from .files import disk_guard
 from . import serve
 
 # %% auto #0
@@ -459,31 +460,32 @@ def export_run(run_dir, formats=FORMATS, out_dir=None, *, quantize:bool=False, b
     fm = load_final(run.run_dir, trust_code=True if trust_code is True else False)
     out = Path(out_dir) if out_dir is not None else run.run_dir/'export'
     tmp = out.with_name(out.name + '.tmp')
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    ho = held_out(run, fm.module, n_batches=n_batches, batch_size=batch_size)
-    module = LogitsModule(fm.module, ho.input_names, ho.primary).eval()
-    checks, limits = check_inputs(ho), _model_limits(fm, run)
-    axes = dynamic_axes(module, checks[0], ho.input_names)
-    rep = ExportReport(out, held_out=ho.source)
-    with torch.no_grad(): aux = call_model(fm.module, dict(zip(ho.input_names, checks[0])), ho.primary).aux_losses
-    if aux: rep.notes.append(f"the model also returns auxiliary losses ({', '.join(aux)}): they are training terms, so the "
-                             f"exports return the logits only")
-    for f in formats:
-        t0 = time.time()
-        rep.formats[f] = _export_format(f, fm, module, checks, tmp, trust_code=trust_code, opset=opset, exporter=exporter,
-                                        max_seq_len=limits['max_seq_len'], atol=atol, rtol=rtol)
-        rep.notes += [f"{f}: {n}" for n in rep.formats[f].pop('notes', [])]
-        say(f"{f}: " + ('ok' if rep.formats[f]['passed'] else 'FAILED') + f" ({time.time() - t0:.1f} s)")
-    if quantize:
-        rep.quantization = _int8(fm, ho, checks, tmp, run.run_config.get('task'), atol, rtol)
-        if rep.quantization.get('note'): rep.notes.append(f"int8: {rep.quantization['note']}")
-    if fm.tokenizer is not None and not (tmp/'tokenizer.json').is_file() and (fm.folder/'tokenizer.json').is_file():
-        shutil.copyfile(fm.folder/'tokenizer.json', tmp/'tokenizer.json')  # serving needs it whatever the formats
-    meta = export_metadata(run, fm, ho, rep, _inputs_spec(ho, checks[0], axes), axes, limits)
-    meta['checksums'] = checksums(tmp)
-    write_json(tmp/'metadata.json', meta)
-    if out.exists(): shutil.rmtree(out)
-    os.replace(tmp, out)
+    with disk_guard(out, cleanup=[tmp], then='the previous export, if any, is kept'):  # a full disk: one line, no half folder
+        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+        ho = held_out(run, fm.module, n_batches=n_batches, batch_size=batch_size)
+        module = LogitsModule(fm.module, ho.input_names, ho.primary).eval()
+        checks, limits = check_inputs(ho), _model_limits(fm, run)
+        axes = dynamic_axes(module, checks[0], ho.input_names)
+        rep = ExportReport(out, held_out=ho.source)
+        with torch.no_grad(): aux = call_model(fm.module, dict(zip(ho.input_names, checks[0])), ho.primary).aux_losses
+        if aux: rep.notes.append(f"the model also returns auxiliary losses ({', '.join(aux)}): they are training terms, so the "
+                                 f"exports return the logits only")
+        for f in formats:
+            t0 = time.time()
+            rep.formats[f] = _export_format(f, fm, module, checks, tmp, trust_code=trust_code, opset=opset, exporter=exporter,
+                                            max_seq_len=limits['max_seq_len'], atol=atol, rtol=rtol)
+            rep.notes += [f"{f}: {n}" for n in rep.formats[f].pop('notes', [])]
+            say(f"{f}: " + ('ok' if rep.formats[f]['passed'] else 'FAILED') + f" ({time.time() - t0:.1f} s)")
+        if quantize:
+            rep.quantization = _int8(fm, ho, checks, tmp, run.run_config.get('task'), atol, rtol)
+            if rep.quantization.get('note'): rep.notes.append(f"int8: {rep.quantization['note']}")
+        if fm.tokenizer is not None and not (tmp/'tokenizer.json').is_file() and (fm.folder/'tokenizer.json').is_file():
+            shutil.copyfile(fm.folder/'tokenizer.json', tmp/'tokenizer.json')  # serving needs it whatever the formats
+        meta = export_metadata(run, fm, ho, rep, _inputs_spec(ho, checks[0], axes), axes, limits)
+        meta['checksums'] = checksums(tmp)
+        write_json(tmp/'metadata.json', meta)
+        if out.exists(): shutil.rmtree(out)
+        os.replace(tmp, out)
     bad = dict(rep.failures)
     if (rep.quantization or {}).get('passed') is False: bad['int8'] = rep.quantization
     if bundle:

@@ -280,3 +280,14 @@ def test_resumed_run_logs_the_same_losses(tmp_path):
     assert [r['step'] for r in read_metrics(tmp_path/'cut') if 'loss' in r] == [3]
     res = fit(tmp_path, 'cut')
     assert res.step == 8 and rows(tmp_path/'cut') == rows(ref.run_dir)
+
+def test_full_disk_while_exporting_keeps_the_previous_export(tmp_path, monkeypatch):
+    import nbtrain.export as ex
+    run = fit(tmp_path, 'x').run_dir
+    ex.export_run(run, ['safetensors'], log=None)
+    before = sorted(p.name for p in (run/'export').iterdir())
+    def full(path, obj, **kw): raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(ex, 'write_json', full)
+    with pytest.raises(DiskFullError) as e: ex.export_run(run, ['safetensors'], log=None)
+    assert f"{run/'export'}" in str(e.value) and 'previous export' in str(e.value) and '\n' not in str(e.value)
+    assert not (run/'export.tmp').exists() and sorted(p.name for p in (run/'export').iterdir()) == before
