@@ -21,11 +21,11 @@ from .callbacks import read_metrics
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['EVAL_PREFIX', 'PIPELINE_TAGS', 'TASK_NAMES', 'MODEL_NOUNS', 'METRIC_NAMES', 'HEADLINE', 'TOKEN_ENV_VARS',
-           'TRAINING_FILES', 'TRANSIENT_STATUS', 'HubError', 'PushError', 'RunSummary', 'read_run', 'FinalModel',
-           'load_final', 'metric_name', 'headline_metrics', 'metrics_table', 'install_extra', 'card_metadata',
-           'model_card', 'colab_secret', 'hf_token', 'find_secrets', 'stage_repo', 'is_transient', 'retry',
-           'PushResult', 'upload_commands', 'hub_client', 'push_run', 'load_from_hub', 'PushCommand']
+__all__ = ['EVAL_PREFIX', 'PIPELINE_TAGS', 'TASK_NAMES', 'MODEL_NOUNS', 'METRIC_NAMES', 'HEADLINE', 'TRAINING_FILES',
+           'TRANSIENT_STATUS', 'HubError', 'PushError', 'RunSummary', 'read_run', 'FinalModel', 'load_final',
+           'metric_name', 'headline_metrics', 'metrics_table', 'install_extra', 'card_metadata', 'model_card',
+           'find_secrets', 'stage_repo', 'is_transient', 'retry', 'PushResult', 'upload_commands', 'hub_client',
+           'push_run', 'load_from_hub', 'PushCommand']
 
 # %% ../nbs/15_hub.ipynb #eb340bfe
 class HubError(NbtrainError, RuntimeError):
@@ -277,22 +277,8 @@ def model_card(run:RunSummary, repo_id:str|None=None, *, revision:str|None=None,
     return redact(text, secret_values() | {x for x in secrets if x})
 
 # %% ../nbs/15_hub.ipynb #48e9ba42
-TOKEN_ENV_VARS = ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN')
-
-def colab_secret(name:str) -> str|None:
-    "The Colab secret `name`, or None outside Colab or when the notebook has no access to it."
-    if 'google.colab' not in sys.modules: return None
-    try:
-        from google.colab import userdata
-        return userdata.get(name) or None
-    except Exception: return None
-
-def hf_token(token:str|None=None) -> str|None:
-    "The Hugging Face token: `token`, else $HF_TOKEN / $HUGGING_FACE_HUB_TOKEN, else the Colab secret HF_TOKEN."
-    if token: return token
-    for k in TOKEN_ENV_VARS:
-        if os.environ.get(k): return os.environ[k]
-    return colab_secret('HF_TOKEN')
+# the token is found where Hub downloads find it (nbtrain.loading): the environment, else Colab's secrets
+from .loading import TOKEN_ENV_VARS, colab_secret, hf_token
 
 # %% ../nbs/15_hub.ipynb #175cdcd1
 TRAINING_FILES = ('metrics.jsonl', 'config.yaml', 'env.json')

@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/loading.html.md"""
 
 # %% ../nbs/06_loading.ipynb #63a7a2c6
 from __future__ import annotations
-import hashlib, importlib.util, inspect, json, re, shutil, sys, tempfile, types, typing, warnings
+import errno, hashlib, importlib.util, inspect, json, os, re, shutil, sys, tempfile, types, typing, warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, asdict
 from pathlib import Path
@@ -17,12 +17,13 @@ from .registry import MODELS
 from .models import get_reference, unwrap_model
 
 # %% auto #0
-__all__ = ['LEN_KEYS', 'VOCAB_KEYS', 'HF_AUTO_CLASSES', 'WEIGHT_FILES', 'HF_DROPOUTS', 'PER_TOKEN_TASKS', 'LoadedModel',
-           'max_positions', 'model_vocab_size', 'check_vocab', 'vocab_note', 'model_limits', 'choose_seq_len',
-           'flatten_export_config', 'ConfigDict', 'import_model_file', 'find_model_class', 'find_builder', 'construct',
-           'load_file_model', 'load_weights', 'hf_model_types', 'hf_config', 'load_hf_model', 'final_config',
-           'is_final_folder', 'load_final_folder', 'resolve_model', 'load_model', 'planned_max_len', 'check_seq_len',
-           'build_model']
+__all__ = ['LEN_KEYS', 'VOCAB_KEYS', 'HF_AUTO_CLASSES', 'WEIGHT_FILES', 'HF_DROPOUTS', 'HUB_ID', 'HUB_FILES', 'TOKEN_ENV_VARS',
+           'PER_TOKEN_TASKS', 'LoadedModel', 'max_positions', 'model_vocab_size', 'check_vocab', 'vocab_note',
+           'model_limits', 'choose_seq_len', 'flatten_export_config', 'ConfigDict', 'import_model_file',
+           'find_model_class', 'find_builder', 'construct', 'load_file_model', 'load_weights', 'hf_model_types',
+           'is_hub_id', 'colab_secret', 'hf_token', 'hub_download', 'hf_source', 'hf_config', 'load_hf_model',
+           'final_config', 'is_final_folder', 'load_final_folder', 'resolve_model', 'load_model', 'planned_max_len',
+           'check_seq_len', 'build_model']
 
 # %% ../nbs/06_loading.ipynb #6ec1a5eb
 @dataclass
@@ -369,6 +370,82 @@ def _with_sdpa(fn, *args, **kwargs):
         if 'sdpa' not in str(e).lower() and 'scaled_dot_product' not in str(e).lower(): raise
         return fn(*args, **kwargs)
 
+HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*')
+HUB_FILES = ('*.json', '*.safetensors', '*.model', '*.tiktoken', '*.txt')  # config, weights, tokenizer: no other formats' copies
+TOKEN_ENV_VARS = ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN')
+
+def is_hub_id(s) -> bool:
+    "Whether `s` reads as a Hub repository id (`org/name`) and names no local path."
+    return bool(HUB_ID.fullmatch(str(s))) and not Path(str(s)).expanduser().exists()
+
+def colab_secret(name:str) -> str|None:
+    "The Colab secret `name`, or None outside Colab or when the notebook has no access to it."
+    if 'google.colab' not in sys.modules: return None
+    try:
+        from google.colab import userdata
+        return userdata.get(name) or None
+    except Exception: return None
+
+def hf_token(token:str|None=None) -> str|None:
+    "The Hugging Face token: `token`, else $HF_TOKEN / $HUGGING_FACE_HUB_TOKEN, else the Colab secret HF_TOKEN (read, never stored)."
+    if token: return token
+    for k in TOKEN_ENV_VARS:
+        if os.environ.get(k): return os.environ[k]
+    return colab_secret('HF_TOKEN')
+
+def _cached_repos(cache_dir) -> list[str]:
+    try:
+        from huggingface_hub import constants
+        root = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
+    except ImportError: return []
+    return [p.name[len('models--'):].replace('--', '/') for p in root.glob('models--*')] if root.is_dir() else []
+
+def hub_download(repo_id:str, *, revision:str|None=None, token:str|None=None, cache_dir=None) -> tuple[Path, str]:
+    """The config, weights and tokenizer files of the Hub model `repo_id` at `revision`, downloaded once into
+    `cache_dir` (default: the Hugging Face cache); returns the local folder and the commit it resolved to."""
+    try: import huggingface_hub as hh
+    except ImportError: raise ModelLoadError("Hub models need huggingface_hub: pip install 'nbtrain[train]'") from None
+    from huggingface_hub import errors as he
+    tok, where = hf_token(token), str(cache_dir or 'the Hugging Face cache')
+    kw = dict(revision=revision, cache_dir=str(cache_dir) if cache_dir else None, token=tok or False,
+              endpoint=os.environ.get('HF_ENDPOINT') or None)  # read now: a notebook may set it after importing the client
+    page = f"{(kw['endpoint'] or 'https://huggingface.co').rstrip('/')}/{repo_id}"
+    try:
+        folder = Path(hh.snapshot_download(repo_id, allow_patterns=list(HUB_FILES), **kw))
+        if not any(folder.glob('*.safetensors')):  # an older repository: PyTorch's pickled weights only
+            folder = Path(hh.snapshot_download(repo_id, allow_patterns=[*HUB_FILES, '*.bin'], **kw))
+    except he.GatedRepoError:
+        raise ModelLoadError(f"{repo_id} is gated: accept its licence at {page} with your account, then give nbtrain a token that "
+                             f"may read it ({'the token given may not' if tok else 'set the HF_TOKEN secret in Colab, or the HF_TOKEN environment variable'}).") from None
+    except he.RepositoryNotFoundError:
+        raise ModelLoadError(f"No model '{repo_id}' on the Hub{'' if tok else ', or it is private (then set the HF_TOKEN secret or environment variable)'}."
+                             f"{did_you_mean(repo_id, _cached_repos(cache_dir))} Check the id on the Hub's model pages.") from None
+    except he.RevisionNotFoundError:
+        raise ModelLoadError(f"{repo_id} has no revision {revision!r}: give a branch, a tag or a commit id it has ({page}).") from None
+    except (he.LocalEntryNotFoundError, he.OfflineModeIsEnabled):
+        off = ' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''
+        raise ModelLoadError(f"Cannot download {repo_id}: no network{off}, and it is not in {where}. Connect once (a resumed run "
+                             f"then needs no network), or copy the model folder here and give its path.") from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ModelLoadError(f"The disk is full while downloading {repo_id} into {where}: free some space, or set "
+                                 f"model.cache_dir to a disk with room.") from None
+        raise
+    if not (folder/'config.json').is_file():
+        raise ModelLoadError(f"{repo_id} has no config.json: it is not a transformers model repository ({page}).")
+    return folder, folder.name  # the cache keeps snapshots/<commit>
+
+def hf_source(source, *, revision:str|None=None, cache_dir=None, token:str|None=None) -> tuple:
+    "What `hf_config` reads for `source` (a Hub id is downloaded first to a local folder) and the Hub facts to record."
+    s = str(source)
+    if s.startswith('hf:'): s = s[3:]
+    if is_hub_id(s):
+        folder, sha = hub_download(s, revision=revision, token=token, cache_dir=cache_dir)
+        return folder, {'hub_id': s, 'revision': sha, **({'requested_revision': revision} if revision else {})}
+    if revision: raise ModelLoadError(f"model.revision={revision!r} applies to a Hub model id (org/name); {s!r} is not one.")
+    return source, {}
+
+
 def hf_config(source):
     "The transformers config of a local folder (or its config.json) or a `model_type` name; the folder, or None; whether it has weights."
     tf = _transformers()
@@ -379,14 +456,16 @@ def hf_config(source):
             raise ModelLoadError(f"{p} has no config.json: a Hugging Face model folder needs one (model.save_pretrained writes it).")
         return tf.AutoConfig.from_pretrained(p, local_files_only=True), p, any((p / w).is_file() for w in WEIGHT_FILES)
     if str(source) in hf_model_types(): return tf.AutoConfig.for_model(str(source)), None, False
-    raise ModelLoadError(f"'{source}' is not a local folder nor a transformers model_type.{did_you_mean(source, hf_model_types())} "
-                         f"nbtrain does not download models: fetch it first (e.g. `hf download {source} --local-dir my_model`) "
-                         f"and pass the folder, or give a model_type such as 'gpt2' or 'bert' to build a fresh one.")
+    raise ModelLoadError(f"'{source}' is not a local folder, a Hub model id (org/name) nor a transformers model_type."
+                         f"{did_you_mean(source, hf_model_types())} Give a Hub id such as 'openai-community/gpt2' (downloaded), "
+                         f"a folder, or a model_type such as 'gpt2' or 'bert' to build a fresh one.")
 
 def load_hf_model(source, *, task:str|None=None, vocab_size:int|None=None, num_labels:int|None=None,
-                  pad_id:int|None=None, dropout:float|None=None, **config_overrides) -> LoadedModel:
-    "A transformers model from a local config/checkpoint folder or a `model_type` name, with the head for `task`."
+                  pad_id:int|None=None, dropout:float|None=None, revision:str|None=None, cache_dir=None, token:str|None=None,
+                  **config_overrides) -> LoadedModel:
+    "A transformers model from a Hub id (downloaded at `revision`), a local config/checkpoint folder or a `model_type` name, with the head for `task`."
     tf = _transformers()
+    source, hub = hf_source(source, revision=revision, cache_dir=cache_dir, token=token)
     if task is not None and task not in HF_AUTO_CLASSES:
         raise ModelLoadError(f"No Hugging Face head for task '{task}'.{did_you_mean(task, HF_AUTO_CLASSES)} Tasks: {format_choices(HF_AUTO_CLASSES)}.")
     config, folder, pretrained = hf_config(source)
@@ -412,7 +491,7 @@ def load_hf_model(source, *, task:str|None=None, vocab_size:int|None=None, num_l
         if 'Unrecognized configuration class' not in str(e): raise
         raise ModelLoadError(f"transformers has no {auto.__name__} for model_type '{config.model_type}' (task {task!r}): choose an "
                              f"architecture with that head, e.g. gpt2 for causal_lm or bert for sequence_classification.") from e
-    return _loaded(model.float(), 'hf', source=str(folder or source), model_type=config.model_type, auto_class=auto.__name__,
+    return _loaded(model.float(), 'hf', source=hub.get('hub_id') or str(folder or source), **hub, model_type=config.model_type, auto_class=auto.__name__,
                    pretrained=pretrained, attn_implementation=getattr(config, '_attn_implementation', None),
                    config_overrides=dict(config_overrides))
 
@@ -542,10 +621,10 @@ def resolve_model(source, *, trust_code:bool=False, task:str|None=None, **overri
         return load_final_folder(p, trust_code=trust_code)
     if p.is_file() and p.suffix == '.py' or p.is_dir() and (p / 'model.py').is_file() or p.name == 'config.json' and (p.parent / 'model.py').is_file():
         return load_file_model(p, trust_code=trust_code, **overrides)
-    if p.exists() or s in hf_model_types() or _looks_like_path(s): return load_hf_model(s, task=task, **overrides)
+    if p.exists() or s in hf_model_types() or is_hub_id(s) or _looks_like_path(s): return load_hf_model(s, task=task, **overrides)
     raise ModelLoadError(f"Unknown model '{s}': not a reference model ({', '.join(MODELS.available())}), not an existing path, "
-                         f"and not a transformers model_type.{did_you_mean(s, [*MODELS.available(), *hf_model_types()])} nbtrain does "
-                         f"not download models: give a local folder (model.py + config.json, or a Hugging Face config/checkpoint).")
+                         f"not a Hub model id (org/name), and not a transformers model_type.{did_you_mean(s, [*MODELS.available(), *hf_model_types()])} "
+                         f"Give a local folder (model.py + config.json, or a Hugging Face config/checkpoint) or a Hub id such as 'openai-community/gpt2'.")
 
 def load_model(source, *, trust_code:bool=False, task:str|None=None, **overrides) -> nn.Module:
     "A model from an `nn.Module`, a model.py/config.json export, a run's `final/` (trained), a Hugging Face folder or model_type, or a reference model name."
@@ -577,14 +656,16 @@ def _reference(mc, *, vocab_size, num_labels, max_seq_len, task, image_shape) ->
 def _hf(mc, *, vocab_size, num_labels, max_seq_len, task, pad_id) -> LoadedModel:
     over = {_HF_NAMES[k]: v for k in _HF_NAMES if (v := getattr(mc, k, None)) is not None}
     lm = load_hf_model(mc.path, task=task, vocab_size=vocab_size, num_labels=num_labels, pad_id=pad_id,
-                       dropout=getattr(mc, 'dropout', None), **{**over, **(getattr(mc, 'kwargs', None) or {})})
+                       dropout=getattr(mc, 'dropout', None), revision=getattr(mc, 'revision', None),
+                       cache_dir=getattr(mc, 'cache_dir', None), **{**over, **(getattr(mc, 'kwargs', None) or {})})
     return lm
 
 def planned_max_len(model_cfg) -> tuple[int|None, str|None]:
     "The longest sequence the model of `model_cfg` will take, known before it is built (reference and Hugging Face models)."
     if getattr(model_cfg, 'max_seq_len', None): return model_cfg.max_seq_len, 'model.max_seq_len'
     if getattr(model_cfg, 'name', None) == 'hf' and model_cfg.path:
-        config, _, _ = hf_config(model_cfg.path)
+        src, _ = hf_source(model_cfg.path, revision=getattr(model_cfg, 'revision', None), cache_dir=getattr(model_cfg, 'cache_dir', None))
+        config, _, _ = hf_config(src)
         found = next(((v, k) for k in LEN_KEYS if (v := _int_field(config, k))), None)
         if found: return found[0], f"{found[1]} of its config"
     return None, None

@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/trainer.html.md"""
 
 # %% ../nbs/11_trainer.ipynb #1d77f6f1
 from __future__ import annotations
-import json, math, os, shutil, signal, threading, time, traceback, warnings
+import json, math, os, shutil, signal, sys, threading, time, traceback, warnings
 import yaml
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,8 +34,8 @@ from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANI
 from .files import DiskFullError, disk_guard, atomic_write, write_json, write_folder
 
 # %% auto #0
-__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'CLOCK', 'RESUME_MODES', 'FitResult', 'Trainer', 'run_differences',
-           'train']
+__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'NOT_THE_RUN', 'CLOCK', 'RESUME_MODES', 'FitResult', 'Trainer',
+           'run_differences', 'train']
 
 # %% ../nbs/11_trainer.ipynb #11a756d8
 @dataclass
@@ -74,6 +74,7 @@ class Trainer:
         seed_everything(t.seed, t.deterministic)
 
         self.run_dir = self._run_path(run_dir)
+        self._hub_model_settings()    # a resumed Hub model keeps its commit
         pre = self._plan_length(model)  # the model's limits fix data.seq_len before the data is cut and the run compared
         self._check_same_run(resume)  # before anything is written: a different model must not take over a run's folder
         self.lock = RunLock(self.run_dir)
@@ -91,6 +92,7 @@ class Trainer:
                                  max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len, task=cfg.task.name,
                                  pad_id=getattr(tok, 'pad_id', None), image_shape=image_shape)
             model, self.model_info = loaded.module, dict(loaded.info, kind=loaded.kind)
+            if loaded.info.get('hub_id'): cfg.model.revision = loaded.info['revision']  # config.yaml records the commit trained from
         else:  # built before the data: a model instance, or a file model (its config.json fixes its shape)
             model, self.model_info = pre.module, dict(pre.info, kind=pre.kind)
             if self.data.vocab_size: check_vocab(model, self.data.vocab_size)
@@ -155,6 +157,17 @@ class Trainer:
 def _say(self:Trainer, line:str):
     "One line for the person running the training (first process only)."
     if self.is_global_zero: print(line, flush=True)
+
+@patch
+def _hub_model_settings(self:Trainer):
+    "A Hub model: downloads beside the runs in Colab (they survive a disconnect); a resumed run keeps the commit it started from."
+    mc = self.cfg.model
+    if mc.name != 'hf': return
+    if mc.cache_dir is None and 'google.colab' in sys.modules: mc.cache_dir = str(Path(self.cfg.output_dir)/'.hub-cache')
+    saved = (self._saved_config() or {}).get('model') or {}
+    if saved.get('path') == mc.path and saved.get('revision') and mc.revision in (None, 'main'):
+        mc.revision = saved['revision']
+        self._say(f"model.revision: {mc.revision}, the commit this run started from (the repository may have moved on since)")
 
 @patch
 def _plan_length(self:Trainer, model) -> LoadedModel|None:
@@ -358,11 +371,14 @@ SAME_RUN_KEYS = ('model.*', 'task.name', 'task.num_labels', 'data.source', 'data
                  'data.seq_len', 'data.pack', 'data.corpus_size', 'data.text_column', 'data.label_column',
                  'data.image_column', 'data.image_size', 'data.image_mode')
 
+NOT_THE_RUN = ('model.cache_dir',)  # where files are kept, not what was trained
+
 def run_differences(saved:dict, cfg:RunConfig, keys=SAME_RUN_KEYS) -> list[tuple[str, object, object]]:
     "(key, saved value, new value) for the `keys` (a trailing `.*` takes a whole section) where `cfg` differs from `saved`."
     old, new = nested_to_dotted(saved), nested_to_dotted(redact(cfg.to_dict()))
     pick = lambda k: [x for x in new if x == k or (k.endswith('.*') and x.startswith(k[:-1]))]
-    return [(k, old.get(k), new[k]) for key in keys for k in pick(key) if k in old and old.get(k) != new[k]]
+    return [(k, old.get(k), new[k]) for key in keys for k in pick(key)
+            if k in old and old.get(k) != new[k] and k not in NOT_THE_RUN]
 
 @patch
 def _saved_config(self:Trainer) -> dict|None:
