@@ -13,12 +13,13 @@ from typing import Any, Callable
 import torch
 from fastcore.basics import patch
 from .errors import NbtrainError
-from .files import DiskFullError, is_disk_full, human_bytes, free_space, atomic_write
+from .files import DiskFullError, is_disk_full, human_bytes, free_space, atomic_write, sha256_file, fsync_path, verify_manifest
+from .files import read_manifest as _read_manifest
 
 # %% auto #0
-__all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'LOCK', 'CheckpointError', 'ckpt_name', 'sha256_file', 'snapshot', 'split_tied',
-           'model_state', 'load_weights', 'write_checkpoint', 'nbytes', 'read_manifest', 'verify_checkpoint',
-           'CheckpointInfo', 'CheckpointManager', 'RunLockedError', 'RunLock']
+__all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'LOCK', 'CheckpointError', 'ckpt_name', 'snapshot', 'split_tied', 'model_state',
+           'load_weights', 'write_checkpoint', 'nbytes', 'read_manifest', 'verify_checkpoint', 'CheckpointInfo',
+           'CheckpointManager', 'RunLockedError', 'RunLock']
 
 # %% ../nbs/09a_checkpoint.ipynb #81279dc2
 class CheckpointError(NbtrainError, RuntimeError):
@@ -28,13 +29,6 @@ MANIFEST, WEIGHTS, STATE = 'manifest.json', 'model.safetensors', 'state.pt'
 _NAME = re.compile(r'^step-(\d{9})$')
 
 def ckpt_name(step:int) -> str: return f'step-{step:09d}'
-
-def sha256_file(path, chunk:int=1 << 22) -> str:
-    "Hex sha256 of a file, read in 4 MB chunks."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while b := f.read(chunk): h.update(b)
-    return h.hexdigest()
 
 # %% ../nbs/09a_checkpoint.ipynb #ad9b893d
 def _copy_into(x, old):
@@ -82,13 +76,6 @@ def load_weights(model:nn.Module, path, aliases:dict|None=None, strict:bool=True
     unwrap_model(model).load_state_dict(sd, strict=strict)
 
 # %% ../nbs/09a_checkpoint.ipynb #d1277a61
-def _fsync(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass  # some filesystems (e.g. network mounts, Windows dirs) cannot fsync a directory
-
 def _versions() -> dict:
     import importlib.metadata as md
     out = {}
@@ -115,11 +102,11 @@ def write_checkpoint(dest, weights:dict, state:dict, meta:dict, aliases:dict|Non
         stage = f'writing {MANIFEST}'
         manifest = dict(meta, files=files, aliases=aliases or {}, versions=_versions(), format=1, written_at=time.time())
         (tmp/MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-        for n in (WEIGHTS, STATE, MANIFEST): _fsync(tmp/n)
+        for n in (WEIGHTS, STATE, MANIFEST): fsync_path(tmp/n)
         stage = f'renaming into {dest.name}'
         if dest.exists(): shutil.rmtree(dest)
         os.replace(tmp, dest)
-        _fsync(dest.parent)
+        fsync_path(dest.parent)
         return dest
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -146,25 +133,13 @@ def _disk_hint(e:BaseException, where:Path, needed:int|None=None) -> str:
 
 def read_manifest(path) -> dict:
     "The manifest of checkpoint `path` (raises `OSError` or `ValueError` when it is missing or garbage)."
-    m = json.loads((Path(path)/MANIFEST).read_text(encoding='utf-8'))
-    if not isinstance(m, dict) or not isinstance(m.get('files', {}), dict): raise ValueError('not a checkpoint manifest (expected a JSON object with files)')
-    return m
+    return _read_manifest(path, 'checkpoint ')
 
 def verify_checkpoint(path, deep:bool=True) -> str|None:
-    "None if the checkpoint at `path` is complete and its files match the manifest, else what is wrong."
-    p = Path(path)
-    if not (p/MANIFEST).is_file(): return f"{p/MANIFEST} is missing (the write did not finish)"
-    try: m = read_manifest(p)
-    except UnicodeDecodeError: return f"{p/MANIFEST} is unreadable: not UTF-8 text"
-    except (OSError, ValueError) as e: return f"{p/MANIFEST} is unreadable: {e}"
-    if 'step' not in m: return f"{p/MANIFEST} is unreadable: it has no step"
-    for name, info in m.get('files', {}).items():
-        f = p/name
-        if not f.is_file(): return f"{f} is missing"
-        if not isinstance(info, dict) or 'bytes' not in info: return f"{p/MANIFEST} is unreadable: no size for {name}"
-        if f.stat().st_size != info['bytes']: return f"{f} has {f.stat().st_size} bytes, the manifest says {info['bytes']} (truncated?)"
-        if deep and sha256_file(f) != info['sha256']: return f"{f} does not match its sha256 in the manifest (corrupted)"
-    return None
+    "None if the checkpoint at `path` is complete and its files match the manifest (`nbtrain.files.verify_manifest`), else what is wrong."
+    if (why := verify_manifest(path, deep, 'checkpoint ')) is None and 'step' not in read_manifest(path):
+        why = f"{Path(path)/MANIFEST} is unreadable: it has no step"
+    return why
 
 # %% ../nbs/09a_checkpoint.ipynb #01475648
 @dataclass
@@ -376,7 +351,7 @@ def _mirror(self:CheckpointManager, src:Path):
         (slot/MANIFEST).unlink(missing_ok=True)
         for n in (WEIGHTS, STATE):
             shutil.copyfile(src/n, slot/n)
-            _fsync(slot/n)
+            fsync_path(slot/n)
         shutil.copyfile(src/MANIFEST, slot/MANIFEST)
     except Exception as e:
         shutil.rmtree(slot, ignore_errors=True)  # no half copy left: the other slots keep their checkpoints

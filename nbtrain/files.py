@@ -138,17 +138,17 @@ def file_entries(folder, skip=(MANIFEST,)) -> dict:
         if p.is_file() and rel not in skip: out[rel] = dict(sha256=sha256_file(p), bytes=p.stat().st_size)
     return out
 
-def read_manifest(folder) -> dict:
-    "The manifest of `folder` (raises `OSError` or `ValueError` when it is missing or not a JSON object)."
+def read_manifest(folder, kind:str='') -> dict:
+    "The manifest of `folder` (raises `OSError` or `ValueError` when it is missing or not a JSON object); `kind` names it in errors."
     m = json.loads((Path(folder)/MANIFEST).read_text(encoding='utf-8'))
-    if not isinstance(m, dict) or not isinstance(m.get('files', {}), dict): raise ValueError('not a manifest (expected a JSON object with files)')
+    if not isinstance(m, dict) or not isinstance(m.get('files', {}), dict): raise ValueError(f'not a {kind}manifest (expected a JSON object with files)')
     return m
 
-def verify_manifest(folder, deep:bool=True) -> str|None:
+def verify_manifest(folder, deep:bool=True, kind:str='') -> str|None:
     "None if `folder` has a manifest and its files match it, else what is wrong (`deep`: compare sha256 sums too)."
     p = Path(folder)
     if not (p/MANIFEST).is_file(): return f"{p/MANIFEST} is missing (the write did not finish)"
-    try: m = read_manifest(p)
+    try: m = read_manifest(p, kind)
     except UnicodeDecodeError: return f"{p/MANIFEST} is unreadable: not UTF-8 text"
     except (OSError, ValueError) as e: return f"{p/MANIFEST} is unreadable: {e}"
     for name, info in m.get('files', {}).items():
