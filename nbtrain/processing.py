@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from .errors import DataError
+from .files import free_space, human_bytes, is_disk_full
 from .registry import COLLATORS
 from .sources import DRIVE_MOUNT
 from .tokenizer import Tokenizer
@@ -119,7 +120,11 @@ class DataCache:
             tmp.rename(d)
         except OSError as e:
             if not (d / '.complete').is_file():  # else another process stored the same entry first: fine
-                warnings.warn(f"Could not write the data cache at {d} ({e}); going on without caching")
+                space = ''
+                if is_disk_full(e):  # what the entry had reached, and what is left
+                    got, free = sum(f.stat().st_size for f in tmp.rglob('*') if f.is_file()) if tmp.exists() else 0, free_space(d.parent)
+                    space = f"; the disk is full: it needs more than {human_bytes(got)}, {human_bytes(free) if free is not None else 'unknown'} free there (data.cache_dir can point elsewhere)"
+                warnings.warn(f"Could not write the data cache at {d} ({e}){space}; going on without caching")
         finally:
             if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
