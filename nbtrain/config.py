@@ -18,8 +18,8 @@ from .registry import MODELS, TASKS, OPTIMIZERS, SCHEDULERS, TRACKERS
 __all__ = ['SECRET_ENV_VARS', 'REDACTED', 'ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SHORTCUTS', 'remember_secrets',
            'secret_values', 'secrets_in', 'redact', 'redact_argv', 'opt', 'Section', 'Registered', 'ModelConfig',
            'TaskConfig', 'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig',
-           'TrackingConfig', 'MonitorConfig', 'RunConfig', 'deep_merge', 'read_config_file', 'parse_overrides',
-           'dotted_to_nested', 'nested_to_dotted', 'load_config', 'save_config', 'describe_fields']
+           'TrackingConfig', 'MonitorConfig', 'LoraConfig', 'RunConfig', 'deep_merge', 'read_config_file',
+           'parse_overrides', 'dotted_to_nested', 'nested_to_dotted', 'load_config', 'save_config', 'describe_fields']
 
 # %% ../nbs/02_config.ipynb #4bbaac75
 SECRET_ENV_VARS = ('WANDB_API_KEY', 'HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HUGGINGFACE_TOKEN', 'HF_API_TOKEN',
@@ -234,6 +234,7 @@ class ModelConfig(Section):
     n_head: int|None = opt(None, "Override the size preset: attention heads", ge=1)
     d_model: int|None = opt(None, "Override the size preset: hidden width", ge=1)
     dropout: float = opt(0.0, "Dropout probability", ge=0.0, lt=1.0)
+    resize_embeddings: bool = opt(False, "A pretrained model whose vocabulary is smaller than its tokenizer's gets new embedding rows (and output rows) for the missing ids; without it that is an error")
     max_seq_len: int|None = opt(None, "Longest sequence the model accepts (reference models: default data.seq_len; file models: passed to the constructor's length parameter, else a limit)", ge=1)
     kwargs: dict = opt({}, "Extra keyword arguments for the model constructor")
 
@@ -267,7 +268,7 @@ class TaskConfig(Section):
 class DataConfig(Section):
     _name = 'data'
     source: str = opt('embedded', "embedded | digits | synthetic | a file (.txt .jsonl .json .csv .tsv .parquet .zip) | a folder | drive:PATH | upload | hf:NAME[:CONFIG]")
-    tokenizer: str = opt('char', "char | byte | bpe (trained on the corpus) | a saved tokenizer folder | a Hugging Face tokenizer name")
+    tokenizer: str = opt('auto', "auto (a pretrained model's own tokenizer, else char) | char | byte | bpe (trained on the corpus) | a saved tokenizer folder | a Hugging Face tokenizer name")
     vocab_size: int|None = opt(None, "Tokens of a trained 'bpe' tokenizer (None: 8192)", ge=260)
     seq_len: int|None = opt(None, "Tokens per training sequence (None: data.default_seq_len, shortened to the model's maximum length when that is less)", ge=2)
     default_seq_len: int = opt(128, "The sequence length when data.seq_len is unset (presets set it); a model that takes fewer positions shortens it", ge=2)
@@ -406,9 +407,33 @@ class MonitorConfig(Section):
     exploding: float = opt(1e4, "Warn when the global gradient norm rises above this", gt=0.0)
     log_layer_norms: bool = opt(False, "Add per-layer gradient norms to the metrics at log steps that are checked")
 
+# %% ../nbs/02_config.ipynb #b7ad91b8
+@dataclass
+class LoraConfig(Section):
+    _name = 'lora'
+    enabled: bool = opt(False, "Train low-rank adapters (LoRA, with peft) beside a frozen base model instead of every weight")
+    r: int = opt(8, "Rank of each adapter (more: more capacity and memory)", ge=1)
+    alpha: float = opt(16.0, "Adapter scale: its update is multiplied by alpha / r", gt=0.0)
+    dropout: float = opt(0.05, "Dropout on the adapters' input", ge=0.0, lt=1.0)
+    target_modules: str|list[str] = opt('auto', "Layers that get adapters: 'auto' (every attention and MLP linear layer, found by name), a list of layer names, or a regular expression over full module names")
+    modules_to_save: list[str]|None = opt(None, "Modules trained in full beside the adapters (None: the task head when it is new, e.g. a classifier)")
+    bias: str = opt('none', "Which biases train", choices=['none', 'all', 'lora_only'])
+    quantize: str|None = opt(None, "QLoRA: hold the frozen base in 4bit (NF4, double quantization) or 8bit with bitsandbytes (CUDA only)", choices=['4bit', '8bit'])
+    merge_final: bool|str = opt('auto', "Also write the merged full model into final/: true, false, or 'auto' (models under 1B parameters)", choices=[True, False, 'auto'])
+
+    def check(self):
+        t = self.target_modules
+        if isinstance(t, list):
+            if not t: raise ConfigError("lora.target_modules is empty: give 'auto', layer names such as [q_proj, v_proj], or a regular expression")
+            if len(t) == 1: object.__setattr__(self, 'target_modules', t[0])  # one name (or 'auto', or a regular expression)
+        if self.quantize and not self.enabled:
+            raise ConfigError(f"lora.quantize={self.quantize!r} quantizes the frozen base of a LoRA run: set lora.enabled true as well "
+                              f"(or lora.quantize none)")
+
 # %% ../nbs/02_config.ipynb #21276b30
 _SECTIONS = dict(model=ModelConfig, task=TaskConfig, data=DataConfig, optim=OptimConfig, schedule=ScheduleConfig,
-                 train=TrainConfig, checkpoint=CheckpointConfig, monitor=MonitorConfig, tracking=TrackingConfig)
+                 train=TrainConfig, checkpoint=CheckpointConfig, monitor=MonitorConfig, tracking=TrackingConfig,
+                 lora=LoraConfig)
 
 @dataclass
 class RunConfig:
@@ -422,6 +447,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     output_dir: str = 'runs'
     name: str|None = None
     preset: str|None = None
@@ -455,7 +481,7 @@ class RunConfig:
 PRESETS = {
     'tiny-cpu': dict(
         model=dict(name='gpt', size='tiny'),
-        data=dict(source='embedded', tokenizer='char', default_seq_len=128),
+        data=dict(source='embedded', tokenizer='auto', default_seq_len=128),
         optim=dict(lr=2e-3, weight_decay=0.1),
         schedule=dict(name='cosine', warmup_steps=20),
         train=dict(micro_batch_size=32, grad_accum=1, max_steps=800, eval_every=200, eval_batches=20, log_every=10,
@@ -463,7 +489,7 @@ PRESETS = {
         checkpoint=dict(every_steps=200)),
     'colab-t4': dict(
         model=dict(name='gpt', size='small'),
-        data=dict(source='embedded', tokenizer='char', default_seq_len=256, corpus_size=20000),
+        data=dict(source='embedded', tokenizer='auto', default_seq_len=256, corpus_size=20000),
         optim=dict(lr=1e-3),
         schedule=dict(name='cosine', warmup_steps=100),
         train=dict(micro_batch_size=32, grad_accum=2, max_steps=3000, eval_every=250, eval_batches=50, log_every=25,
@@ -471,7 +497,7 @@ PRESETS = {
         checkpoint=dict(every_steps=500, every_minutes=10.0)),
     'a100': dict(
         model=dict(name='gpt', size='gpt2-small'),
-        data=dict(source='embedded', tokenizer='char', default_seq_len=1024, corpus_size=50000),
+        data=dict(source='embedded', tokenizer='auto', default_seq_len=1024, corpus_size=50000),
         optim=dict(lr=6e-4),
         schedule=dict(name='cosine', warmup_steps=200),
         train=dict(micro_batch_size=16, grad_accum=4, max_steps=5000, eval_every=500, eval_batches=50, log_every=50,

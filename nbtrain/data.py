@@ -119,7 +119,7 @@ class DataBundle:
 
 # %% ../nbs/08f_data.ipynb #13ded54b
 DATA_DEFAULTS = dict(
-    source='embedded', tokenizer='char', seq_len=128, val_fraction=0.1, text_column=None, label_column=None,
+    source='embedded', tokenizer='auto', seq_len=128, val_fraction=0.1, text_column=None, label_column=None,
     num_workers=0, max_samples=None, corpus_size=2000,
     test_fraction=0.0, stratify=True, train_split=None, val_split=None, test_split=None, label_names=None,
     image_column=None, image_size=None, image_mode=None, normalize='data', augment=False,
@@ -212,6 +212,7 @@ def _split_roles(splits, c, seed, labels=None) -> dict[str, tuple[str, list[int]
 
 def _tokenizer(c, train_texts, all_texts, cache, run_dir, info) -> Tokenizer:
     name = str(c.tokenizer).strip()
+    if name.lower() == 'auto': name = 'char'  # the trainer puts a pretrained model's own tokenizer here; without one, characters
     saved = Path(run_dir) / 'tokenizer' if run_dir else None
     tok = None
     if saved is not None and (saved / 'tokenizer.json').is_file():
