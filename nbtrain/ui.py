@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/ui.html.md"""
 
 # %% ../nbs/18a_ui.ipynb #8c02ad91
 from __future__ import annotations
-import contextlib, gc, html, io, logging, os, re, sys, threading, time, traceback
+import contextlib, gc, html, io, logging, os, re, sys, threading, time, traceback, warnings
 import torch
 from pathlib import Path
 import yaml
@@ -15,13 +15,15 @@ from .colab import list_runs, RunInfo
 from .config import ALIASES, REDACTED, PRESETS, DEFAULT_PRESET, RunConfig, describe_fields, nested_to_dotted, load_config, read_config_file
 from .dashboard import LiveDashboard, notebook_display
 from .errors import ConfigError, NbtrainError, did_you_mean, format_choices
+from .loading import HF_AUTO_CLASSES, HUB_ID, WEIGHT_FILES, hf_token, is_hub_id
 from .registry import MODELS, OPTIMIZERS, TASKS, lazy_module
 W = lazy_module('ipywidgets')  # imported on first use: `import nbtrain.ui` works without the train extra
 from .trainer import FitResult, Trainer
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['W', 'SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'to_text', 'field_widget', 'active', 'TrainForm',
+__all__ = ['W', 'SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'LORA_AUTO_PARAMS', 'HUB_EXAMPLE', 'to_text',
+           'field_widget', 'parse_hub_model', 'count_hf_params', 'hf_param_count', 'lora_advice', 'active', 'TrainForm',
            'LogBuffer', 'FormView', 'run_form']
 
 # %% ../nbs/18a_ui.ipynb #98192c9f
@@ -65,21 +67,104 @@ def field_widget(row:dict) -> W.Widget:
     # plain number boxes, not bounded ones: a bounded box silently clamps a wrong value, the config explains it
     if kind == 'int': return W.IntText(value=default, **common)
     if kind == 'float': return W.FloatText(value=default, **common)
-    if key in SUGGESTIONS: return W.Combobox(value=to_text(default), options=SUGGESTIONS[key](), ensure_option=False, **common)
+    if key in SUGGESTIONS:  # like the text boxes, the value changes on Enter or leaving the field, not at every key
+        return W.Combobox(value=to_text(default), options=SUGGESTIONS[key](), ensure_option=False, continuous_update=False, **common)
     return W.Text(value=to_text(default), placeholder='None' if 'None' in kind else '', continuous_update=False, **common)
 
 # %% ../nbs/18a_ui.ipynb #4b3fe312
 SECTION_TABS = {'model': 'Model', 'task': 'Task', 'data': 'Data', 'optim': 'Hyperparameters', 'schedule': 'Hyperparameters',
-                'train': 'Hyperparameters', 'checkpoint': 'Checkpoints & Drive', 'monitor': 'Tracking', 'tracking': 'Tracking'}
+                'train': 'Hyperparameters', 'checkpoint': 'Checkpoints & Drive', 'monitor': 'Tracking', 'tracking': 'Tracking',
+                'lora': 'LoRA'}
 BASIC = ('model.name', 'model.size', 'model.path', 'model.trust_code', 'task.name', 'task.num_labels', 'data.source',
          'data.tokenizer', 'data.seq_len', 'data.text_column', 'data.label_column', 'optim.lr', 'optim.weight_decay',
          'schedule.name', 'schedule.warmup_steps', 'train.max_steps', 'train.max_epochs', 'train.max_time',
          'train.micro_batch_size', 'train.grad_accum', 'train.eval_every', 'train.precision', 'train.auto_micro_batch',
          'checkpoint.every_steps', 'checkpoint.every_minutes', 'checkpoint.keep_last_n', 'checkpoint.mirror',
-         'tracking.backends', 'tracking.project', 'tracking.run_name')
+         'tracking.backends', 'tracking.project', 'tracking.run_name', 'lora.enabled', 'lora.r', 'lora.alpha', 'lora.dropout',
+         'lora.target_modules', 'lora.quantize', 'lora.merge_final')
 TOP_FIELDS = {'preset': 'The preset the hyperparameters start from (changing it loads its values)',
               'name': 'Run name: the run folder in output_dir. The same name again resumes that run (empty: a new, dated folder)',
               'output_dir': 'Folder that holds the run folders (on Google Drive in Colab)'}
+
+# %% ../nbs/18a_ui.ipynb #a641e0fd
+LORA_AUTO_PARAMS = 300_000_000
+"A pretrained model with more parameters than this gets LoRA switched on, unless the person chose otherwise."
+HUB_EXAMPLE = 'HuggingFaceTB/SmolLM2-135M'
+
+def parse_hub_model(text, strict:bool=False) -> tuple[str|None, str|None]:
+    """A model typed in the form: `(org/name, None)` for a Hub id ('org/name' or 'hf:org/name'), `(None, why)` for an
+    'hf:' that is not one (or, with `strict`, any text with a '/' that is not one), `(None, None)` for anything else."""
+    s = str(text or '').strip()
+    prefixed = s[:3].lower() == 'hf:'
+    rest = s[3:].strip() if prefixed else s
+    if prefixed or strict and '/' in s:
+        if HUB_ID.fullmatch(rest): return rest, None
+        return None, (f"'{s}' is not a Hub model id: write org/name as on the model's Hub page, e.g. {HUB_EXAMPLE} "
+                      f"or hf:{HUB_EXAMPLE}")
+    return (s, None) if is_hub_id(s) else (None, None)
+
+_PARAMS: dict = {}  # (path, revision, cache_dir, task) -> (parameters, None) or (None, why): one look-up per model and session
+
+def count_hf_params(path, *, revision:str|None=None, cache_dir=None, task:str|None=None) -> int:
+    """Parameters of the Hugging Face model `path` (a Hub id or a local folder) from its `config.json` alone: for a
+    Hub id only that file is downloaded (into the Hugging Face cache, or `cache_dir`), and the model is built on the
+    meta device, which holds no weights and takes no memory. Tied weights count once."""
+    import transformers as tf
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        import huggingface_hub as hh
+        f = hh.hf_hub_download(str(path), 'config.json', revision=revision, cache_dir=str(cache_dir) if cache_dir else None,
+                               token=hf_token() or False, endpoint=os.environ.get('HF_ENDPOINT') or None, etag_timeout=5)
+        folder = Path(f).parent
+    config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+    auto = getattr(tf, HF_AUTO_CLASSES.get(task or 'causal_lm', 'AutoModelForCausalLM'))
+    with torch.device('meta'), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try: model = auto.from_config(config)
+        except ValueError: model = tf.AutoModel.from_config(config)  # no such head for this architecture: its body
+    return sum(p.numel() for p in model.parameters())
+
+def _count_brief(e:BaseException, path:str) -> str:
+    n = type(e).__name__
+    if n in ('RepositoryNotFoundError', 'GatedRepoError'):
+        return f"no model '{path}' on the Hub, or it is private or gated (set the HF_TOKEN secret or environment variable)"
+    if n == 'RevisionNotFoundError': return f"{path} has no such model.revision"
+    if n in ('LocalEntryNotFoundError', 'OfflineModeIsEnabled'): return 'no network, and its config.json is not in the cache'
+    if n == 'EntryNotFoundError': return f"{path} has no config.json: not a transformers model repository"
+    return f"{n}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+def hf_param_count(path, *, revision:str|None=None, cache_dir=None, task:str|None=None) -> tuple[int|None, str|None]:
+    "`count_hf_params`, remembered per model (failures too, so a typo is not looked up again at every change): `(n, None)` or `(None, why)`."
+    key = (str(path), revision, str(cache_dir) if cache_dir else None, task)
+    if key not in _PARAMS:
+        try: _PARAMS[key] = count_hf_params(path, revision=revision, cache_dir=cache_dir, task=task), None
+        except Exception as e: _PARAMS[key] = None, _count_brief(e, str(path))
+    return _PARAMS[key]
+
+def _gpu_phrase() -> str:
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"this {p.name} has {p.total_memory / 2**30:.0f} GB"
+    return "a T4, Colab's free GPU, has 15 GB"
+
+def _amount(n:int) -> str: return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:,.0f}M" if n >= 1e6 else f"{n:,}"
+
+def lora_advice(n_params:int, name:str, enabled:bool, chosen:bool) -> str:
+    """Why LoRA is on or off for a pretrained model of `n_params` parameters: on by default above `LORA_AUTO_PARAMS`,
+    where full fine-tuning (weights, gradients and two AdamW moments: 16 bytes a parameter in fp32) crowds a T4."""
+    m, gb = _amount(n_params), n_params * 16 / 1e9
+    full = (f"full fine-tuning keeps weights, gradients and AdamW's two moments for every one of them, about {gb:.1f} GB "
+            f"before activations ({_gpu_phrase()})")
+    if enabled and not chosen:
+        return (f"LoRA on: {name} has {m} parameters; {full}. LoRA trains small adapters beside the frozen model in a "
+                f"fraction of that. Untick lora.enabled to train every weight.")
+    if enabled:
+        return f"LoRA on (your choice): {name} has {m} parameters; the adapters train, the model stays frozen."
+    if n_params > LORA_AUTO_PARAMS:
+        return f"LoRA off (your choice): {name} has {m} parameters; {full}. Tick lora.enabled to train adapters instead."
+    return (f"LoRA off: {name} has {m} parameters, small enough to fine-tune every weight ("
+            f"{f'about {gb:.1f} GB' if gb >= 0.1 else 'under 0.1 GB'} for weights, gradients and optimizer states). Tick lora.enabled to train adapters only.")
+
 
 # %% ../nbs/18a_ui.ipynb #e3315e35
 _ACTIVE: list = []  # the form whose run is training in the background (at most one per kernel)
@@ -102,8 +187,10 @@ class TrainForm:
         self.background = background
         self.trainer, self.result, self.error, self.error_text, self._thread, self._stop_wanted = None, None, None, '', None, False
         self._loading, self.runs = False, []
+        self._lora_chosen, self._lora_auto = False, False  # the person set lora.enabled; the form switched it on
         self._build_view()
         self.set({'preset': DEFAULT_PRESET, **(params or {})})
+        self.fields['lora.enabled'].observe(self._lora_ticked, names='value')  # first: the check below then knows it was chosen
         for w in [*self.fields.values(), self.name, self.output_dir]: w.observe(self._changed, names='value')
         self.preset.observe(self._preset_changed, names='value')
         self.refresh_runs()
@@ -121,6 +208,9 @@ class TrainForm:
 def set(self:TrainForm, params:dict):
     "Set fields from `params` (dotted or nested keys; `preset` first reloads every field from that preset)."
     flat = nested_to_dotted(params)
+    hub, why = parse_hub_model(flat.get('model.name'), strict=True)  # model.name='hf:org/name' (or 'org/name'): a Hub model
+    if why: raise ConfigError(f"model.name: {why}")
+    if hub: flat.update({'model.name': 'hf', 'model.path': hub})
     unknown = [k for k in flat if k not in self.fields and k not in TOP_FIELDS]
     if unknown:
         k = unknown[0]
@@ -129,6 +219,7 @@ def set(self:TrainForm, params:dict):
         hint = f" Did you mean '{alias}'?" if alias in self.fields else did_you_mean(k, [*self.fields, *TOP_FIELDS])
         raise ConfigError(f"Unknown config key '{k}'.{hint} "
                           f"Keys look like section.field, e.g. optim.lr or train.max_steps")
+    if flat.get('lora.enabled') is not None: self._lora_chosen = True  # given (or a saved run's): the form keeps it
     self._loading = True
     try:
         if 'preset' in flat:
@@ -186,7 +277,9 @@ def _msg(text:str, color:str) -> str:
 def check(self:TrainForm) -> RunConfig|None:
     "Check the form: show any error under the field it names and return the config, or None when it is invalid."
     for e in self.errors.values(): e.value = ''
-    try: cfg = self.config()
+    try:
+        self._read_hub_model()
+        cfg = self._advise(self.config())
     except ConfigError as e:
         self.show_error(e); return None
     self.status.value = _msg(self._ready_text(cfg), '#2a7')
@@ -213,7 +306,9 @@ def _ready_text(self:TrainForm, cfg:RunConfig) -> str:
     elif run.finished: what = f"Run '{cfg.name}' has finished: Train reloads it and stops at once; raise train.max_steps to train on"
     elif run.checkpoint_step is not None: what = f"Train resumes run '{cfg.name}' ({run.status})"
     else: what = f"Run '{cfg.name}' has no checkpoint yet: Train starts it again"
-    return (f"{what}: {cfg.model.name}/{cfg.task.name} on {cfg.data.source}, {stop}, effective batch "
+    model = f'hf:{cfg.model.path}' if cfg.model.name == 'hf' else cfg.model.name
+    lora = f' with LoRA (r={cfg.lora.r})' if cfg.lora.enabled else ''
+    return (f"{what}: {model}/{cfg.task.name}{lora} on {cfg.data.source}, {stop}, effective batch "
             f"{t.micro_batch_size * t.grad_accum}, lr {cfg.optim.lr:g}.")
 
 @patch
@@ -227,6 +322,49 @@ def _preset_changed(self:TrainForm, change):
     if self._loading: return
     try: self.set({'preset': change['new']})
     except ConfigError as e: self.show_error(e)
+
+# %% ../nbs/18a_ui.ipynb #715992a1
+@patch
+def _read_hub_model(self:TrainForm):
+    "A Hub id typed in model.path ('org/name' or 'hf:org/name') becomes model.name=hf, model.path=org/name; a malformed one is a `ConfigError`."
+    nw, pw = self.fields['model.name'], self.fields['model.path']
+    name, path = nw.value, pw.value.strip()
+    if name == 'file' and path[:3].lower() != 'hf:': return  # a file model's folder may read like org/name
+    hub, why = parse_hub_model(path)
+    if why: raise ConfigError(f"model.path: {why}")
+    if hub is None or (name == 'hf' and path == hub): return
+    was, self._loading = self._loading, True
+    try: nw.value, pw.value = 'hf', hub
+    finally: self._loading = was
+
+def _pretrained(mc) -> bool:
+    "A Hugging Face model that starts from trained weights: a Hub id, or a local folder with weights."
+    if mc.name != 'hf' or not mc.path: return False
+    p = Path(str(mc.path)).expanduser()
+    return any((p/w).is_file() for w in WEIGHT_FILES) if p.is_dir() else is_hub_id(mc.path)
+
+@patch
+def _advise(self:TrainForm, cfg:RunConfig) -> RunConfig:
+    "LoRA on for a pretrained model over `LORA_AUTO_PARAMS` parameters, off again otherwise, unless the person chose; the reason in `model_note`."
+    mc, n, note = cfg.model, None, ''
+    if _pretrained(mc):
+        n, why = hf_param_count(mc.path, revision=mc.revision, cache_dir=mc.cache_dir, task=cfg.task.name)
+        if n is None: note = _msg(f"Could not count the parameters of {mc.path} from its config.json ({why}): LoRA stays as it is.", '#a60')
+    decided = n is not None or not _pretrained(mc)
+    want = n is not None and n > LORA_AUTO_PARAMS
+    if decided and not self._lora_chosen and want != cfg.lora.enabled and (want or self._lora_auto):
+        was, self._loading = self._loading, True
+        try: self.fields['lora.enabled'].value = want
+        finally: self._loading = was
+        self._lora_auto = want
+        cfg = self.config()
+    if n is not None: note = _msg(lora_advice(n, str(mc.path).rstrip('/').rsplit('/', 1)[-1], cfg.lora.enabled, self._lora_chosen), '#2a7' if cfg.lora.enabled == want else '#a60')
+    self.model_note.value = note
+    return cfg
+
+@patch
+def _lora_ticked(self:TrainForm, change):
+    if not self._loading: self._lora_chosen = True
 
 # %% ../nbs/18a_ui.ipynb #344246b4
 @patch
@@ -295,6 +433,7 @@ class LogBuffer:
 @patch
 def _build_view(self:TrainForm):
     tabs, self._tab_of = {}, {}
+    self.model_note = W.HTML()  # why LoRA is on or off for the chosen model (the same widget in two tabs)
     for key, w in self.fields.items():
         sec = key.split('.', 1)[0]
         tabs.setdefault(SECTION_TABS.get(sec, sec.replace('_', ' ').capitalize()), {}).setdefault(sec, []).append(key)
@@ -305,7 +444,7 @@ def _build_view(self:TrainForm):
             for k in keys:
                 (basic if k in BASIC else more).append(self._row(k, show_section=len(secs) > 1))
                 self._tab_of[k] = i
-        body = list(basic)
+        body = ([self.model_note] if title in ('Model', 'LoRA') else []) + list(basic)
         if more:
             acc = W.Accordion(children=[W.VBox(more)]); acc.set_title(0, f'More settings ({len(more)})'); acc.selected_index = None
             body.append(acc)
