@@ -13,7 +13,8 @@ from torch import nn
 from .tasks import FUSED_LOSS_CHUNK, FUSED_LOSS_MIN
 
 # %% auto #0
-__all__ = ['is_oom', 'free_memory', 'model_dims', 'MemoryEstimate', 'estimate_memory', 'recommend', 'find_micro_batch',
+__all__ = ['QUANT_BLOCK', 'is_oom', 'free_memory', 'model_dims', 'MemoryEstimate', 'param_bytes', 'activation_bytes',
+           'estimate_memory', 'recommend', 'model_shape', 'FinetuneEstimates', 'finetune_estimates', 'find_micro_batch',
            'split_batch', 'smaller_micro_batch']
 
 # %% ../nbs/09c_memory.ipynb #9ecce71c
@@ -27,16 +28,21 @@ def free_memory():
     gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
 
-# %% ../nbs/09c_memory.ipynb #66e89f95
+# %% ../nbs/09c_memory.ipynb #3db11f5f
 def model_dims(model:nn.Module) -> dict:
-    "n_layer, d_model, n_head and vocab_size from the model's config, where it has them."
+    "n_layer, d_model, n_head, vocab_size and the MLP's width (`ffn`, None: 4 x d_model) from the model's config, where it has them; `gated`: a SwiGLU-style MLP."
     from nbtrain.models import unwrap_model
-    c = getattr(unwrap_model(model), 'config', None)
+    m = unwrap_model(model)
+    c = getattr(m, 'config', None)
     pick = lambda *names: next((getattr(c, n) for n in names if isinstance(getattr(c, n, None), int)), None)
-    return dict(n_layer=pick('n_layer', 'num_hidden_layers', 'n_layers', 'num_layers'),
-                d_model=pick('d_model', 'hidden_size', 'n_embd', 'dim'),
-                n_head=pick('n_head', 'num_attention_heads', 'n_heads'),
-                vocab_size=pick('padded_vocab', 'vocab_size'))
+    d = dict(n_layer=pick('n_layer', 'num_hidden_layers', 'n_layers', 'num_layers'),
+             d_model=pick('d_model', 'hidden_size', 'n_embd', 'dim'),
+             n_head=pick('n_head', 'num_attention_heads', 'n_heads'),
+             vocab_size=pick('padded_vocab', 'vocab_size'),
+             ffn=pick('intermediate_size', 'n_inner', 'ffn_dim', 'd_ff', 'ffn_hidden_size'),
+             gated=any(n.endswith(('gate_proj', 'gate_up_proj')) for n, _ in m.named_modules()))
+    if d['ffn'] is None and d['d_model'] and (r := pick('mlp_ratio')): d['ffn'] = r * d['d_model']
+    return d
 
 @dataclass
 class MemoryEstimate:
@@ -51,30 +57,78 @@ class MemoryEstimate:
     def total_gb(self) -> float: return self.weights_gb + self.grads_gb + self.optimizer_gb + (self.activations_gb or 0.0)
     def to_dict(self): return dict(asdict(self), total_gb=self.total_gb)
 
+# %% ../nbs/09c_memory.ipynb #2e354452
+QUANT_BLOCK = 64  # bitsandbytes' 4-bit block size (one fp32 absmax per block)
+
+def _state_bytes(obj, seen:set) -> int:
+    "Bytes of the tensors in a bitsandbytes quantization state (absmax, code, offset, a nested state2; 8-bit: SCB)."
+    total = 0
+    for name in ('absmax', 'code', 'offset', 'SCB'):
+        t = getattr(obj, name, None)
+        if isinstance(t, torch.Tensor) and (key := (t.device.type, t.data_ptr(), t.numel())) not in seen:
+            seen.add(key); total += t.numel() * t.element_size()
+    s2 = getattr(obj, 'state2', None)
+    return total + (_state_bytes(s2, seen) if s2 is not None else 0)
+
+def param_bytes(p:torch.Tensor, precision:str='32-true', seen:set|None=None) -> float:
+    "Bytes parameter `p` takes on the device while training under `precision` (its gradient and optimizer state aside)."
+    n, kind, seen = p.numel(), type(p).__name__, set() if seen is None else seen
+    if kind == 'Params4bit' and getattr(p, 'quant_state', None) is None:  # bitsandbytes quantizes it on the move to the GPU
+        return n / 2 + 4 * math.ceil(n / (getattr(p, 'blocksize', None) or QUANT_BLOCK))
+    if kind == 'Int8Params' and p.is_floating_point(): return n + 4 * (p.shape[0] if p.dim() else 1)
+    if kind in ('Params4bit', 'Int8Params') or not p.is_floating_point():
+        return n * p.element_size() + _state_bytes(getattr(p, 'quant_state', None) or p, seen)
+    if precision in ('bf16-true', '16-true'): return n * 2
+    if p.requires_grad and precision.endswith('-mixed'): return n * max(4, p.element_size())  # the fp32 master
+    return n * p.element_size()
+
+def _lora_inputs(model:nn.Module) -> int:
+    "Sum of the input widths of the LoRA layers whose dropout is on: each keeps its own dropped copy of its input."
+    total = 0
+    for m in model.modules():
+        drop, A = getattr(m, 'lora_dropout', None), getattr(m, 'lora_A', None)
+        if not isinstance(drop, nn.ModuleDict) or not isinstance(A, nn.ModuleDict): continue
+        for k, a in A.items():
+            d = drop[k] if k in drop else None
+            if isinstance(d, nn.Dropout) and d.p > 0 and any(p.requires_grad for p in a.parameters()):
+                total += getattr(a, 'in_features', None) or a.weight.shape[1]
+    return total
+
+# %% ../nbs/09c_memory.ipynb #62247ecc
+def activation_bytes(d:dict, *, micro_batch:int, seq_len:int, precision:str='32-true', gradient_checkpointing:bool=False,
+                     flash:bool=True, fused_loss:bool=True, lora_inputs:int=0) -> float|None:
+    "Activation bytes of a transformer with dims `d` (`model_dims`); `lora_inputs`: summed input widths of the LoRA linears with dropout, all layers."
+    if not (d.get('n_layer') and d.get('d_model')): return None
+    s, b, h, L = seq_len, micro_batch, d['d_model'], d['n_layer']
+    a, f = d.get('n_head') or 1, d.get('ffn') or 4 * h
+    half = precision.startswith(('bf16', '16'))
+    mlp = 19 * h + 11 * f if d.get('gated') else 3 * h + 4 * f  # gated: measured (HF's RMSNorm runs in fp32); else Korthikanti's 19h at ffn = 4h
+    per_layer = s * b * (15 * h + mlp + (0 if flash else 5 * a * s))  # bytes at 16-bit activations
+    per_layer *= 1 if half else 2
+    extra = s * b * lora_inputs * (4 if half else 5)  # LoRA's dropped inputs and masks, all layers
+    if gradient_checkpointing: layers = (2 * s * b * h * (1 if half else 2)) * L + per_layer + extra / L
+    else: layers = per_layer * L + extra
+    logits = b * s * (d.get('vocab_size') or 0)
+    if half and fused_loss and logits >= FUSED_LOSS_MIN:  # nbtrain.tasks.cross_entropy_sum: logits + gradient + one chunk
+        logits = logits * (2 + (2 if precision.startswith('bf16') else 4)) + 12 * min(FUSED_LOSS_CHUNK, logits / 4)
+    else: logits *= 12 if half else 8  # textbook loss: a float32 copy and log-probabilities (measured: 12.1 bytes at 16 bits)
+    return layers + logits
+
 def estimate_memory(model:nn.Module, *, micro_batch:int, seq_len:int, precision:str='32-true', optimizer:str='adamw',
                     gradient_checkpointing:bool=False, flash:bool=True, shards:int=1, fused_loss:bool=True) -> MemoryEstimate:
     "Estimate training memory per device for `model` at `micro_batch` x `seq_len` tokens (`shards`: FSDP's process count)."
-    GB = 2**30
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    wbytes = 2 if precision in ('bf16-true', '16-true') else 4  # mixed precision keeps fp32 master weights
+    GB, seen = 2**30, set()
     states = {'adamw': 2, 'adam': 2, 'sgd': 1}.get(optimizer, 2)
-    d = model_dims(model)
-    act = None
-    if d['n_layer'] and d['d_model']:
-        s, b, h, L = seq_len, micro_batch, d['d_model'], d['n_layer']
-        a = d['n_head'] or 1
-        half = precision.startswith(('bf16', '16'))
-        per_layer = s * b * h * (34 + (0 if flash else 5 * a * s / h))  # bytes at 16-bit activations
-        per_layer *= 1 if half else 2
-        layers = (2 * s * b * h * (1 if half else 2)) * L + per_layer if gradient_checkpointing else per_layer * L
-        logits = b * s * (d['vocab_size'] or 0)
-        if half and fused_loss and logits >= FUSED_LOSS_MIN:  # nbtrain.tasks.cross_entropy_sum: logits + gradient + one chunk
-            logits = logits * (2 + (2 if precision.startswith('bf16') else 4)) + 12 * min(FUSED_LOSS_CHUNK, logits / 4)
-        else: logits *= 12 if half else 8  # textbook loss: a float32 copy and log-probabilities (measured: 12.1 bytes at 16 bits)
-        act = (layers + logits) / GB
+    weights = grads = 0.0
+    for p in model.parameters():
+        nb = param_bytes(p, precision, seen)
+        weights += nb
+        if p.requires_grad: grads += nb  # gradients and optimizer state only for what trains, in its dtype
+    act = activation_bytes(model_dims(model), micro_batch=micro_batch, seq_len=seq_len, precision=precision,
+                           gradient_checkpointing=gradient_checkpointing, flash=flash, fused_loss=fused_loss,
+                           lora_inputs=_lora_inputs(model))
     S = shards * GB  # FSDP keeps 1/shards of the weights, gradients and optimizer state on each device
-    return MemoryEstimate(n_all * wbytes / S, n * 4 / S, n * 4 * states / S, act, micro_batch, seq_len)
+    return MemoryEstimate(weights / S, grads / S, grads * states / S, None if act is None else act / GB, micro_batch, seq_len)
 
 # %% ../nbs/09c_memory.ipynb #eeecea3b
 def recommend(est:MemoryEstimate, info, grad_accum:int=1) -> str:
@@ -96,6 +150,116 @@ def recommend(est:MemoryEstimate, info, grad_accum:int=1) -> str:
     return (f"{head}: too much. Try train.micro_batch_size={fit} with train.grad_accum={grad_accum * k} (same "
             f"effective batch), or train.gradient_checkpointing=true (keeps one layer's activations instead of all of "
             f"them), or train.auto_micro_batch=true to find the size by trying.")
+
+# %% ../nbs/09c_memory.ipynb #d41d03cc
+def _linears(model:nn.Module):
+    "(in, out) of every linear layer but the output head: LoRA's 'all-linear' targets (`nn.Linear`, GPT-2's `Conv1D`)."
+    head = model.get_output_embeddings() if hasattr(model, 'get_output_embeddings') else None
+    for m in model.modules():
+        if m is head: continue
+        if isinstance(m, nn.Linear): yield m.in_features, m.out_features
+        elif type(m).__name__ == 'Conv1D' and getattr(m, 'weight', None) is not None and m.weight.dim() == 2: yield tuple(m.weight.shape)
+
+def model_shape(config) -> dict:
+    """Parameter counts and dims of a causal language model before any weight exists. `config`: a `transformers` config
+    (the model is built on the meta device: nothing is allocated) or a dict with `n_layer`, `d_model`, `vocab_size` and
+    optionally `n_head`, `ffn` (4 x d_model), `gated` (False), `kv_dim` (d_model), `tied` (True), `n_params`, `name`."""
+    if isinstance(config, dict):
+        c = dict(config)
+        L, h, V = c['n_layer'], c['d_model'], c['vocab_size']
+        f, kv, gated = c.get('ffn') or 4 * h, c.get('kv_dim') or h, bool(c.get('gated'))
+        lin = [(h, h), (h, kv), (h, kv), (h, h)] + ([(h, f), (h, f), (f, h)] if gated else [(h, f), (f, h)])
+        lin = lin * L
+        n = c.get('n_params') or sum(i * o for i, o in lin) + L * 2 * h + h + V * h * (1 if c.get('tied', True) else 2)
+        dims = dict(n_layer=L, d_model=h, n_head=c.get('n_head'), vocab_size=V, ffn=f, gated=gated)
+        name = c.get('name') or 'the model'
+    else:
+        import transformers  # only here: the module imports without it
+        with torch.device('meta'): m = transformers.AutoModelForCausalLM.from_config(config)
+        lin, n, dims = list(_linears(m)), sum(p.numel() for p in m.parameters()), model_dims(m)
+        name = (getattr(config, 'name_or_path', '') or '').rstrip('/').split('/')[-1] or getattr(config, 'model_type', None) or 'the model'
+    return dict(name=name, n_params=int(n), dims=dims, linear_params=sum(i * o for i, o in lin),
+                linear_inputs=sum(i for i, o in lin), linear_in_out=sum(i + o for i, o in lin))
+
+@dataclass
+class FinetuneEstimates:
+    "Training memory of one model at one batch shape fully fine-tuned, with LoRA and with QLoRA, and a verdict for a device."
+    name: str
+    n_params: int
+    lora_params: int
+    full: MemoryEstimate
+    lora: MemoryEstimate
+    qlora: MemoryEstimate
+    precision: str
+    lora_r: int
+    gradient_checkpointing: bool = False
+    device_gb: float|None = None
+    device_name: str|None = None
+
+    def micro_batch_that_fits(self, way:str) -> int:
+        "The largest micro-batch at which `way` ('full', 'lora' or 'qlora') fits in 90% of the device (0: none)."
+        est = getattr(self, way)
+        cap, fixed = 0.9 * self.device_gb, est.weights_gb + est.grads_gb + est.optimizer_gb
+        per_sample = (est.activations_gb or 0) / est.micro_batch
+        return max(0, int((cap - fixed) / per_sample)) if per_sample else (est.micro_batch if fixed <= cap else 0)
+
+    def fits(self, way:str) -> bool|None:
+        "Whether `way` fits in 90% of the device (the CUDA context and fragmentation take the rest); None: no device given."
+        return None if not self.device_gb else getattr(self, way).total_gb <= 0.9 * self.device_gb
+
+    def _verdict(self, way:str) -> str:
+        est = getattr(self, way)
+        if self.fits(way): return 'fits'
+        fixed, k = est.weights_gb + est.grads_gb + est.optimizer_gb, self.micro_batch_that_fits(way)
+        if fixed > 0.9 * self.device_gb: return f"does not fit: the weights and optimizer state alone take {fixed:.1f} GB"
+        ckpt = "" if self.gradient_checkpointing else ", or gradient checkpointing"
+        if k: return f"does not fit; micro-batch {k} would{ckpt}"
+        return "does not fit even at micro-batch 1" + ("" if self.gradient_checkpointing else " without gradient checkpointing")
+
+    @property
+    def advice(self) -> str:
+        "The estimates in one paragraph, with a verdict for each way where the device's memory is known."
+        f, l, q = self.full, self.lora, self.qlora
+        where = f" on a {self.device_gb:g} GB {self.device_name or 'device'}" if self.device_gb else ""
+        how = f"{self.precision}{', gradient checkpointing' if self.gradient_checkpointing else ''}"
+        head = f"{self.name} ({self.n_params/1e9:.2f}B parameters){where} at {f.micro_batch} x {f.seq_len} ({how}): "
+        lo = f"LoRA (r={self.lora_r}, {self.lora_params/1e6:.1f}M trainable parameters)"
+        if not self.device_gb:
+            return head + f"full fine-tuning needs about {f.total_gb:.1f} GB; {lo} about {l.total_gb:.1f} GB; QLoRA about {q.total_gb:.1f} GB."
+        v = self._verdict
+        text = (head + f"full fine-tuning needs about {f.total_gb:.1f} GB and {v('full')}; {lo} needs about {l.total_gb:.1f} GB "
+                f"({v('lora')}); QLoRA about {q.total_gb:.1f} GB ({v('qlora')}).")
+        if not self.fits('full') and self.fits('lora'): text += " Set lora.enabled=true."
+        elif not self.fits('lora') and self.fits('qlora'): text += " Set lora.enabled=true and lora.quantize=4bit (QLoRA needs a CUDA GPU)."
+        return text
+
+    def __str__(self): return self.advice
+    def to_dict(self): return dict(name=self.name, n_params=self.n_params, lora_params=self.lora_params, advice=self.advice,
+                                   **{w: getattr(self, w).to_dict() for w in ('full', 'lora', 'qlora')})
+
+def finetune_estimates(config, *, micro_batch:int, seq_len:int, precision:str='bf16-mixed', device_gb:float|None=None,
+                       device_name:str|None=None, lora_r:int=8, lora_dropout:float=0.05, optimizer:str='adamw',
+                       gradient_checkpointing:bool=False, flash:bool=True, fused_loss:bool=True, name:str|None=None) -> FinetuneEstimates:
+    "Memory of full fine-tuning, LoRA and QLoRA for the model `config` describes (see `model_shape`), before loading any weight."
+    GB, sh = 2**30, model_shape(config)
+    N, Q = sh['n_params'], sh['linear_params']
+    lora_n = lora_r * sh['linear_in_out']
+    true16 = precision in ('bf16-true', '16-true')
+    states = {'adamw': 2, 'adam': 2, 'sgd': 1}.get(optimizer, 2)
+    full_b = 2 if true16 else 4                               # trainable: fp32 master under mixed precision
+    base_b = 2 if precision.startswith(('bf16', '16')) else 4  # frozen base in the compute dtype
+    ad_b, q_b = full_b, 0.5 + 4 / QUANT_BLOCK                 # adapters train like any weight; 4-bit: packed + block scales
+    lora_in = sh['linear_inputs'] if lora_dropout else 0
+    act = lambda **kw: activation_bytes(sh['dims'], micro_batch=micro_batch, seq_len=seq_len, precision=precision,
+                                        gradient_checkpointing=gradient_checkpointing, flash=flash, fused_loss=fused_loss, **kw) / GB
+    est = lambda w, g, a: MemoryEstimate(w / GB, g / GB, states * g / GB, a, micro_batch, seq_len)
+    return FinetuneEstimates(
+        name or sh['name'], N, lora_n,
+        full=est(N * full_b, N * full_b, act()),
+        lora=est(N * base_b + lora_n * ad_b, lora_n * ad_b, act(lora_inputs=lora_in)),
+        qlora=est((N - Q) * base_b + Q * q_b + lora_n * ad_b, lora_n * ad_b, act(lora_inputs=lora_in)),
+        precision=precision, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing,
+        device_gb=getattr(device_gb, 'memory_gb', device_gb), device_name=device_name or getattr(device_gb, 'name', None))
 
 # %% ../nbs/09c_memory.ipynb #8678c0b2
 def find_micro_batch(try_step, start:int=1, limit:int=4096, margin:float=0.9) -> int:
