@@ -63,3 +63,33 @@ def test_untrusted_code_is_refused(tmp_path, monkeypatch):
     with pytest.raises(pm.PapermillExecutionError, match=r'tick trust_code \(trust_code=True\)'):
         run_template(tmp_path, monkeypatch, source='files', model_dir=str(ROOT/'tests'/'fixtures'/'gist_gpt'))
     assert not (tmp_path/'model_choice.json').exists()
+
+@pytest.mark.slow
+def test_hub_model(tmp_path, monkeypatch):
+    "source='hf:org/name': the model is downloaded from (a stand-in for) the Hub and checked; the choice pins its commit."
+    transformers = pytest.importorskip('transformers')
+    from huggingface_hub import HfApi
+    from hubserver import HubServer
+    token = 'hf_template_token_0123456789'
+    with HubServer(tokens={token: 'alice'}) as hub:
+        api = HfApi(endpoint=hub.url, token=token)
+        api.create_repo('alice/tiny-gpt2')
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=64)
+                                     ).save_pretrained(tmp_path/'upload')
+        commit = api.upload_folder(repo_id='alice/tiny-gpt2', folder_path=str(tmp_path/'upload')).oid
+        for k in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_HUB_OFFLINE'): monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv('HF_ENDPOINT', hub.url)
+        monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path/'hf-cache'))
+        monkeypatch.setenv('HF_HUB_DISABLE_TELEMETRY', '1')
+        report, choice = run_template(tmp_path, monkeypatch, source='hf:alice/tiny-gpt2')
+        assert any(r.kind == 'resolve' and r.method == 'GET' and 'model.safetensors' in r.path for r in hub.state.requests)
+    assert report['model']['model'] == 'GPT2LMHeadModel' and report['model']['task'] == 'causal_lm'
+    assert report['model']['source']['hub_id'] == 'alice/tiny-gpt2' and report['model']['source']['pretrained'] is True
+    assert {c['name'] for c in report['checks']} >= {'shapes', 'gradient_flow', 'overfit', 'attention'}
+    assert not [c['name'] for c in report['checks'] if c['status'] == 'error'], report['checks']
+    assert choice['config']['model'] == {'name': 'hf', 'path': 'alice/tiny-gpt2', 'kwargs': {}, 'revision': commit, 'max_seq_len': 64}
+    from nbtrain.config import load_config
+    cfg = load_config(overrides=choice['config'])
+    assert (cfg.model.name, cfg.model.path, cfg.model.revision) == ('hf', 'alice/tiny-gpt2', commit)
+    with pytest.raises(pytest.importorskip('papermill').PapermillExecutionError, match='is not a Hub model id'):
+        run_template(tmp_path, monkeypatch, source='hf', hf_model='hf:alice/tiny gpt2')
