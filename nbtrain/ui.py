@@ -23,8 +23,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['W', 'SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'LORA_AUTO_PARAMS', 'HUB_EXAMPLE', 'to_text',
-           'field_widget', 'parse_hub_model', 'count_hf_params', 'hf_param_count', 'lora_advice', 'active', 'TrainForm',
-           'LogBuffer', 'FormView', 'run_form']
+           'field_widget', 'parse_hub_model', 'hf_model_config', 'count_hf_params', 'hf_param_count', 'memory_advice',
+           'lora_advice', 'active', 'TrainForm', 'LogBuffer', 'FormView', 'run_form']
 
 # %% ../nbs/18a_ui.ipynb #98192c9f
 SUGGESTIONS = {
@@ -103,12 +103,11 @@ def parse_hub_model(text, strict:bool=False) -> tuple[str|None, str|None]:
                       f"or hf:{HUB_EXAMPLE}")
     return (s, None) if is_hub_id(s) else (None, None)
 
-_PARAMS: dict = {}  # (path, revision, cache_dir, task) -> (parameters, None) or (None, why): one look-up per model and session
+_PARAMS: dict = {}  # (path, revision, cache_dir, task) -> (parameters, config, None) or (None, None, why): one look-up per model and session
 
-def count_hf_params(path, *, revision:str|None=None, cache_dir=None, task:str|None=None) -> int:
-    """Parameters of the Hugging Face model `path` (a Hub id or a local folder) from its `config.json` alone: for a
-    Hub id only that file is downloaded (into the Hugging Face cache, or `cache_dir`), and the model is built on the
-    meta device, which holds no weights and takes no memory. Tied weights count once."""
+def hf_model_config(path, *, revision:str|None=None, cache_dir=None):
+    """The transformers config of the Hugging Face model `path` (a Hub id or a local folder): for a Hub id only its
+    `config.json` is downloaded (into the Hugging Face cache, or `cache_dir`), no weights."""
     import transformers as tf
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
@@ -116,7 +115,12 @@ def count_hf_params(path, *, revision:str|None=None, cache_dir=None, task:str|No
         f = hh.hf_hub_download(str(path), 'config.json', revision=revision, cache_dir=str(cache_dir) if cache_dir else None,
                                token=hf_token() or False, endpoint=os.environ.get('HF_ENDPOINT') or None, etag_timeout=5)
         folder = Path(f).parent
-    config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+    return tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+
+def count_hf_params(config, task:str|None=None) -> int:
+    """Parameters of the model a transformers `config` describes, with the head for `task`: built on the meta device,
+    which holds no weights and takes no memory. Tied weights count once."""
+    import transformers as tf
     auto = getattr(tf, HF_AUTO_CLASSES.get(task or 'causal_lm', 'AutoModelForCausalLM'))
     with torch.device('meta'), warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -133,13 +137,32 @@ def _count_brief(e:BaseException, path:str) -> str:
     if n == 'EntryNotFoundError': return f"{path} has no config.json: not a transformers model repository"
     return f"{n}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
-def hf_param_count(path, *, revision:str|None=None, cache_dir=None, task:str|None=None) -> tuple[int|None, str|None]:
-    "`count_hf_params`, remembered per model (failures too, so a typo is not looked up again at every change): `(n, None)` or `(None, why)`."
+def hf_param_count(path, *, revision:str|None=None, cache_dir=None, task:str|None=None) -> tuple[int|None, object, str|None]:
+    """The parameters and config of the model `path` (`hf_model_config`, `count_hf_params`), remembered per model (failures
+    too, so a typo is not looked up again at every change): `(n, config, None)` or `(None, None, why)`."""
     key = (str(path), revision, str(cache_dir) if cache_dir else None, task)
     if key not in _PARAMS:
-        try: _PARAMS[key] = count_hf_params(path, revision=revision, cache_dir=cache_dir, task=task), None
-        except Exception as e: _PARAMS[key] = None, _count_brief(e, str(path))
+        try:
+            config = hf_model_config(path, revision=revision, cache_dir=cache_dir)
+            _PARAMS[key] = count_hf_params(config, task), config, None
+        except Exception as e: _PARAMS[key] = None, None, _count_brief(e, str(path))
     return _PARAMS[key]
+
+def memory_advice(config, cfg:RunConfig, name:str) -> str:
+    """`nbtrain.memory.finetune_estimates` for the run's batch shape on this GPU (without one: a T4 at fp16, Colab's
+    free GPU), or '' where the model is no causal language model it can describe."""
+    try:
+        from nbtrain.memory import finetune_estimates
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            gb, dev = p.total_memory / 2**30, p.name
+            prec = cfg.train.precision if cfg.train.precision != 'auto' else 'bf16-mixed' if torch.cuda.is_bf16_supported() else '16-mixed'
+        else: gb, dev, prec = 15.0, 'T4', '16-mixed'
+        if not prec.startswith(('bf16', '16', '32')): prec = '16-mixed'
+        return finetune_estimates(config, micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len or cfg.data.default_seq_len,
+                                  precision=prec, device_gb=gb, device_name=dev, lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout,
+                                  name=name).advice
+    except Exception: return ''
 
 def _gpu_phrase() -> str:
     if torch.cuda.is_available():
@@ -348,7 +371,7 @@ def _advise(self:TrainForm, cfg:RunConfig) -> RunConfig:
     "LoRA on for a pretrained model over `LORA_AUTO_PARAMS` parameters, off again otherwise, unless the person chose; the reason in `model_note`."
     mc, n, note = cfg.model, None, ''
     if _pretrained(mc):
-        n, why = hf_param_count(mc.path, revision=mc.revision, cache_dir=mc.cache_dir, task=cfg.task.name)
+        n, config, why = hf_param_count(mc.path, revision=mc.revision, cache_dir=mc.cache_dir, task=cfg.task.name)
         if n is None: note = _msg(f"Could not count the parameters of {mc.path} from its config.json ({why}): LoRA stays as it is.", '#a60')
     decided = n is not None or not _pretrained(mc)
     want = n is not None and n > LORA_AUTO_PARAMS
@@ -358,7 +381,11 @@ def _advise(self:TrainForm, cfg:RunConfig) -> RunConfig:
         finally: self._loading = was
         self._lora_auto = want
         cfg = self.config()
-    if n is not None: note = _msg(lora_advice(n, str(mc.path).rstrip('/').rsplit('/', 1)[-1], cfg.lora.enabled, self._lora_chosen), '#2a7' if cfg.lora.enabled == want else '#a60')
+    if n is not None:
+        label = str(mc.path).rstrip('/').rsplit('/', 1)[-1]
+        more = memory_advice(config, cfg, label)  # full fine-tuning, LoRA and QLoRA at this batch shape, where it applies
+        note = _msg(lora_advice(n, label, cfg.lora.enabled, self._lora_chosen), '#2a7' if cfg.lora.enabled == want else '#a60') + \
+               ('<br>' + _msg(more, '#555') if more else '')
     self.model_note.value = note
     return cfg
 
