@@ -138,16 +138,17 @@ def positional(model:nn.Module, optimizer, sd:dict) -> dict:
     return dict(state={index[n]: v for n, v in sd['state'].items()},
                 param_groups=[dict(g, params=[index[n] for n in g['params']]) for g in sd['param_groups']])
 
-def load_full_state(model:nn.Module, optimizer, model_sd:dict, optim_sd:dict|None=None):
-    "Load whole state dicts (from `full_model_state`/`full_optimizer_state`, sharded or not) into `model` and `optimizer`."
+def load_full_state(model:nn.Module, optimizer, model_sd:dict, optim_sd:dict|None=None, strict:bool=True):
+    """Load whole state dicts (from `full_model_state`/`full_optimizer_state`, sharded or not) into `model` and `optimizer`.
+    `strict=False` loads a part of the model (LoRA adapters; an empty `model_sd` loads only the optimizer)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     m, opt = unwrap_model(model), getattr(optimizer, 'optimizer', optimizer)
     if is_sharded(m):  # each process keeps its shard
-        set_model_state_dict(m, model_sd, options=_full())
+        if model_sd or strict: set_model_state_dict(m, model_sd, options=_full(strict=strict))
         if optim_sd is not None:
             set_optimizer_state_dict(m, opt, optim_sd if _by_name(optim_sd) else name_keyed(m, opt, optim_sd), options=_full())
         return
-    m.load_state_dict(model_sd)
+    if model_sd or strict: m.load_state_dict(model_sd, strict=strict)
     if optim_sd is not None: opt.load_state_dict(positional(m, opt, optim_sd) if _by_name(optim_sd) else optim_sd)
 
 def save_weights(sd:dict, path, tied:dict|None=None, metadata:dict|None=None):

@@ -18,12 +18,12 @@ from .models import get_reference, unwrap_model
 
 # %% auto #0
 __all__ = ['LEN_KEYS', 'VOCAB_KEYS', 'HF_AUTO_CLASSES', 'WEIGHT_FILES', 'HF_DROPOUTS', 'HUB_ID', 'HUB_FILES', 'TOKEN_ENV_VARS',
-           'PER_TOKEN_TASKS', 'LoadedModel', 'max_positions', 'model_vocab_size', 'check_vocab', 'vocab_note',
-           'model_limits', 'choose_seq_len', 'flatten_export_config', 'ConfigDict', 'import_model_file',
+           'PER_TOKEN_TASKS', 'TOKENIZER_FILES', 'LoadedModel', 'max_positions', 'model_vocab_size', 'check_vocab',
+           'vocab_note', 'model_limits', 'choose_seq_len', 'flatten_export_config', 'ConfigDict', 'import_model_file',
            'find_model_class', 'find_builder', 'construct', 'load_file_model', 'load_weights', 'hf_model_types',
            'is_hub_id', 'colab_secret', 'hf_token', 'hub_download', 'hf_source', 'hf_config', 'load_hf_model',
-           'final_config', 'is_final_folder', 'load_final_folder', 'resolve_model', 'load_model', 'planned_max_len',
-           'check_seq_len', 'build_model']
+           'final_config', 'is_final_folder', 'load_final_folder', 'resolve_model', 'load_model',
+           'pretrained_tokenizer', 'resize_embeddings', 'planned_max_len', 'check_seq_len', 'build_model']
 
 # %% ../nbs/06_loading.ipynb #6ec1a5eb
 @dataclass
@@ -400,9 +400,17 @@ def _cached_repos(cache_dir) -> list[str]:
     except ImportError: return []
     return [p.name[len('models--'):].replace('--', '/') for p in root.glob('models--*')] if root.is_dir() else []
 
+_DOWNLOADED = {}  # (repo, revision, cache) -> (folder, commit): one run asks for the same model several times
+
 def hub_download(repo_id:str, *, revision:str|None=None, token:str|None=None, cache_dir=None) -> tuple[Path, str]:
     """The config, weights and tokenizer files of the Hub model `repo_id` at `revision`, downloaded once into
     `cache_dir` (default: the Hugging Face cache); returns the local folder and the commit it resolved to."""
+    key = (repo_id, revision, str(cache_dir or ''), os.environ.get('HF_ENDPOINT'))
+    if key in _DOWNLOADED and (_DOWNLOADED[key][0]/'config.json').is_file(): return _DOWNLOADED[key]
+    _DOWNLOADED[key] = found = _hub_download(repo_id, revision=revision, token=token, cache_dir=cache_dir)
+    return found
+
+def _hub_download(repo_id:str, *, revision:str|None=None, token:str|None=None, cache_dir=None) -> tuple[Path, str]:
     try: import huggingface_hub as hh
     except ImportError: raise ModelLoadError("Hub models need huggingface_hub: pip install 'nbtrain[train]'") from None
     from huggingface_hub import errors as he
@@ -460,10 +468,23 @@ def hf_config(source):
                          f"{did_you_mean(source, hf_model_types())} Give a Hub id such as 'openai-community/gpt2' (downloaded), "
                          f"a folder, or a model_type such as 'gpt2' or 'bert' to build a fresh one.")
 
+def _weights_dtype(tf, dtype, quantize) -> dict:
+    "from_pretrained's keywords for the weights' dtype (transformers 4.56 renamed torch_dtype to dtype) and quantization."
+    import inspect
+    kw = {'dtype' if 'dtype' in inspect.signature(tf.PreTrainedModel.from_pretrained).parameters or int(tf.__version__.split('.')[0]) >= 5
+          else 'torch_dtype': dtype or torch.float32}
+    if quantize:
+        q = dict(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
+                 bnb_4bit_compute_dtype=dtype or torch.bfloat16) if quantize == '4bit' else dict(load_in_8bit=True)
+        kw['quantization_config'] = tf.BitsAndBytesConfig(**q)
+    return kw
+
 def load_hf_model(source, *, task:str|None=None, vocab_size:int|None=None, num_labels:int|None=None,
                   pad_id:int|None=None, dropout:float|None=None, revision:str|None=None, cache_dir=None, token:str|None=None,
-                  **config_overrides) -> LoadedModel:
-    "A transformers model from a Hub id (downloaded at `revision`), a local config/checkpoint folder or a `model_type` name, with the head for `task`."
+                  dtype:torch.dtype|None=None, quantize:str|None=None, **config_overrides) -> LoadedModel:
+    """A transformers model from a Hub id (downloaded at `revision`), a local config/checkpoint folder or a `model_type` name, with the head for `task`.
+    Pretrained weights load straight into `dtype` (default float32) without a float32 copy on the way (`low_cpu_mem_usage`),
+    or quantized by bitsandbytes (`quantize`: '4bit' NF4 with double quantization and `dtype` compute, or '8bit')."""
     tf = _transformers()
     source, hub = hf_source(source, revision=revision, cache_dir=cache_dir, token=token)
     if task is not None and task not in HF_AUTO_CLASSES:
@@ -485,13 +506,16 @@ def load_hf_model(source, *, task:str|None=None, vocab_size:int|None=None, num_l
     auto = getattr(tf, HF_AUTO_CLASSES[task] if task else (arch[0] if arch and hasattr(tf, arch[0]) else 'AutoModelForCausalLM'))
     try:
         if pretrained:
-            model = _with_sdpa(auto.from_pretrained, folder, config=config, local_files_only=True, ignore_mismatched_sizes=num_labels is not None)
+            model = _with_sdpa(auto.from_pretrained, folder, config=config, local_files_only=True, ignore_mismatched_sizes=num_labels is not None,
+                               low_cpu_mem_usage=True, **_weights_dtype(tf, dtype, quantize))
+        elif quantize: raise ModelLoadError(f"lora.quantize={quantize!r} quantizes pretrained weights, and {source} has none: give a Hub id or a folder with weights.")
         else: model = _with_sdpa(auto.from_config, config)
     except ValueError as e:
         if 'Unrecognized configuration class' not in str(e): raise
         raise ModelLoadError(f"transformers has no {auto.__name__} for model_type '{config.model_type}' (task {task!r}): choose an "
                              f"architecture with that head, e.g. gpt2 for causal_lm or bert for sequence_classification.") from e
-    return _loaded(model.float(), 'hf', source=hub.get('hub_id') or str(folder or source), **hub, model_type=config.model_type, auto_class=auto.__name__,
+    if dtype is None and not quantize: model = model.float()
+    return _loaded(model, 'hf', source=hub.get('hub_id') or str(folder or source), **hub, model_type=config.model_type, auto_class=auto.__name__,
                    pretrained=pretrained, attn_implementation=getattr(config, '_attn_implementation', None),
                    config_overrides=dict(config_overrides))
 
@@ -519,6 +543,7 @@ def final_config(folder) -> tuple[dict, dict|None]:
 def is_final_folder(path) -> bool:
     "Whether `path` is a trained model folder nbtrain wrote (a run's `final/`, or a repository pushed from one)."
     p = Path(path)
+    if (p/'nbtrain.json').is_file() and (p/'adapter'/'adapter_config.json').is_file(): return True  # LoRA adapters, merged or not
     if not (p/'model.safetensors').is_file(): return False
     if (p/'nbtrain.json').is_file(): return True
     try: d = json.loads((p/'config.json').read_text(encoding='utf-8'))
@@ -585,6 +610,20 @@ def _verify_final(p:Path):
     if m.get('folder') not in (None, p.name): return
     if why := verify_manifest(p): raise ModelLoadError(f"The final model in {p} is damaged: {why}. {again}")
 
+def _base_with_adapter(p:Path, info:dict, nb:dict, model_config:dict|None) -> LoadedModel:
+    "A LoRA run's final folder without a merged model: its pretrained base (from the Hub cache, at the recorded commit) with the adapters put in."
+    from nbtrain.lora import load_adapter
+    src = info.get('hub_id') or info.get('source')
+    if info.get('kind') != 'hf' or not src:
+        raise ModelLoadError(f"{p} holds LoRA adapters without a merged model, and its base ({src or info.get('kind')}) cannot be loaded "
+                             f"again: run the training again with lora.merge_final true.")
+    task = nb.get('task') or None
+    labels = (model_config or {}).get('num_labels') if task in ('sequence_classification', 'token_classification', 'image_classification') else None
+    lm = load_hf_model(src, task=task, num_labels=labels, revision=info.get('revision') if info.get('hub_id') else None)
+    load_adapter(lm.module, p/'adapter')
+    return _loaded(lm.module.eval(), 'hf', source=src, final=str(p), task=nb.get('task'), adapter=str(p/'adapter'),
+                   **{k: info[k] for k in ('hub_id', 'revision', 'model_type', 'auto_class') if k in info})
+
 def load_final_folder(path, *, trust_code:bool=False, pad_id:int|None=None) -> LoadedModel:
     "The trained model of a final folder (or of the run folder holding `final/`), weights loaded; `info['final']` is the folder."
     p = Path(path).expanduser()
@@ -595,6 +634,7 @@ def load_final_folder(path, *, trust_code:bool=False, pad_id:int|None=None) -> L
     _verify_final(p)
     nb, model_config = final_config(p)
     info = dict(nb.get('model') or {})
+    if not (p/'model.safetensors').is_file(): return _base_with_adapter(p, info, nb, model_config)
     model = _rebuild(info, model_config, p, trust_code, nb.get('task', ''), pad_id, new=(p/'nbtrain.json').is_file())
     load_weights(model, p/'model.safetensors')
     keep = {k: info[k] for k in ('source', 'sha256', 'model_type', 'auto_class', 'builder') if k in info}
@@ -653,12 +693,39 @@ def _reference(mc, *, vocab_size, num_labels, max_seq_len, task, image_shape) ->
     model = get_reference(mc.name, getattr(mc, 'size', 'tiny'), **{**over, **(getattr(mc, 'kwargs', None) or {})})
     return _loaded(model, 'reference', source=mc.name, size=getattr(mc, 'size', None), config=asdict(model.config))
 
-def _hf(mc, *, vocab_size, num_labels, max_seq_len, task, pad_id) -> LoadedModel:
+def _hf(mc, *, vocab_size, num_labels, max_seq_len, task, pad_id, dtype=None, quantize=None) -> LoadedModel:
     over = {_HF_NAMES[k]: v for k in _HF_NAMES if (v := getattr(mc, k, None)) is not None}
     lm = load_hf_model(mc.path, task=task, vocab_size=vocab_size, num_labels=num_labels, pad_id=pad_id,
                        dropout=getattr(mc, 'dropout', None), revision=getattr(mc, 'revision', None),
-                       cache_dir=getattr(mc, 'cache_dir', None), **{**over, **(getattr(mc, 'kwargs', None) or {})})
+                       cache_dir=getattr(mc, 'cache_dir', None), dtype=dtype, quantize=quantize,
+                       **{**over, **(getattr(mc, 'kwargs', None) or {})})
     return lm
+
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'vocab.txt', 'tokenizer.model', 'spiece.model')
+
+def pretrained_tokenizer(model_cfg) -> Path|None:
+    "The folder of a pretrained Hugging Face model's own tokenizer (`model.name hf` with a Hub id or a checkpoint folder), else None."
+    if getattr(model_cfg, 'name', None) != 'hf' or not getattr(model_cfg, 'path', None): return None
+    src, _ = hf_source(model_cfg.path, revision=getattr(model_cfg, 'revision', None), cache_dir=getattr(model_cfg, 'cache_dir', None))
+    p = Path(str(src)).expanduser()
+    if p.is_file(): p = p.parent
+    if not p.is_dir() or not any((p/w).is_file() for w in WEIGHT_FILES): return None  # a fresh model has no tokenizer of its own
+    return p if any((p/f).is_file() for f in TOKENIZER_FILES) else None
+
+def resize_embeddings(model:nn.Module, vocab_size:int, allowed:bool) -> str|None:
+    "Give `model` rows for `vocab_size` token ids when it has fewer and `allowed` (model.resize_embeddings); a line saying so, else None."
+    v = model_vocab_size(model)
+    if v is None or v >= vocab_size: return None
+    if not allowed and not hasattr(model, 'resize_token_embeddings'): return None  # check_vocab says how to build it bigger
+    if not allowed:
+        raise ModelLoadError(f"The model's vocabulary has {v:,} tokens but the tokenizer uses {vocab_size:,}: ids from {v:,} up have no "
+                             f"embedding. Set model.resize_embeddings true to add (randomly initialised) rows for them, or use the "
+                             f"model's own tokenizer (data.tokenizer auto).")
+    if not hasattr(model, 'resize_token_embeddings'):
+        raise ModelLoadError(f"model.resize_embeddings: {type(model).__name__} has no resize_token_embeddings(); build it with "
+                             f"vocab_size>={vocab_size} instead.")
+    model.resize_token_embeddings(vocab_size)
+    return f"model.resize_embeddings: the embeddings grew from {v:,} to {vocab_size:,} rows (the new ones start random and train)."
 
 def planned_max_len(model_cfg) -> tuple[int|None, str|None]:
     "The longest sequence the model of `model_cfg` will take, known before it is built (reference and Hugging Face models)."
@@ -676,13 +743,16 @@ def check_seq_len(lm:LoadedModel, seq_len:int|None) -> None:
     if seq_len and limit: choose_seq_len(seq_len, seq_len, limit, where)
 
 def build_model(model_cfg, *, vocab_size:int|None=None, num_labels:int|None=None, max_seq_len:int|None=None,
-                task:str|None=None, pad_id:int|None=None, image_shape:tuple[int,int,int]|None=None) -> LoadedModel:
-    "Build the model described by `model_cfg` (a `ModelConfig` or alike, or an `nn.Module`) for data and task."
+                task:str|None=None, pad_id:int|None=None, image_shape:tuple[int,int,int]|None=None,
+                dtype:torch.dtype|None=None, quantize:str|None=None) -> LoadedModel:
+    """Build the model described by `model_cfg` (a `ModelConfig` or alike, or an `nn.Module`) for data and task.
+    `dtype` and `quantize` say how a pretrained Hugging Face model's weights load (a frozen LoRA base)."""
     if isinstance(model_cfg, nn.Module): lm = resolve_model(model_cfg)
     elif model_cfg.name in ('file', 'hf'):
         if not model_cfg.path: raise ConfigError(f"model.path is required when model.name={model_cfg.name!r}")
         if model_cfg.name == 'hf':
-            lm = _hf(model_cfg, vocab_size=vocab_size, num_labels=num_labels, max_seq_len=max_seq_len, task=task, pad_id=pad_id)
+            lm = _hf(model_cfg, vocab_size=vocab_size, num_labels=num_labels, max_seq_len=max_seq_len, task=task, pad_id=pad_id,
+                     dtype=dtype, quantize=quantize)
         else:
             ignored = [k for k in ('n_layer', 'n_head', 'd_model') if getattr(model_cfg, k, None) is not None]
             if ignored: warnings.warn(f"model.{', model.'.join(ignored)} do not apply to a file model: set its constructor's "
@@ -693,5 +763,8 @@ def build_model(model_cfg, *, vocab_size:int|None=None, num_labels:int|None=None
         if model_cfg.name not in MODELS: MODELS.get(model_cfg.name)  # the registry's error, with suggestions
         lm = _reference(model_cfg, vocab_size=vocab_size, num_labels=num_labels, max_seq_len=max_seq_len, task=task, image_shape=image_shape)
     if task != 'image_classification': check_seq_len(lm, max_seq_len)
-    if vocab_size is not None: check_vocab(lm.module, vocab_size)
+    if vocab_size is not None:
+        if note := resize_embeddings(lm.module, vocab_size, bool(getattr(model_cfg, 'resize_embeddings', False))):
+            lm.info['resized'] = note
+        check_vocab(lm.module, vocab_size)
     return lm

@@ -95,7 +95,10 @@ def apply_lora(model:nn.Module, lc, *, task:str|None=None, num_labels:int|None=N
         if not any(n == s or n.endswith('.' + s) for n, _ in m.named_modules() if n):
             raise ConfigError(f"lora.modules_to_save has {s!r}, which is no module of the model.{did_you_mean(s, [n.rsplit('.', 1)[-1] for n, _ in m.named_modules() if n])}")
     n_all = sum(p.numel() for p in m.parameters())
-    config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
+    layers = linear_layers(m)
+    chosen = [n for n in layers if (re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith('.' + t) for t in targets))]
+    conv1d = bool(chosen) and all(type(layers[n]).__name__ == 'Conv1D' for n in chosen)  # GPT-2 stores its weights transposed
+    config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, fan_in_fan_out=conv1d,
                              modules_to_save=[s.rsplit('.', 1)[-1] if '.' in s else s for s in save] or None, bias=lc.bias)
     try: peft.inject_adapter_in_model(config, m)
     except ValueError as e: raise ConfigError(f"peft cannot put LoRA adapters into this model: {e}") from None
@@ -133,15 +136,15 @@ def trainable_state(model:nn.Module, sd:dict|None=None) -> dict:
     sd = unwrap_model(model).state_dict() if sd is None else sd
     return {k: v for k, v in sd.items() if k in keep}
 
-def load_trainable_state(model:nn.Module, sd:dict):
-    "Load an adapter checkpoint's state into `model`: it must hold exactly the parameters that train."
+def load_trainable_state(model:nn.Module, sd:dict, load:bool=True):
+    "Load an adapter checkpoint's state into `model` (`load=False`: only check it): it must hold exactly the parameters that train."
     m = unwrap_model(model)
     keep = trainable_names(m)
     missing, extra = sorted(keep - set(sd)), sorted(set(sd) - keep)
     if missing or extra:
         raise ModelLoadError(f"The checkpoint's adapters do not fit this model's: {len(missing)} missing ({', '.join(missing[:3])}), "
                              f"{len(extra)} unexpected ({', '.join(extra[:3])}). Were lora.r or lora.target_modules changed?")
-    m.load_state_dict(sd, strict=False)
+    if load: m.load_state_dict(sd, strict=False)
 
 def base_fingerprint(model:nn.Module) -> str:
     "A sha256 over the frozen weights (names, dtypes, shapes, bytes): an adapter checkpoint names the base it belongs to."
@@ -187,9 +190,10 @@ def merged_state_dict(model:nn.Module, dtype:torch.dtype|None=None) -> dict:
 # %% ../nbs/09d_lora.ipynb #3fac5bde
 ADAPTER_DIR = 'adapter'
 
-def save_adapter(model:nn.Module, folder, *, base:str|None=None, revision:str|None=None) -> Path:
+def save_adapter(model:nn.Module, folder, *, base:str|None=None, revision:str|None=None, state_dict:dict|None=None) -> Path:
     """Write the adapters in peft's own format (`adapter_config.json`, `adapter_model.safetensors`) into `folder`,
-    loadable by `peft.PeftModel.from_pretrained(base_model, folder)` without nbtrain."""
+    loadable by `peft.PeftModel.from_pretrained(base_model, folder)` without nbtrain. `state_dict`: the model's whole
+    state dict when the model itself holds only a shard of it (FSDP)."""
     peft = _peft()
     from safetensors.torch import save_file
     m = unwrap_model(model)
@@ -197,7 +201,7 @@ def save_adapter(model:nn.Module, folder, *, base:str|None=None, revision:str|No
     cfg = m.peft_config['default']
     cfg.base_model_name_or_path, cfg.revision = base, revision
     cfg.save_pretrained(str(folder))
-    sd = peft.get_peft_model_state_dict(m, adapter_name='default')
+    sd = peft.get_peft_model_state_dict(m, state_dict=state_dict, adapter_name='default')
     save_file({f'base_model.model.{k}': v.detach().cpu().contiguous() for k, v in sd.items()}, str(folder/'adapter_model.safetensors'),
               metadata={'format': 'pt'})
     return folder

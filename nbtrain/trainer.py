@@ -22,7 +22,10 @@ from .memory import estimate_memory, recommend, find_micro_batch, is_oom, free_m
 from .registry import TRACKERS
 from .repro import seed_everything, write_env, rng_state, set_rng_state
 from .models import unwrap_model
-from .loading import LoadedModel, build_model, planned_max_len, choose_seq_len, vocab_note
+from .loading import LoadedModel, build_model, planned_max_len, choose_seq_len, vocab_note, pretrained_tokenizer
+from .lora import (apply_lora, compute_dtype, freeze_base_dtype, base_fingerprint, trainable_state, load_trainable_state,
+                          merged_state_dict, save_adapter, ADAPTER_DIR)
+import dataclasses
 from .tasks import build_task
 from .data import resolve_data, make_loader, set_epoch, loader_sampler, default_cache_dir
 from .loading import check_vocab
@@ -34,8 +37,8 @@ from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANI
 from .files import DiskFullError, disk_guard, atomic_write, write_json, write_folder
 
 # %% auto #0
-__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'NOT_THE_RUN', 'CLOCK', 'RESUME_MODES', 'FitResult', 'Trainer',
-           'run_differences', 'train']
+__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'NOT_THE_RUN', 'CLOCK', 'RESUME_MODES', 'MERGE_UNDER', 'FitResult',
+           'Trainer', 'run_differences', 'train']
 
 # %% ../nbs/11_trainer.ipynb #11a756d8
 @dataclass
@@ -82,27 +85,34 @@ class Trainer:
         with self.fabric.rank_zero_first(local=True):  # the first process fills the tokenization cache, the others reuse it
             # a run folder that exists already (a resumed run) gives back its saved tokenizer; a new one is only
             # written once setup has succeeded, so a bad configuration leaves nothing behind
-            self.data = resolve_data(data, cfg.data, cfg.task, t.seed, run_dir=self.run_dir if self.run_dir.exists() else None,
+            self.data = resolve_data(data, self._data_config(data), cfg.task, t.seed, run_dir=self.run_dir if self.run_dir.exists() else None,
                                      cache_dir=cfg.data.cache_dir or default_cache_dir(cfg.output_dir))
+        self._say_tokenizer()
         self.task = task if task is not None else build_task(cfg.task)
         if pre is None:
             tok, sample = self.data.tokenizer, self.data.train[0]
             image_shape = tuple(sample['pixel_values'].shape) if 'pixel_values' in sample else None
             loaded = build_model(cfg.model, vocab_size=self.data.vocab_size, num_labels=cfg.task.num_labels or self.data.num_labels,
                                  max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len, task=cfg.task.name,
-                                 pad_id=getattr(tok, 'pad_id', None), image_shape=image_shape)
+                                 pad_id=getattr(tok, 'pad_id', None), image_shape=image_shape, **self._base_weights())
             model, self.model_info = loaded.module, dict(loaded.info, kind=loaded.kind)
+            if loaded.info.get('resized'): self._say(loaded.info['resized'])
             if loaded.info.get('hub_id'): cfg.model.revision = loaded.info['revision']  # config.yaml records the commit trained from
         else:  # built before the data: a model instance, or a file model (its config.json fixes its shape)
             model, self.model_info = pre.module, dict(pre.info, kind=pre.kind)
             if self.data.vocab_size: check_vocab(model, self.data.vocab_size)
         if self.data.vocab_size and (note := vocab_note(model, self.data.vocab_size)): self._say(note)
+        self.base_tied = tied_names(model)  # the model's own tied weights (a merged final/ re-ties them)
+        if cfg.lora.enabled: model = self._apply_lora(model)
         self.model_info = redact(self.model_info)
         if t.gradient_checkpointing: self._enable_gradient_checkpointing(model)
         self.model_info.setdefault('n_params', sum(p.numel() for p in unwrap_model(model).parameters()))
         self.raw_model = model
         fpt = getattr(unwrap_model(model), 'flops_per_token', None)  # for MFU: the model's own count, else 6N
         self.flops_per_token = fpt(cfg.data.seq_len) if callable(fpt) else 6 * self.model_info['n_params']
+        if cfg.lora.enabled:  # a frozen weight still runs forward and passes gradients back, but computes no gradient of its own
+            lo = self.model_info['lora']
+            self.flops_per_token -= 2 * (lo['base_params'] - lo['trainable_params'])
         self.peak_flops = peak_flops(info, self.precision)
         m = cfg.monitor
         self.monitor = GradientMonitor(model, every_steps=m.every_steps, nan_policy=m.nan_policy, spike_policy=m.spike_policy,
@@ -181,6 +191,67 @@ def _plan_length(self:Trainer, model) -> LoadedModel|None:
     if note and cfg.task.name != 'image_classification': self._say(note)
     return pre
 
+# %% ../nbs/11_trainer.ipynb #e78c864b
+@patch
+def _data_config(self:Trainer, data=None):
+    "The data section this run reads: `data.tokenizer auto` becomes a pretrained model's own tokenizer (config.yaml keeps 'auto')."
+    c, self._model_tokenizer = self.cfg.data, None
+    if str(c.tokenizer).lower() != 'auto' or self.cfg.task.name == 'image_classification' or data is not None and not isinstance(data, (str, os.PathLike)):
+        return c
+    self._model_tokenizer = pretrained_tokenizer(self.cfg.model)
+    return dataclasses.replace(c, tokenizer=str(self._model_tokenizer)) if self._model_tokenizer else c
+
+@patch
+def _say_tokenizer(self:Trainer):
+    tok = self.data.tokenizer
+    if not self._model_tokenizer or tok is None: return
+    hf = getattr(tok, 'tok', None)
+    pad = '' if hf is None or hf.pad_token_id is not None else \
+          f"; it has no padding token, so {hf.convert_ids_to_tokens(tok.pad_id)!r} pads (padding never counts in the loss)"
+    self._say(f"data.tokenizer: the model's own ({tok.vocab_size:,} tokens){pad}")
+
+@patch
+def _base_weights(self:Trainer) -> dict:
+    "How a pretrained Hugging Face model's weights load: a frozen LoRA base in the compute dtype, or quantized (QLoRA)."
+    lc = self.cfg.lora
+    if not lc.enabled: return {}
+    if lc.quantize: self._check_quantize()
+    return dict(dtype=compute_dtype(self.precision) or (torch.bfloat16 if lc.quantize else None), quantize=lc.quantize)
+
+@patch
+def _check_quantize(self:Trainer):
+    q, mc = self.cfg.lora.quantize, self.cfg.model
+    if self.fabric.device.type != 'cuda':
+        raise ConfigError(f"lora.quantize={q!r} needs a CUDA GPU (bitsandbytes quantizes on CUDA), and this run is on "
+                          f"{self.fabric.device.type}: set lora.quantize none (LoRA with a 16-bit base), or run on a GPU.")
+    if mc.name != 'hf':
+        raise ConfigError(f"lora.quantize={q!r} quantizes a pretrained Hugging Face model's weights; model.name={mc.name!r} is "
+                          f"built here: use model.name hf with a Hub id, or lora.quantize none.")
+    try: import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"lora.quantize={q!r} needs bitsandbytes: pip install 'nbtrain[qlora]' (or pip install bitsandbytes), "
+                          f"then run again.") from None
+
+@patch
+def _apply_lora(self:Trainer, model):
+    "Put the adapters in, hold the frozen base in the compute dtype, and record what trains and which base it is."
+    lc, t = self.cfg.lora, self.cfg.train
+    if lc.quantize:
+        import peft
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                     gradient_checkpointing_kwargs={'use_reentrant': False})
+    facts = apply_lora(model, lc, task=self.cfg.task.name, num_labels=self.cfg.task.num_labels or self.data.num_labels)
+    held = compute_dtype(self.precision)
+    if not lc.quantize: freeze_base_dtype(model, held)
+    facts.update(base_dtype=lc.quantize or str(held or torch.float32).removeprefix('torch.'), base_sha256=base_fingerprint(model))
+    self.model_info['lora'] = facts
+    names = facts['target_modules']
+    on = ', '.join(names) if isinstance(names, list) and len(names) <= 8 else (f"{len(names)} layers" if isinstance(names, list) else names)
+    extra = f"; {', '.join(facts['modules_to_save'])} trains in full" if facts['modules_to_save'] else ''
+    self._say(f"LoRA r={lc.r} on {on}: {facts['trainable_params']:,} of {facts['base_params']:,} parameters train "
+              f"({100 * facts['trainable_fraction']:.2f}%){extra}; the base is held in {facts['base_dtype']}.")
+    return model
+
 # %% ../nbs/11_trainer.ipynb #061aabf3
 @patch
 def _loaders(self:Trainer):
@@ -232,6 +303,7 @@ def _build_loaders(self:Trainer):
 @patch
 def _enable_gradient_checkpointing(self:Trainer, model):
     m = unwrap_model(model)
+    if self.cfg.lora.enabled and hasattr(m, 'enable_input_require_grads'): m.enable_input_require_grads()  # frozen embeddings
     if hasattr(m, 'gradient_checkpointing_enable'):
         try: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})  # Hugging Face
         except TypeError: m.gradient_checkpointing_enable()
@@ -367,18 +439,20 @@ def _run_path(self:Trainer, run_dir=None) -> Path:
 
 # the settings a checkpoint depends on: resuming with other values would load weights into a different model or
 # continue on different data
-SAME_RUN_KEYS = ('model.*', 'task.name', 'task.num_labels', 'data.source', 'data.tokenizer', 'data.vocab_size',
+SAME_RUN_KEYS = ('model.*', 'lora.*', 'task.name', 'task.num_labels', 'data.source', 'data.tokenizer', 'data.vocab_size',
                  'data.seq_len', 'data.pack', 'data.corpus_size', 'data.text_column', 'data.label_column',
                  'data.image_column', 'data.image_size', 'data.image_mode')
 
-NOT_THE_RUN = ('model.cache_dir',)  # where files are kept, not what was trained
+NOT_THE_RUN = ('model.cache_dir', 'lora.merge_final')  # where files are kept and what final/ holds, not what was trained
 
 def run_differences(saved:dict, cfg:RunConfig, keys=SAME_RUN_KEYS) -> list[tuple[str, object, object]]:
     "(key, saved value, new value) for the `keys` (a trailing `.*` takes a whole section) where `cfg` differs from `saved`."
     old, new = nested_to_dotted(saved), nested_to_dotted(redact(cfg.to_dict()))
     pick = lambda k: [x for x in new if x == k or (k.endswith('.*') and x.startswith(k[:-1]))]
+    # data.tokenizer 'auto' is 'char' for a model trained from scratch (runs from before 'auto' say 'char')
+    same = lambda k, a, b: a == b or (k == 'data.tokenizer' and {a, b} == {'auto', 'char'} and new.get('model.name') != 'hf')
     return [(k, old.get(k), new[k]) for key in keys for k in pick(key)
-            if k in old and old.get(k) != new[k] and k not in NOT_THE_RUN]
+            if k in old and not same(k, old.get(k), new[k]) and k not in NOT_THE_RUN]
 
 @patch
 def _saved_config(self:Trainer) -> dict|None:
@@ -758,7 +832,11 @@ def state_parts(self:Trainer, window:dict|None=None) -> dict:
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
     epoch, pos = divmod(self.step, self.steps_per_epoch)
     model, optimizer = self._model_optimizer_state()
+    lora = self.model_info.get('lora')
+    if lora: model = trainable_state(self.raw_model, model)  # adapters only: the base is named by its hash
     return dict(model=model, optimizer=optimizer, scheduler=self.scheduler.state_dict(),
+                lora=dict(base_sha256=lora['base_sha256'], base=self.model_info.get('hub_id') or self.model_info.get('source'),
+                          revision=self.model_info.get('revision')) if lora else {},
                 scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
                 sampler=dict(epoch=epoch, position=pos, micro_batches_done=pos * self.cfg.train.grad_accum, seed=self.cfg.train.seed,
                              order=loader_sampler(self.train_loader)[0].state_dict()),
@@ -868,7 +946,8 @@ def _resume(self:Trainer) -> bool:
         self._truncate_metrics(-1)  # a fresh start: rows from an earlier attempt without a checkpoint are stale
         return False
     st = ck['state']
-    load_full_state(self.model, self.optimizer, ck['model'], st['optimizer'])  # sharded or not, whichever wrote it
+    if self.model_info.get('lora'): self._load_adapters(ck)
+    else: load_full_state(self.model, self.optimizer, ck['model'], st['optimizer'])  # sharded or not, whichever wrote it
     wanted = self.scheduler.lr_lambdas[0].settings() if isinstance(self.scheduler.lr_lambdas[0], LRSchedule) else {}
     self.scheduler.load_state_dict(st['scheduler'])  # an LRSchedule's settings come back too
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
@@ -906,6 +985,23 @@ def _truncate_metrics(self:Trainer, step:int):
     rows = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step]
     atomic_write(p, ''.join(json.dumps(r) + '\n' for r in rows), then=_AGAIN)
 
+# %% ../nbs/11_trainer.ipynb #a165a2b5
+@patch
+def _load_adapters(self:Trainer, ck:dict):
+    "Resume a LoRA run: its checkpoint holds the adapters, and names the base they were trained on by a hash."
+    saved, here = (ck['state'].get('lora') or {}), self.model_info['lora']
+    if not saved:
+        raise CheckpointError(f"{ck['path']} holds a whole model, and this run trains LoRA adapters: resume it with lora.enabled false, "
+                              f"or choose another run name (name) for a LoRA run")
+    if saved.get('base_sha256') != here['base_sha256']:
+        raise CheckpointError(f"{ck['path']} holds adapters trained on another base model ({saved.get('base')} at "
+                              f"{saved.get('revision') or 'its revision then'}, weights sha256 {str(saved.get('base_sha256'))[:12]}), not on "
+                              f"this one ({self.model_info.get('hub_id') or self.model_info.get('source')}, {here['base_sha256'][:12]}). "
+                              f"Nothing was changed: set model.path and model.revision back, or choose another run name (name)")
+    try: load_trainable_state(self.raw_model, ck['model'], load=not self.sharded)
+    except ModelLoadError as e: raise CheckpointError(f"{ck['path']}: {e}") from None
+    load_full_state(self.model, self.optimizer, ck['model'] if self.sharded else {}, ck['state']['optimizer'], strict=False)
+
 # %% ../nbs/11_trainer.ipynb #0a863f6a
 @patch
 def save_final(self:Trainer) -> Path|None:
@@ -921,16 +1017,25 @@ def save_final(self:Trainer) -> Path|None:
         from dataclasses import asdict
         mcfg = asdict(mcfg)
     mcfg = mcfg if isinstance(mcfg, dict) else None
+    lora = self.model_info.get('lora')
+    merged = self._merged_final(m, sd) if lora else None
     info = redact(dict(model=self.model_info, model_config=mcfg, task=self.cfg.task.name, run_config=self.cfg.to_dict()))
     own = redact(self._own_config(mcfg))
     src = self.model_info.get('model_py')
-    weights = nbytes(sd if sd is not None else m.state_dict())
+    weights = nbytes(merged if lora else sd if sd is not None else m.state_dict()) if not lora or merged else 0
     then = (f"{d} is as it was before (the checkpoints are complete); run again with the same name to write it from "
             f"the newest checkpoint")
     def fill(tmp:Path):
-        with disk_guard(d/'model.safetensors', weights, then=then):
-            if sd is None: save_model(m, str(tmp/'model.safetensors'))
-            else: save_weights(sd, tmp/'model.safetensors', self.tied)  # the same file, from the gathered shards
+        if lora:  # peft's own adapter folder, and the merged model when there is one
+            with disk_guard(d/ADAPTER_DIR, then=then):
+                save_adapter(m, tmp/ADAPTER_DIR, base=self.model_info.get('hub_id') or self.model_info.get('source'),
+                             revision=self.model_info.get('revision'), state_dict=sd)
+            if merged is not None:
+                with disk_guard(d/'model.safetensors', weights, then=then): save_weights(merged, tmp/'model.safetensors', self.base_tied)
+        else:
+            with disk_guard(d/'model.safetensors', weights, then=then):
+                if sd is None: save_model(m, str(tmp/'model.safetensors'))
+                else: save_weights(sd, tmp/'model.safetensors', self.tied)  # the same file, from the gathered shards
         for name, obj in (('nbtrain.json', info), ('config.json', own)):
             text = json.dumps(obj, indent=2, default=str)
             with disk_guard(d/name, len(text), then=then): (tmp/name).write_text(text)
@@ -949,6 +1054,24 @@ def _own_config(self:Trainer, model_config:dict|None) -> dict:
         except ValueError: raw = None
         if isinstance(raw, dict): return {**raw, **(info.get('overrides') or {})}  # top-level values win when flattened
     return model_config or info.get('config') or {}
+
+# %% ../nbs/11_trainer.ipynb #5d6b97f5
+MERGE_UNDER = 1_000_000_000
+
+@patch
+def _merged_final(self:Trainer, m, sd:dict|None) -> dict|None:
+    "The merged weights for final/ of a LoRA run, or None (the adapters alone, over a base that can be downloaded again)."
+    lc, info = self.cfg.lora, self.model_info
+    lo = info['lora']
+    reloadable = info.get('kind') == 'hf' and bool(info.get('hub_id'))
+    want = lc.merge_final is True or not reloadable or (lc.merge_final == 'auto' and lo['base_params'] < MERGE_UNDER)
+    if want and not reloadable and lc.merge_final is False:
+        self._say(f"lora.merge_final false: the base ({info.get('source')}) cannot be loaded again from the Hub, so final/ keeps the merged model too.")
+    if want and sd is not None:  # FSDP: the adapters are written from the gathered state; merging happens off the run
+        self._say("lora.merge_final: under FSDP final/ holds the adapters; merge them with nbtrain.lora.merged_state_dict after loading.")
+        want = False
+    lo['merged'] = bool(want)
+    return merged_state_dict(m) if want else None
 
 # %% ../nbs/11_trainer.ipynb #3744d647
 def train(config=None, preset:str|None=None, overrides:dict|None=None, *, model=None, data=None, callbacks=(), **kw) -> FitResult:
