@@ -238,6 +238,12 @@ class ModelConfig(Section):
     max_seq_len: int|None = opt(None, "Longest sequence the model accepts (reference models: default data.seq_len; file models: passed to the constructor's length parameter, else a limit)", ge=1)
     kwargs: dict = opt({}, "Extra keyword arguments for the model constructor")
 
+    def __post_init__(self):
+        for f in ('name', 'path'):  # a Hub model named as hf:org/name, in either field
+            v = getattr(self, f)
+            if isinstance(v, str) and v.startswith('hf:') and len(v) > 3: self.name, self.path = 'hf', v[3:]
+        super().__post_init__()
+
     def check(self):
         if self.name in ('file', 'hf') and not self.path:
             raise ConfigError(f"model.path is required when model.name={self.name!r}: give the "

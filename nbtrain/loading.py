@@ -515,6 +515,9 @@ def load_hf_model(source, *, task:str|None=None, vocab_size:int|None=None, num_l
         raise ModelLoadError(f"transformers has no {auto.__name__} for model_type '{config.model_type}' (task {task!r}): choose an "
                              f"architecture with that head, e.g. gpt2 for causal_lm or bert for sequence_classification.") from e
     if dtype is None and not quantize: model = model.float()
+    if not pretrained and folder is None and not hub:
+        hub['note'] = (f"model.path={str(source)!r} is a model type: a new {config.model_type} with random weights is built. For "
+                       f"pretrained weights give a Hub id (org/name, e.g. openai-community/gpt2) or a downloaded folder.")
     return _loaded(model, 'hf', source=hub.get('hub_id') or str(folder or source), **hub, model_type=config.model_type, auto_class=auto.__name__,
                    pretrained=pretrained, attn_implementation=getattr(config, '_attn_implementation', None),
                    config_overrides=dict(config_overrides))

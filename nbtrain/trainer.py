@@ -96,7 +96,8 @@ class Trainer:
                                  max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len, task=cfg.task.name,
                                  pad_id=getattr(tok, 'pad_id', None), image_shape=image_shape, **self._base_weights())
             model, self.model_info = loaded.module, dict(loaded.info, kind=loaded.kind)
-            if loaded.info.get('resized'): self._say(loaded.info['resized'])
+            for k in ('note', 'resized'):
+                if loaded.info.get(k): self._say(loaded.info[k])
             if loaded.info.get('hub_id'): cfg.model.revision = loaded.info['revision']  # config.yaml records the commit trained from
         else:  # built before the data: a model instance, or a file model (its config.json fixes its shape)
             model, self.model_info = pre.module, dict(pre.info, kind=pre.kind)
