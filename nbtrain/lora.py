@@ -201,7 +201,8 @@ def save_adapter(model:nn.Module, folder, *, base:str|None=None, revision:str|No
     cfg = m.peft_config['default']
     cfg.base_model_name_or_path, cfg.revision = base, revision
     cfg.save_pretrained(str(folder))
-    sd = peft.get_peft_model_state_dict(m, state_dict=state_dict, adapter_name='default')
+    # save_embedding_layers=False: peft would otherwise look the base up on the Hub to see if its vocabulary grew
+    sd = peft.get_peft_model_state_dict(m, state_dict=state_dict, adapter_name='default', save_embedding_layers=False)
     save_file({f'base_model.model.{k}': v.detach().cpu().contiguous() for k, v in sd.items()}, str(folder/'adapter_model.safetensors'),
               metadata={'format': 'pt'})
     return folder

@@ -193,3 +193,17 @@ def test_a_hub_model_by_id_with_lora_through_the_cli(gpt2, tmp_path):
     assert (ad['base_model_name_or_path'], ad['revision']) == ('alice/tiny-gpt2', sha)
     leaked = [str(f) for f in tmp_path.rglob('*') if f.is_file() and TOKEN.encode() in f.read_bytes()]
     assert not leaked and TOKEN not in p.stdout + p.stderr, leaked
+
+
+@pytest.mark.parametrize('over', [{'train.gradient_checkpointing': True},
+                                  {'model.name': 'gpt', 'model.path': None, 'data.tokenizer': 'char'}], ids=['hf-checkpointing', 'reference-gpt'])
+def test_lora_with_gradient_checkpointing_and_on_a_reference_model(gpt2, tmp_path, over):
+    from nbtrain.trainer import train
+    from nbtrain.loading import load_model
+    res = train(cfg(tmp_path, gpt2, 'x', **{'train.max_steps': 8, 'train.eval_every': 8, **over}))
+    assert res.last_eval['val_loss'] < res.first_eval['val_loss']
+    lo = json.loads((res.run_dir/'model.json').read_text())['lora']
+    assert lo['trainable_params'] < lo['base_params']
+    nb = json.loads((res.run_dir/'final'/'nbtrain.json').read_text())['model']['lora']
+    assert nb['merged']  # a base that cannot be downloaded again is always merged
+    assert not any('lora_' in n for n, _ in load_model(res.run_dir).named_parameters())
