@@ -166,14 +166,21 @@ def _base_weight(layer) -> torch.Tensor:
         return dequantize_module_weight(base)
     return w.detach()
 
-def merged_state_dict(model:nn.Module, dtype:torch.dtype|None=None) -> dict:
+def _delta(sd:dict, owner:str, layer, adapter:str) -> torch.Tensor:
+    "B·A·scale of one adapter from a state dict (the gathered weights of a sharded model), as peft's `get_delta_weight`."
+    A, B = (sd[f'{owner}.lora_{x}.{adapter}.weight'].float() for x in 'AB')
+    d = B @ A
+    return (d.T if layer.fan_in_fan_out else d) * layer.scaling[adapter]
+
+def merged_state_dict(model:nn.Module, dtype:torch.dtype|None=None, state_dict:dict|None=None) -> dict:
     """The state dict of the model with its adapters merged in (W + B·A·alpha/r), under the base model's own names, without
-    changing `model`: what `merge_and_unload` would give, for final/ and exports."""
+    changing `model`: what `merge_and_unload` would give, for final/ and exports. `state_dict`: the model's whole state
+    when the model itself holds only a shard of it (FSDP)."""
     from peft.tuners.lora import LoraLayer
     m = unwrap_model(model)
     layers = {n: mod for n, mod in m.named_modules() if isinstance(mod, LoraLayer)}
     out = {}
-    for k, v in m.state_dict().items():
+    for k, v in (m.state_dict() if state_dict is None else state_dict).items():
         if '.lora_' in k or '.original_module.' in k: continue
         name = k.replace('.modules_to_save.default.', '.')
         if '.base_layer.' in name:
@@ -181,8 +188,9 @@ def merged_state_dict(model:nn.Module, dtype:torch.dtype|None=None) -> dict:
             name = f'{owner}.{leaf}'
             if leaf == 'weight':
                 layer = layers[owner]
-                w = _base_weight(layer)
-                delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+                w = _base_weight(layer) if state_dict is None else v
+                delta = sum(layer.get_delta_weight(a) if state_dict is None else _delta(state_dict, owner, layer, a)
+                            for a in layer.active_adapters if a in layer.lora_A)
                 v = (w.float() + delta.float()).to(w.dtype if w.is_floating_point() else torch.float32)
         out[name] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     return out

@@ -1068,11 +1068,8 @@ def _merged_final(self:Trainer, m, sd:dict|None) -> dict|None:
     want = lc.merge_final is True or not reloadable or (lc.merge_final == 'auto' and lo['base_params'] < MERGE_UNDER)
     if want and not reloadable and lc.merge_final is False:
         self._say(f"lora.merge_final false: the base ({info.get('source')}) cannot be loaded again from the Hub, so final/ keeps the merged model too.")
-    if want and sd is not None:  # FSDP: the adapters are written from the gathered state; merging happens off the run
-        self._say("lora.merge_final: under FSDP final/ holds the adapters; merge them with nbtrain.lora.merged_state_dict after loading.")
-        want = False
     lo['merged'] = bool(want)
-    return merged_state_dict(m) if want else None
+    return merged_state_dict(m, state_dict=sd) if want else None  # under FSDP from the gathered state
 
 # %% ../nbs/11_trainer.ipynb #3744d647
 def train(config=None, preset:str|None=None, overrides:dict|None=None, *, model=None, data=None, callbacks=(), **kw) -> FitResult:

@@ -207,3 +207,22 @@ def test_lora_with_gradient_checkpointing_and_on_a_reference_model(gpt2, tmp_pat
     nb = json.loads((res.run_dir/'final'/'nbtrain.json').read_text())['model']['lora']
     assert nb['merged']  # a base that cannot be downloaded again is always merged
     assert not any('lora_' in n for n, _ in load_model(res.run_dir).named_parameters())
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_and_fsdp_matches_one_process(tmp_path):
+    common = ['--data.corpus_size', '80', '--data.seq_len', '32', '--train.max_steps', '4', '--train.eval_every', '4',
+              '--train.eval_batches', '2', '--train.progress_bar', 'false', '--train.deterministic', 'true',
+              '--train.accelerator', 'cpu', '--optim.lr', '1e-2', '--lora.enabled', 'true', '--lora.dropout', '0',
+              '--train.micro_batch_size', '8', '--tracking.dashboard', 'false']
+    runs = {'one': ['--train.grad_accum', '2', '--train.devices', '1'],
+            'ddp': ['--train.devices', '2', '--train.strategy', 'ddp'], 'fsdp': ['--train.devices', '2', '--train.strategy', 'fsdp']}
+    for name, extra in runs.items():
+        r = subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(tmp_path), '--name', name, *common, *extra],
+                           capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    for f in ('adapter/adapter_model.safetensors', 'model.safetensors'):  # FSDP merges from the gathered weights
+        a = load_file(tmp_path/'one'/'final'/f)
+        for name in ('ddp', 'fsdp'):
+            b = load_file(tmp_path/name/'final'/f)
+            assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4, (name, f)
