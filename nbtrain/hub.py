@@ -16,16 +16,18 @@ from . import __version__
 from .errors import NbtrainError, ModelLoadError, ConfigError
 from .config import redact, secret_values, REDACTED
 from .registry import MODELS
-from .loading import PER_TOKEN_TASKS, final_config, is_final_folder, load_final_folder, _read_json, _unredacted
+from .loading import (PER_TOKEN_TASKS, HUB_FILES, final_config, is_final_folder, load_final_folder, load_hf_model,
+                             _read_json, _unredacted)
+from .lora import ADAPTER_DIR, CLASSIFY_TASKS
 from .callbacks import read_metrics
 from .tokenizer import load_tokenizer
 
 # %% auto #0
-__all__ = ['EVAL_PREFIX', 'PIPELINE_TAGS', 'TASK_NAMES', 'MODEL_NOUNS', 'METRIC_NAMES', 'HEADLINE', 'TRAINING_FILES',
-           'TRANSIENT_STATUS', 'HubError', 'PushError', 'RunSummary', 'read_run', 'FinalModel', 'load_final',
-           'metric_name', 'headline_metrics', 'metrics_table', 'install_extra', 'card_metadata', 'model_card',
-           'find_secrets', 'stage_repo', 'is_transient', 'retry', 'PushResult', 'upload_commands', 'hub_client',
-           'push_run', 'load_from_hub', 'PushCommand']
+__all__ = ['EVAL_PREFIX', 'PIPELINE_TAGS', 'TASK_NAMES', 'MODEL_NOUNS', 'METRIC_NAMES', 'HEADLINE', 'HUB_URL', 'WHAT',
+           'TRAINING_FILES', 'MERGED_DIR', 'ADAPTER_FILES', 'TRANSIENT_STATUS', 'HubError', 'PushError', 'RunSummary',
+           'read_run', 'FinalModel', 'load_final', 'metric_name', 'headline_metrics', 'metrics_table', 'install_extra',
+           'base_model', 'repo_layout', 'card_metadata', 'model_card', 'find_secrets', 'stage_repo', 'is_transient',
+           'retry', 'PushResult', 'upload_commands', 'hub_client', 'push_run', 'load_from_hub', 'PushCommand']
 
 # %% ../nbs/15_hub.ipynb #eb340bfe
 class HubError(NbtrainError, RuntimeError):
@@ -199,8 +201,97 @@ def _limitations(run:RunSummary) -> list[str]:
     if not run.evals: out.append("No validation metrics were recorded, so its quality is unmeasured.")
     git = run.env.get('git') or {}
     if git.get('dirty'): out.append(f"It was trained from a working tree with uncommitted changes (git commit {str(git.get('commit'))[:12]}).")
+    if hub_id := model.get('hub_id'):
+        out.append(f"It starts from the pretrained `{hub_id}` and inherits that model's limitations, biases and licence terms: read its card.")
+    if lo := model.get('lora'):
+        out.append(f"Only the LoRA adapters ({_share(lo)} of the base's weights) were trained; everything else is the base model as it was.")
     out.append("It has not been evaluated for bias, safety or fitness for any particular purpose.")
     return out
+
+# %% ../nbs/15_hub.ipynb #1007078c
+HUB_URL = 'https://huggingface.co'
+WHAT = ('auto', 'adapter', 'merged', 'both')
+
+def base_model(info:dict) -> tuple[str|None, str|None]:
+    "The Hub id and resolved commit of the pretrained model a run started from (its `model.json` info), or (None, None)."
+    return (info['hub_id'], info.get('revision')) if info.get('hub_id') else (None, None)
+
+def repo_layout(run:RunSummary, what:str='auto') -> str:
+    """What a push of `run` puts in the repository: 'model' (a run without LoRA: its model), 'adapter' (a LoRA run's
+    adapters, peft's format, at the top), 'merged' (a LoRA run's merged model, laid out as any model) or 'both'
+    (the adapters at the top and the merged model in `merged/`). `what='auto'` is 'both' when the run has a merged
+    model, else 'adapter'."""
+    if what not in (*WHAT, 'model'):
+        raise ConfigError(f"what={what!r} is not a repository layout: choose one of {', '.join(map(repr, WHAT))}.")
+    final = run.final_dir
+    if not run.model.get('lora'):
+        if what in ('adapter', 'both'):
+            raise ConfigError(f"what={what!r}: {run.name} was not trained with LoRA (lora.enabled false), so it has no adapters "
+                              f"to publish; push its model with what='auto'.")
+        return 'model'
+    if not (final/ADAPTER_DIR/'adapter_config.json').is_file():
+        raise ModelLoadError(f"{final/ADAPTER_DIR} has no adapter_config.json: the LoRA run's adapters are missing from final/. "
+                             f"Run the training again with the same name to write final/ from the newest checkpoint.")
+    merged = (final/'model.safetensors').is_file()
+    if what == 'auto': return 'both' if merged else 'adapter'
+    if what == 'model': what = 'merged'
+    if what in ('merged', 'both') and not merged:
+        raise ModelLoadError(f"what={what!r}: {final} has no merged model (model.safetensors; the run had lora.merge_final "
+                             f"false). Push the adapters alone with what='adapter'.")
+    return what
+
+def _share(lo:dict) -> str:
+    f = lo.get('trainable_fraction')
+    if f is None and lo.get('base_params'): f = lo.get('trainable_params', 0) / lo['base_params']
+    return f"{f:.2%}" if isinstance(f, (int, float)) else '?'
+
+def _targets(lo:dict) -> str:
+    t = lo.get('target_modules')
+    return f"layers matching `{t}`" if isinstance(t, str) else ', '.join(t or []) or '?'
+
+def _lora_rows(lo:dict, layout:str) -> list[list]:
+    r, alpha = lo.get('r'), lo.get('alpha')
+    where = {'adapter': ('not in this repository' if lo.get('merged') else 'not written (the run had lora.merge_final false)'),
+             'both': '`merged/`: the adapters folded into the weights, loads without peft',
+             'merged': 'this repository: the adapters are folded into the weights'}.get(layout, '')
+    rows = [['rank r', r], ['alpha', f"{_fmt(alpha)} (scale alpha / r = {_fmt(alpha / r) if r and alpha else '?'})"],
+            ['adapted layers', _targets(lo)], ['trained in full', ', '.join(lo.get('modules_to_save') or []) or 'nothing'],
+            ['trainable parameters', f"{_fmt(lo.get('trainable_params'))} of {_fmt(lo.get('base_params'))} ({_share(lo)})"],
+            ['base weights (sha256)', f"`{lo['base_sha256']}`" if lo.get('base_sha256') else None], ['merged model', where]]
+    return [row for row in rows if row[1] not in (None, '')]
+
+def _base_text(info:dict) -> str|None:
+    "A sentence naming the pretrained base and the exact commit the run started from."
+    hub_id, sha = base_model(info)
+    if not hub_id: return None
+    asked = info.get('requested_revision') or 'main'
+    at = f" at revision [`{sha}`]({HUB_URL}/{hub_id}/tree/{sha})" if sha else ''
+    when = f" (the commit `{asked}` pointed to when training started)" if sha and asked != sha else ''
+    return f"Fine-tuned from [`{hub_id}`]({HUB_URL}/{hub_id}){at}{when}."
+
+def _peft_snippet(repo_id:str, revision:str|None, task:str, info:dict, model_config:dict|None, layout:str) -> str:
+    "How to load an adapter repository: peft on its base at the pinned commit, the merged model, or nbtrain."
+    hub_id, sha = base_model(info)
+    auto = info.get('auto_class') or 'AutoModelForCausalLM'
+    rev = f", revision={revision!r}" if revision else ''
+    labels = (model_config or {}).get('num_labels') if task in CLASSIFY_TASKS else None
+    base_args = (repr(hub_id) + (f", revision={sha!r}" if sha else '') if hub_id else 'BASE') + (f", num_labels={labels}" if labels else '')
+    lines = ["# pip install peft transformers", f"from transformers import {auto}", "from peft import PeftModel", ""]
+    if not hub_id:
+        lines.append(f"BASE = ...  # the pretrained model it was trained from: a local folder ({Path(str(info.get('source', '?'))).name}), not a Hub id")
+    lines += [f"base = {auto}.from_pretrained({base_args})", f"model = PeftModel.from_pretrained(base, {repo_id!r}{rev})"]
+    text = ("```python\n" + '\n'.join(lines) + "\n```\n\nThe adapters are at the top of this repository in peft's own format "
+            "(`adapter_config.json`, `adapter_model.safetensors`). They fit one base only: "
+            + (f"`{hub_id}` at the commit above, which `revision` pins." if hub_id else "the same pretrained weights the run started from."))
+    if layout == 'both':
+        text += (f"\n\nThe model with the adapters merged into its weights is in `merged/`, for use without peft:\n\n```python\n"
+                 f"model = {auto}.from_pretrained({repo_id!r}, subfolder='merged'{rev})\n```")
+    text += (f"\n\nWith nbtrain, which also gives the tokenizer the run used"
+             + (" (it takes `merged/`, or the base with the adapters put in when given `merged=False`)" if layout == 'both'
+                else " (it downloads the base at its commit and puts the adapters in)") + ":\n\n```python\n"
+             f"# pip install 'nbtrain[train]=={__version__}' peft\nfrom nbtrain.hub import load_from_hub\n\n"
+             f"m = load_from_hub({repo_id!r}{rev})\nmodel, tokenizer = m.module, m.tokenizer\n```")
+    return text
 
 # %% ../nbs/15_hub.ipynb #83925044
 def _hardware(env:dict) -> str:
@@ -211,13 +302,17 @@ def _hardware(env:dict) -> str:
         return ', '.join(f"{n} x {k}" for k, n in names.items())
     return f"CPU ({env.get('cpu_count', '?')} cores, {env.get('machine', '')})".replace(', )', ')')
 
-def card_metadata(run:RunSummary, repo_id:str|None=None, license:str|None=None, tags=()) -> dict:
-    "The YAML header of the model card."
-    task, last = run.task, headline_metrics(run)
-    meta = {'library_name': 'nbtrain'}
+def card_metadata(run:RunSummary, repo_id:str|None=None, license:str|None=None, tags=(), layout:str='model') -> dict:
+    "The YAML header of the model card; `layout` is what `repo_layout` says the repository holds."
+    task, last, info = run.task, headline_metrics(run), run.model
+    adapter = layout in ('adapter', 'both')
+    meta = {'library_name': 'peft' if adapter else 'nbtrain'}
+    hub_id, _ = base_model(info)
+    if hub_id: meta.update(base_model=hub_id, base_model_relation='adapter' if adapter else 'finetune')
     if license: meta['license'] = license
     if task in PIPELINE_TAGS: meta['pipeline_tag'] = PIPELINE_TAGS[task]
-    meta['tags'] = list(dict.fromkeys(['nbtrain', 'pytorch', 'safetensors', task.replace('_', '-'), *tags]))
+    lora = ['lora', 'peft'] if adapter else ['lora'] if info.get('lora') else []
+    meta['tags'] = list(dict.fromkeys(['nbtrain', 'pytorch', 'safetensors', task.replace('_', '-'), *lora, *tags]))
     metrics = [{'type': k[len(EVAL_PREFIX):], 'value': float(v), 'name': metric_name(k)} for k, v in last.items()]
     if metrics:
         source = run.run_config.get('data', {}).get('source', 'unknown')
@@ -228,21 +323,33 @@ def card_metadata(run:RunSummary, repo_id:str|None=None, license:str|None=None, 
     return meta
 
 def model_card(run:RunSummary, repo_id:str|None=None, *, revision:str|None=None, files:dict|None=None,
-               license:str|None=None, tags=(), secrets=(), max_rows:int=10) -> str:
-    "README.md for the Hub: YAML metadata, then task, loading, data, metrics, training, hardware, environment, limitations."
+               license:str|None=None, tags=(), secrets=(), max_rows:int=10, what:str='auto') -> str:
+    """README.md for the Hub: YAML metadata, then task, loading, data, metrics, training, hardware, environment, limitations.
+    `what` is the repository's layout (`repo_layout`): for a LoRA run, adapters, merged model or both."""
     rc, info, env, task = run.run_config, run.model, run.env, run.task
+    layout, lo = repo_layout(run, what), info.get('lora')
     repo_id = repo_id or run.name
     data, optim, sched, tr = (rc.get(k, {}) for k in ('data', 'optim', 'schedule', 'train'))
     n = info.get('n_params')
-    meta = card_metadata(run, repo_id, license, tags)
+    meta = card_metadata(run, repo_id, license, tags, layout)
     head = [f"# {repo_id.split('/')[-1]}", "",
             f"A {MODEL_NOUNS.get(task, task + ' model')} ({info.get('class', '?')}, "
             f"{f'{n/1e6:.2f}M' if isinstance(n, int) else '?'} parameters) trained with "
             f"[nbtrain](https://github.com/nbtrain/nbtrain) {env.get('packages', {}).get('nbtrain') or __version__} "
             f"for {run.steps:,} optimizer steps."]
+    if base := _base_text(info): head.append(base)
+    if lo:
+        holds = {'adapter': "This repository holds the adapters, in peft's format.",
+                 'both': "This repository holds the adapters, in peft's format, and in `merged/` the model with them merged in.",
+                 'merged': "This repository holds the model with the adapters merged into its weights."}[layout]
+        head.append(f"Only LoRA adapters were trained (r {lo.get('r')}, alpha {_fmt(lo.get('alpha'))}, on {_targets(lo)}): "
+                    f"{_fmt(lo.get('trainable_params'))} parameters, {_share(lo)} of the base's {_fmt(lo.get('base_params'))}. {holds}")
     if headline_metrics(run):
         head.append("Final evaluation: " + ', '.join(f"{metric_name(k).lower()} {_fmt(v)}" for k, v in headline_metrics(run).items()) + '.')
-    s = ['\n'.join(head), "## How to load it\n\n" + _load_snippet(repo_id, revision, info.get('kind', ''), task, info, data.get('tokenizer'))]
+    how = (_peft_snippet(repo_id, revision, task, info, run.final.get('model_config'), layout) if layout in ('adapter', 'both')
+           else _load_snippet(repo_id, revision, info.get('kind', ''), task, info, data.get('tokenizer')))
+    s = ['\n'.join(head), "## How to load it\n\n" + how]
+    if lo: s.append("## LoRA adapters\n\n" + _table(['setting', 'value'], _lora_rows(lo, layout)))
     d_rows = [['source', data.get('source')], ['tokenizer', data.get('tokenizer')], ['sequence length', data.get('seq_len')],
               ['validation fraction', data.get('val_fraction')]]
     if data.get('source') == 'embedded': d_rows.append(['stories in the corpus', data.get('corpus_size')])
@@ -250,12 +357,14 @@ def model_card(run:RunSummary, repo_id:str|None=None, *, revision:str|None=None,
     s.append("## Training data\n\n" + _table(['setting', 'value'], [r for r in d_rows if r[1] is not None]))
     s.append("## Evaluation\n\n" + metrics_table(run, max_rows))
     mb, ga = tr.get('micro_batch_size'), tr.get('grad_accum')
-    t_rows = [['model', f"{info.get('source', '')} ({info.get('kind', '')}, {info.get('class', '')})"],
-              ['task', task], ['optimizer', f"{optim.get('name')} (lr {_fmt(optim.get('lr'))}, weight decay {_fmt(optim.get('weight_decay'))})"],
-              ['schedule', f"{sched.get('name')} (warmup {sched.get('warmup_steps') if sched.get('warmup_steps') is not None else sched.get('warmup_ratio')})"],
-              ['batch', f"{mb} x {ga} accumulation = {mb * ga if mb and ga else '?'} examples per device and step"],
-              ['steps trained', run.steps], ['precision', tr.get('precision')], ['gradient clipping', tr.get('grad_clip')],
-              ['seed', str(tr.get('seed'))]]
+    hub_id, sha = base_model(info)
+    t_rows = [['model', f"{info.get('source', '')} ({info.get('kind', '')}, {info.get('class', '')})"]]
+    if hub_id: t_rows.append(['base model', f"{hub_id} at revision {sha or '?'}"])
+    t_rows += [['task', task], ['optimizer', f"{optim.get('name')} (lr {_fmt(optim.get('lr'))}, weight decay {_fmt(optim.get('weight_decay'))})"],
+               ['schedule', f"{sched.get('name')} (warmup {sched.get('warmup_steps') if sched.get('warmup_steps') is not None else sched.get('warmup_ratio')})"],
+               ['batch', f"{mb} x {ga} accumulation = {mb * ga if mb and ga else '?'} examples per device and step"],
+               ['steps trained', run.steps], ['precision', tr.get('precision')], ['gradient clipping', tr.get('grad_clip')],
+               ['seed', str(tr.get('seed'))]]
     cfg_yaml = yaml.safe_dump(rc, sort_keys=False).strip()
     s.append("## Training configuration\n\n" + _table(['setting', 'value'], t_rows)
              + f"\n\n<details><summary>Full configuration (secrets removed)</summary>\n\n```yaml\n{cfg_yaml}\n```\n\n</details>")
@@ -282,6 +391,8 @@ from .loading import TOKEN_ENV_VARS, colab_secret, hf_token
 
 # %% ../nbs/15_hub.ipynb #175cdcd1
 TRAINING_FILES = ('metrics.jsonl', 'config.yaml', 'env.json')
+MERGED_DIR = 'merged'
+ADAPTER_FILES = ('adapter_config.json', 'adapter_model.safetensors')
 
 def _copy_atomic(src:Path, dst:Path):
     tmp = dst.with_name(dst.name + '.tmp')
@@ -294,30 +405,54 @@ def find_secrets(folder, secrets) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob('*')
                   if p.is_file() and any(n in p.read_bytes() for n in needles))
 
+def _final_files(final:Path, skip=()) -> list[Path]:
+    "The files of `final/` to publish: all but its own manifest, files being written, and `skip`."
+    return [f for f in sorted(final.iterdir()) if f.is_file() and f.name not in ('manifest.json', *skip) and not f.name.endswith('.tmp')]
+
+def _stage_model(run:RunSummary, dst:Path):
+    "The final model into `dst`: weights, tokenizer and data files, nbtrain.json, model.py; config.json with transformers' config on top for a HF model."
+    final = run.final_dir
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in _final_files(final, skip=('config.json',)): _copy_atomic(f, dst/f.name)
+    cfg, model_config = final_config(final)
+    if run.model.get('kind') == 'hf' and model_config:  # transformers reads the top level, nbtrain the 'nbtrain' key
+        pad = getattr(load_tokenizer(final), 'pad_id', None) if (final/'tokenizer.json').is_file() else None
+        top = {**_unredacted(model_config, run.task, str(final/'config.json'), pad), 'architectures': [run.model.get('class')], 'nbtrain': cfg}
+        (dst/'config.json').write_text(json.dumps(top, indent=2, default=str))
+    else: _copy_atomic(final/'config.json', dst/'config.json')
+
+def _stage_adapter(run:RunSummary, dst:Path):
+    "A LoRA run's adapters at the top of `dst` (peft's layout), with nbtrain.json and the tokenizer files, without the merged model."
+    final = run.final_dir
+    for name in ADAPTER_FILES:
+        if not (final/ADAPTER_DIR/name).is_file():
+            raise ModelLoadError(f"{final/ADAPTER_DIR} has no {name}: the LoRA run's adapters are incomplete. Run the training again "
+                                 f"with the same name to write final/ from the newest checkpoint.")
+        _copy_atomic(final/ADAPTER_DIR/name, dst/name)
+    for f in _final_files(final, skip=('config.json', 'model.safetensors', *ADAPTER_FILES)): _copy_atomic(f, dst/f.name)
+
 def stage_repo(run_dir, repo_id:str|None=None, *, revision:str|None=None, folder=None, license:str|None=None,
-               tags=(), token:str|None=None) -> Path:
-    "Write the Hub repository of a run's final model to `folder` (default `run_dir/hub`) and return it."
+               tags=(), token:str|None=None, what:str='auto') -> Path:
+    """Write the Hub repository of a run's final model to `folder` (default `run_dir/hub`) and return it. For a LoRA run,
+    `what` picks the layout (`repo_layout`): the adapters at the top, the merged model, or both (merged in `merged/`)."""
     run = read_run(run_dir)
     final = run.final_dir
-    if not (final/'model.safetensors').is_file(): raise ModelLoadError(f"{final} has no model.safetensors: the final model is incomplete.")
+    layout = repo_layout(run, what)
+    if layout == 'model' and not (final/'model.safetensors').is_file():
+        raise ModelLoadError(f"{final} has no model.safetensors: the final model is incomplete.")
     if run.model.get('kind') == 'file' and not (final/'model.py').is_file():
         raise ModelLoadError(f"{final} holds a file model but no model.py: without its code the weights cannot be used.")
     folder = Path(folder) if folder is not None else run.run_dir/'hub'
     tmp = folder.with_name(folder.name + '.tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp/'training').mkdir(parents=True)
-    for f in sorted(final.iterdir()):  # weights, tokenizer files, model.py: all but config.json (below) and final/'s own manifest
-        if f.is_file() and f.name not in ('config.json', 'manifest.json') and not f.name.endswith('.tmp'): _copy_atomic(f, tmp/f.name)
-    cfg, model_config = final_config(final)
-    if run.model.get('kind') == 'hf' and model_config:  # transformers reads the top level, nbtrain the 'nbtrain' key
-        pad = getattr(load_tokenizer(final), 'pad_id', None) if (final/'tokenizer.json').is_file() else None
-        top = {**_unredacted(model_config, run.task, str(final/'config.json'), pad), 'architectures': [run.model.get('class')], 'nbtrain': cfg}
-        (tmp/'config.json').write_text(json.dumps(top, indent=2, default=str))
-    else: _copy_atomic(final/'config.json', tmp/'config.json')
+    if layout in ('model', 'merged'): _stage_model(run, tmp)
+    else: _stage_adapter(run, tmp)
+    if layout == 'both': _stage_model(run, tmp/MERGED_DIR)
     for f in TRAINING_FILES:
         if (run.run_dir/f).is_file(): _copy_atomic(run.run_dir/f, tmp/'training'/f)
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob('*') if p.is_file()}
-    card = model_card(run, repo_id, revision=revision, files=files, license=license, tags=tags, secrets=[token or ''])
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob('*') if p.is_file()}
+    card = model_card(run, repo_id, revision=revision, files=files, license=license, tags=tags, secrets=[token or ''], what=layout)
     (tmp/'README.md').write_text(card, encoding='utf-8')
     leaks = find_secrets(tmp, secret_values() | {token or ''})
     if leaks:
@@ -404,14 +539,15 @@ def hub_client():
 
 def push_run(run_dir, repo_id:str, *, private:bool=False, revision:str|None=None, tag:str|None=None,
              token:str|None=None, endpoint:str|None=None, message:str|None=None, license:str|None=None, tags=(),
-             attempts:int=4, backoff:float=1.0, log=print) -> PushResult:
-    "Publish the final model of `run_dir` to the Hub repository `repo_id` ('name', 'user/name' or 'org/name')."
+             attempts:int=4, backoff:float=1.0, log=print, what:str='auto') -> PushResult:
+    """Publish the final model of `run_dir` to the Hub repository `repo_id` ('name', 'user/name' or 'org/name'); for a LoRA
+    run `what` picks adapters, merged model or both (`repo_layout`)."""
     hh = hub_client()
     HfApi, CommitOperationAdd = hh.HfApi, hh.CommitOperationAdd
     endpoint, rev = _endpoint(endpoint), revision or 'main'
     token = hf_token(token)
     message = message or _message(run_dir, tag)
-    folder = stage_repo(run_dir, repo_id, revision=tag or revision, license=license, tags=tags, token=token)
+    folder = stage_repo(run_dir, repo_id, revision=tag or revision, license=license, tags=tags, token=token, what=what)
     step = 'start'
     def fail(why:str, cause=None):
         cmds = upload_commands(folder, repo_id, revision=revision, tag=tag, private=private, endpoint=endpoint, message=message)
@@ -451,17 +587,51 @@ def push_run(run_dir, repo_id:str, *, private:bool=False, revision:str|None=None
     return res
 
 # %% ../nbs/15_hub.ipynb #94d15cda
-def load_from_hub(repo_id:str, revision:str|None=None, *, token:str|None=None, endpoint:str|None=None,
-                  cache_dir=None, trust_code:bool=False, device='cpu') -> FinalModel:
-    "Download `repo_id` at `revision` and rebuild its model with nbtrain's loaders."
-    snapshot_download = hub_client().snapshot_download
+def _download(repo_id:str, revision:str|None, *, token, endpoint, cache_dir, **kw) -> Path:
     try:
-        path = snapshot_download(repo_id, revision=revision, token=hf_token(token), endpoint=_endpoint(endpoint),
-                                 cache_dir=cache_dir, ignore_patterns=['training/*'])
+        return Path(hub_client().snapshot_download(repo_id, revision=revision, token=hf_token(token), endpoint=_endpoint(endpoint),
+                                                   cache_dir=cache_dir, **kw))
     except Exception as e:
         hint = (" It may be private: set HF_TOKEN to a token that can read it." if _status(e) in (401, 403, 404) else '')
         raise HubError(f"Could not download {repo_id}@{revision or 'main'}: {_brief(e)}.{hint}") from e
-    return load_final(path, trust_code=trust_code, device=device)
+
+def _base_with_adapters(folder:Path, *, token=None, endpoint=None, cache_dir=None, device='cpu') -> FinalModel:
+    "An adapter repository's model: its base downloaded at the commit the run started from, with the adapters put in (not merged)."
+    from nbtrain.lora import load_adapter
+    if not (folder/'nbtrain.json').is_file():
+        raise HubError(f"{folder} holds LoRA adapters that nbtrain did not publish (no nbtrain.json): load them with "
+                       f"peft.PeftModel.from_pretrained(<their base model>, <repository id>).")
+    cfg, model_config = final_config(folder)
+    info, task = cfg.get('model') or {}, cfg.get('task') or None
+    hub_id, sha = base_model(info)
+    if hub_id:
+        base = _download(hub_id, sha, token=token, endpoint=endpoint, cache_dir=cache_dir, allow_patterns=list(HUB_FILES))
+        if not any(base.glob('*.safetensors')):  # an older repository: PyTorch's pickled weights only
+            base = _download(hub_id, sha, token=token, endpoint=endpoint, cache_dir=cache_dir, allow_patterns=[*HUB_FILES, '*.bin'])
+    elif Path(str(info.get('source', ''))).is_dir(): base = Path(info['source'])  # a local base, still on this machine
+    else:
+        raise HubError(f"{folder} holds LoRA adapters for a base that was a local folder ({info.get('source', '?')}), not a Hub "
+                       f"model, and it is not here: load them with peft.PeftModel.from_pretrained(<that model>, <repository id>).")
+    labels = (model_config or {}).get('num_labels') if task in CLASSIFY_TASKS else None
+    m = load_hf_model(base, task=task, num_labels=labels).module
+    vocab = (model_config or {}).get('vocab_size')
+    if isinstance(vocab, int) and vocab != getattr(m.config, 'vocab_size', vocab): m.resize_token_embeddings(vocab)  # model.resize_embeddings
+    load_adapter(m, folder)
+    tok = load_tokenizer(folder) if (folder/'tokenizer.json').is_file() else None
+    return FinalModel(m.to(device).eval(), tok, cfg.get('task', ''), 'hf', cfg, folder)
+
+def load_from_hub(repo_id:str, revision:str|None=None, *, token:str|None=None, endpoint:str|None=None,
+                  cache_dir=None, trust_code:bool=False, device='cpu', merged:bool|None=None) -> FinalModel:
+    """Download `repo_id` at `revision` and rebuild its model with nbtrain's loaders. For a LoRA repository, `merged`
+    picks the merged model (`merged/`; None: when there is one) or, with `merged=False`, the base with the adapters put in."""
+    path = _download(repo_id, revision, token=token, endpoint=endpoint, cache_dir=cache_dir,
+                     ignore_patterns=['training/*', *([f'{MERGED_DIR}/*'] if merged is False else [])])
+    if not (path/'adapter_config.json').is_file():
+        if merged is False: raise HubError(f"{repo_id}@{revision or 'main'} holds no LoRA adapters: load it with merged=None.")
+        return load_final(path, trust_code=trust_code, device=device)
+    if merged is not False and is_final_folder(path/MERGED_DIR): return load_final(path/MERGED_DIR, trust_code=trust_code, device=device)
+    if merged: raise HubError(f"{repo_id}@{revision or 'main'} holds LoRA adapters without a merged model: load them on their base with merged=None.")
+    return _base_with_adapters(path, token=token, endpoint=endpoint, cache_dir=cache_dir, device=device)
 
 # %% ../nbs/15_hub.ipynb #6e6122fc
 class PushCommand:
@@ -478,12 +648,14 @@ class PushCommand:
         p.add_argument('--license', metavar='ID', help="license in the model card (e.g. apache-2.0)")
         p.add_argument('--endpoint', metavar='URL', help='Hub URL (default $HF_ENDPOINT or huggingface.co)')
         p.add_argument('--attempts', type=int, default=4, metavar='N', help='tries per request on network errors (default 4)')
+        p.add_argument('--what', choices=WHAT, default='auto', help="a LoRA run's repository: 'adapter' (the adapters), 'merged' "
+                       "(the merged model), 'both' (adapters on top, merged model in merged/); default both when there is a merged model")
         p.add_argument('--dry-run', action='store_true', help='only write the ready-to-upload folder (run/hub)')
 
     def run(self, args, overrides) -> int:
         if overrides: raise ConfigError(f"nbtrain push takes no config overrides; got {' '.join(overrides)}")
         if args.dry_run:
-            folder = stage_repo(args.run, args.repo, revision=args.tag or args.revision, license=args.license)
+            folder = stage_repo(args.run, args.repo, revision=args.tag or args.revision, license=args.license, what=args.what)
             print(f"ready to upload: {folder}")
             for c in upload_commands(folder, args.repo, revision=args.revision, tag=args.tag, private=args.private,
                                      endpoint=_endpoint(args.endpoint), message=args.message or _message(args.run, args.tag)):
@@ -491,7 +663,7 @@ class PushCommand:
             return 0
         try:
             r = push_run(args.run, args.repo, private=args.private, revision=args.revision, tag=args.tag,
-                         endpoint=args.endpoint, message=args.message, license=args.license, attempts=args.attempts)
+                         endpoint=args.endpoint, message=args.message, license=args.license, attempts=args.attempts, what=args.what)
         except PushError as e:
             print(f"nbtrain push: {e}", file=sys.stderr)
             return 1

@@ -173,3 +173,18 @@ def test_hugging_face_model_loads_with_transformers_too(hub, tmp_path):
         tf = AutoModelForCausalLM.from_pretrained(snapshot_download('acme/gpt2ish', revision='v1', endpoint=hub.url, cache_dir=tmp_path/'c'))
         assert torch.allclose(tf.eval()(x).logits, want, atol=1e-5)
         assert torch.equal(load_from_hub('acme/gpt2ish', 'v1', endpoint=hub.url, cache_dir=tmp_path/'c').module(x).logits, want)
+
+
+def test_a_card_names_the_hub_base_and_its_commit(tmp_path):
+    from nbtrain.hub import RunSummary, model_card
+    sha = '9a8b7c6d' + '0' * 32
+    info = {'kind': 'hf', 'class': 'GPT2LMHeadModel', 'source': 'org/base', 'hub_id': 'org/base', 'revision': sha,
+            'requested_revision': 'v2', 'auto_class': 'AutoModelForCausalLM', 'n_params': 1000}
+    run = RunSummary(tmp_path, {'model': info, 'task': 'causal_lm', 'run_config': {'name': 'ft'}})
+    card = model_card(run, 'acme/ft', secrets=[TOKEN])
+    meta = yaml.safe_load(card.split('---\n')[1])
+    assert (meta['library_name'], meta['base_model'], meta['base_model_relation']) == ('nbtrain', 'org/base', 'finetune')
+    assert 'lora' not in meta['tags'] and '## LoRA adapters' not in card
+    assert f"Fine-tuned from [`org/base`](https://huggingface.co/org/base) at revision [`{sha}`]" in card
+    assert "(the commit `v2` pointed to when training started)" in card and f"org/base at revision {sha}" in card
+    assert "AutoModelForCausalLM.from_pretrained('acme/ft')" in card
