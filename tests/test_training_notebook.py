@@ -112,3 +112,30 @@ def test_run_again_after_a_disconnect_resumes(tmp_path, monkeypatch):
     assert steps[0] < cut_at  # the rows of the first session are kept
     ids = wandb_ids(run)
     assert set(ids) == set(first_id), ids  # the W&B run goes on under the same id
+
+@pytest.mark.slow
+def test_fine_tunes_a_hub_model_with_lora_from_the_form(tmp_path, monkeypatch):
+    "model='hf:org/name' (a stand-in Hub on 127.0.0.1) and lora=True: the form trains adapters; final/adapter is peft's format."
+    pytest.importorskip('peft')
+    from huggingface_hub import HfApi
+    from hubserver import HubServer
+    from test_finetune_template import tiny_gpt2_with_tokenizer
+    tiny_gpt2_with_tokenizer(tmp_path/'upload')
+    token = 'hf_training_token_0123456789'
+    with HubServer(tokens={token: 'alice'}) as hub:
+        api = HfApi(endpoint=hub.url, token=token)
+        api.create_repo('alice/tiny-gpt2')
+        api.upload_folder(repo_id='alice/tiny-gpt2', folder_path=str(tmp_path/'upload'))
+        monkeypatch.setenv('HF_ENDPOINT', hub.url)
+        monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path/'hf-cache'))
+        monkeypatch.setenv('HF_HUB_DISABLE_TELEMETRY', '1')
+        monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+        nb = run_notebook(tmp_path, monkeypatch, model='hf:alice/tiny-gpt2', lora=True, use_wandb=False, max_steps=4,
+                          overrides={**TINY, 'train.eval_every': 4, 'checkpoint.every_steps': 2, 'data.seq_len': 64})
+    run = tmp_path/'drive'/'nbtrain'/'runs'/'my-run'
+    assert (run/'final'/'adapter'/'adapter_config.json').is_file() and (run/'final'/'adapter'/'adapter_model.safetensors').is_file()
+    info = json.loads((run/'model.json').read_text())
+    assert info['hub_id'] == 'alice/tiny-gpt2' and info['lora']
+    text = outputs_text(nb)
+    assert "model.name='hf', model.path='alice/tiny-gpt2'" in text and "'enabled': True" in text
+    assert 'LoRA on (your choice): tiny-gpt2 has' in text
