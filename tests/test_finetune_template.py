@@ -69,7 +69,7 @@ def test_lora_fine_tune_of_a_hub_model_compared_and_pushed(tmp_path, monkeypatch
 
         # the same notebook without a token: the finished run is read back, the push is skipped with the reason
         nb2 = run(tmp_path, monkeypatch, hub, None, model_id='alice/tiny-gpt2', run_name='ft', hub_repo='tiny-gpt2-lora')
-        assert 'Not pushed: no Hugging Face token' in printed(nb2, 'token = hf_token()')
+        assert 'Not pushed: no Hugging Face token' in printed(nb2, 'if not hub_repo')
     adapter = run_dir/'final'/'adapter'
     assert (adapter/'adapter_config.json').is_file() and (adapter/'adapter_model.safetensors').is_file()
     assert json.loads((adapter/'adapter_config.json').read_text())['base_model_name_or_path'] == 'alice/tiny-gpt2'
@@ -83,6 +83,6 @@ def test_lora_fine_tune_of_a_hub_model_compared_and_pushed(tmp_path, monkeypatch
     assert {'adapter_config.json', 'adapter_model.safetensors', 'README.md'} <= set(pushed), sorted(pushed)
     assert pushed['adapter_model.safetensors'] == (adapter/'adapter_model.safetensors').read_bytes()
     assert b'base_model: alice/tiny-gpt2' in pushed['README.md'] and commit.encode() in pushed['README.md']
-    assert 'Pushed ' in printed(nb, 'token = hf_token()')
+    assert 'alice/tiny-gpt2-lora: ' in printed(nb, 'if not hub_repo')
     leaked = [str(p) for p in tmp_path.rglob('*') if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert not leaked, leaked
