@@ -269,17 +269,18 @@ def _base_text(info:dict) -> str|None:
     when = f" (the commit `{asked}` pointed to when training started)" if sha and asked != sha else ''
     return f"Fine-tuned from [`{hub_id}`]({HUB_URL}/{hub_id}){at}{when}."
 
-def _peft_snippet(repo_id:str, revision:str|None, task:str, info:dict, model_config:dict|None, layout:str) -> str:
-    "How to load an adapter repository: peft on its base at the pinned commit, the merged model, or nbtrain."
+def _peft_snippet(repo_id:str, revision:str|None, task:str, info:dict, model_config:dict|None, layout:str, tokenizer:bool=False) -> str:
+    "How to load an adapter repository: peft on its base at the pinned commit, the merged model, or nbtrain; `tokenizer`: transformers reads the tokenizer files at its top."
     hub_id, sha = base_model(info)
     auto = info.get('auto_class') or 'AutoModelForCausalLM'
     rev = f", revision={revision!r}" if revision else ''
     labels = (model_config or {}).get('num_labels') if task in CLASSIFY_TASKS else None
     base_args = (repr(hub_id) + (f", revision={sha!r}" if sha else '') if hub_id else 'BASE') + (f", num_labels={labels}" if labels else '')
-    lines = ["# pip install peft transformers", f"from transformers import {auto}", "from peft import PeftModel", ""]
+    lines = ["# pip install peft transformers", f"from transformers import {auto}{', AutoTokenizer' if tokenizer else ''}", "from peft import PeftModel", ""]
     if not hub_id:
         lines.append(f"BASE = ...  # the pretrained model it was trained from: a local folder ({Path(str(info.get('source', '?'))).name}), not a Hub id")
     lines += [f"base = {auto}.from_pretrained({base_args})", f"model = PeftModel.from_pretrained(base, {repo_id!r}{rev})"]
+    if tokenizer: lines.append(f"tokenizer = AutoTokenizer.from_pretrained({repo_id!r}{rev})  # the tokenizer the run used")
     text = ("```python\n" + '\n'.join(lines) + "\n```\n\nThe adapters are at the top of this repository in peft's own format "
             "(`adapter_config.json`, `adapter_model.safetensors`). They fit one base only: "
             + (f"`{hub_id}` at the commit above, which `revision` pins." if hub_id else "the same pretrained weights the run started from."))
@@ -346,7 +347,8 @@ def model_card(run:RunSummary, repo_id:str|None=None, *, revision:str|None=None,
                     f"{_fmt(lo.get('trainable_params'))} parameters, {_share(lo)} of the base's {_fmt(lo.get('base_params'))}. {holds}")
     if headline_metrics(run):
         head.append("Final evaluation: " + ', '.join(f"{metric_name(k).lower()} {_fmt(v)}" for k, v in headline_metrics(run).items()) + '.')
-    how = (_peft_snippet(repo_id, revision, task, info, run.final.get('model_config'), layout) if layout in ('adapter', 'both')
+    how = (_peft_snippet(repo_id, revision, task, info, run.final.get('model_config'), layout, 'tokenizer_config.json' in (files or {}))
+           if layout in ('adapter', 'both')
            else _load_snippet(repo_id, revision, info.get('kind', ''), task, info, data.get('tokenizer')))
     s = ['\n'.join(head), "## How to load it\n\n" + how]
     if lo: s.append("## LoRA adapters\n\n" + _table(['setting', 'value'], _lora_rows(lo, layout)))
@@ -588,9 +590,10 @@ def push_run(run_dir, repo_id:str, *, private:bool=False, revision:str|None=None
 
 # %% ../nbs/15_hub.ipynb #94d15cda
 def _download(repo_id:str, revision:str|None, *, token, endpoint, cache_dir, **kw) -> Path:
+    snapshot_download = hub_client().snapshot_download  # outside the try: a missing client names its extra
     try:
-        return Path(hub_client().snapshot_download(repo_id, revision=revision, token=hf_token(token), endpoint=_endpoint(endpoint),
-                                                   cache_dir=cache_dir, **kw))
+        return Path(snapshot_download(repo_id, revision=revision, token=hf_token(token), endpoint=_endpoint(endpoint),
+                                      cache_dir=cache_dir, **kw))
     except Exception as e:
         hint = (" It may be private: set HF_TOKEN to a token that can read it." if _status(e) in (401, 403, 404) else '')
         raise HubError(f"Could not download {repo_id}@{revision or 'main'}: {_brief(e)}.{hint}") from e
@@ -615,7 +618,11 @@ def _base_with_adapters(folder:Path, *, token=None, endpoint=None, cache_dir=Non
     labels = (model_config or {}).get('num_labels') if task in CLASSIFY_TASKS else None
     m = load_hf_model(base, task=task, num_labels=labels).module
     vocab = (model_config or {}).get('vocab_size')
-    if isinstance(vocab, int) and vocab != getattr(m.config, 'vocab_size', vocab): m.resize_token_embeddings(vocab)  # model.resize_embeddings
+    if isinstance(vocab, int) and vocab != getattr(m.config, 'vocab_size', vocab):  # the run grew the embeddings (model.resize_embeddings)
+        if not (info.get('lora') or {}).get('modules_to_save'):
+            raise HubError(f"{folder}: the run grew the base's embeddings to {vocab:,} rows (model.resize_embeddings) and the new rows "
+                           f"are not in the adapters: load the merged model instead (pushed with what='both' or 'merged').")
+        m.resize_token_embeddings(vocab)
     load_adapter(m, folder)
     tok = load_tokenizer(folder) if (folder/'tokenizer.json').is_file() else None
     return FinalModel(m.to(device).eval(), tok, cfg.get('task', ''), 'hf', cfg, folder)

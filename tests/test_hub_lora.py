@@ -23,14 +23,14 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 def tiny_gpt2(seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=128, n_positions=64,
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=264, n_positions=64,
                                       bos_token_id=0, eos_token_id=0)).eval()
 
 
-def lora_run(run_dir, base='org/base', revision='0' * 40, *, merged=True, seed=0) -> Path:
+def lora_run(run_dir, base='org/base', revision='0' * 40, *, merged=True, seed=0, tokenizer=False) -> Path:
     """A LoRA run's folder as the trainer writes it: `final/adapter/` in peft's format, the merged model with its own
     config.json when `merged`, and nbtrain.json whose model info names the Hub base and its commit. The base is
-    `tiny_gpt2(seed)`; random adapters stand in for trained ones."""
+    `tiny_gpt2(seed)`; random adapters stand in for trained ones. `tokenizer`: a BPE tokenizer too (transformers reads it)."""
     from safetensors.torch import save_model
     from nbtrain.lora import apply_lora, base_fingerprint, merged_state_dict, save_adapter
     run_dir = Path(run_dir)
@@ -54,6 +54,9 @@ def lora_run(run_dir, base='org/base', revision='0' * 40, *, merged=True, seed=0
           'lora': {'enabled': True, 'r': 4, 'alpha': 8.0, 'dropout': 0.0, 'target_modules': 'auto'},
           'data': {'source': 'embedded', 'tokenizer': 'char', 'seq_len': 32},
           'optim': {'name': 'adamw', 'lr': 1e-3, 'weight_decay': 0.0}, 'train': {'max_steps': 3, 'micro_batch_size': 4, 'grad_accum': 1, 'seed': 0}}
+    if tokenizer:
+        from nbtrain.tokenizer import BPETokenizer
+        BPETokenizer.train(['once upon a time there was a cat'] * 20, vocab_size=264).save(final)
     (final/'nbtrain.json').write_text(json.dumps({'model': info, 'model_config': config, 'task': 'causal_lm', 'run_config': rc}, indent=2))
     (run_dir/'model.json').write_text(json.dumps(info, indent=2))
     (run_dir/'config.yaml').write_text(yaml.safe_dump(rc, sort_keys=False))
@@ -97,16 +100,16 @@ def no_token_anywhere(hub, files, staged):
 def test_lora_run_pushes_an_adapter_repository_that_peft_loads(hub, tmp_path):
     from huggingface_hub import snapshot_download
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from nbtrain.hub import load_from_hub, push_run
     sha = 'c0ffee' + '1' * 34
-    run = lora_run(tmp_path/'tiny-lora', revision=sha)
+    run = lora_run(tmp_path/'tiny-lora', revision=sha, tokenizer=True)
     r = push_run(run, 'acme/tiny-lora', tag='v1', endpoint=hub.url, log=None)
     files = hub.state.files('acme/tiny-lora', 'v1')
     final = run/'final'
     assert set(files) == {'.gitattributes', 'README.md', 'adapter_config.json', 'adapter_model.safetensors', 'nbtrain.json',
-                          'training/metrics.jsonl', 'training/config.yaml', 'training/env.json',
-                          'merged/model.safetensors', 'merged/config.json', 'merged/nbtrain.json'}
+                          'tokenizer.json', 'tokenizer_config.json', 'training/metrics.jsonl', 'training/config.yaml', 'training/env.json',
+                          'merged/model.safetensors', 'merged/config.json', 'merged/nbtrain.json', 'merged/tokenizer.json', 'merged/tokenizer_config.json'}
     for f in ('adapter_config.json', 'adapter_model.safetensors'): assert files[f] == (final/'adapter'/f).read_bytes(), f
     assert files['merged/model.safetensors'] == (final/'model.safetensors').read_bytes()
     assert json.loads(files['adapter_config.json'])['base_model_name_or_path'] == 'org/base'
@@ -122,6 +125,7 @@ def test_lora_run_pushes_an_adapter_repository_that_peft_loads(hub, tmp_path):
     assert f"base = AutoModelForCausalLM.from_pretrained('org/base', revision='{sha}')" in body
     assert "model = PeftModel.from_pretrained(base, 'acme/tiny-lora', revision='v1')" in body
     assert "from_pretrained('acme/tiny-lora', subfolder='merged', revision='v1')" in body
+    assert "tokenizer = AutoTokenizer.from_pretrained('acme/tiny-lora', revision='v1')" in body
     lo = json.loads((final/'nbtrain.json').read_text())['model']['lora']
     assert f"| rank r | 4 |" in body and f"{lo['trainable_params']:,} of {lo['base_params']:,} ({lo['trainable_fraction']:.2%})" in body
     no_token_anywhere(hub, files, r.folder)
@@ -137,6 +141,8 @@ def test_lora_run_pushes_an_adapter_repository_that_peft_loads(hub, tmp_path):
         assert torch.allclose(tf(x).logits, want, atol=1e-5)
         back = load_from_hub('acme/tiny-lora', 'v1', endpoint=hub.url, cache_dir=tmp_path/'c2')  # nbtrain takes merged/
         assert back.folder.name == 'merged' and torch.allclose(back.module(x).logits, want, atol=1e-5)
+    text = 'once upon a time'
+    assert AutoTokenizer.from_pretrained(folder)(text)['input_ids'] == back.tokenizer.encode(text)
 
 
 def test_adapters_alone_load_on_the_base_at_its_pinned_commit(hub, tmp_path):
