@@ -353,7 +353,8 @@ def _read_hub_model(self:TrainForm):
     nw, pw = self.fields['model.name'], self.fields['model.path']
     name, path = nw.value, pw.value.strip()
     if name == 'file' and path[:3].lower() != 'hf:': return  # a file model's folder may read like org/name
-    hub, why = parse_hub_model(path)
+    here = Path(path).expanduser().exists()
+    hub, why = parse_hub_model(path, strict=name == 'hf' and not here)  # for hf, an org/name that is no folder here must be an id
     if why: raise ConfigError(f"model.path: {why}")
     if hub is None or (name == 'hf' and path == hub): return
     was, self._loading = self._loading, True
