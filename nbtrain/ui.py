@@ -329,9 +329,9 @@ def _ready_text(self:TrainForm, cfg:RunConfig) -> str:
     elif run.finished: what = f"Run '{cfg.name}' has finished: Train reloads it and stops at once; raise train.max_steps to train on"
     elif run.checkpoint_step is not None: what = f"Train resumes run '{cfg.name}' ({run.status})"
     else: what = f"Run '{cfg.name}' has no checkpoint yet: Train starts it again"
-    model = f'hf:{cfg.model.path}' if cfg.model.name == 'hf' else cfg.model.name
+    model = f'{cfg.model.path} ({cfg.task.name})' if cfg.model.name == 'hf' else f'{cfg.model.name}/{cfg.task.name}'
     lora = f' with LoRA (r={cfg.lora.r})' if cfg.lora.enabled else ''
-    return (f"{what}: {model}/{cfg.task.name}{lora} on {cfg.data.source}, {stop}, effective batch "
+    return (f"{what}: {model}{lora} on {cfg.data.source}, {stop}, effective batch "
             f"{t.micro_batch_size * t.grad_accum}, lr {cfg.optim.lr:g}.")
 
 @patch
