@@ -242,6 +242,10 @@ class ModelConfig(Section):
         for f in ('name', 'path'):  # a Hub model named as hf:org/name, in either field
             v = getattr(self, f)
             if isinstance(v, str) and v.startswith('hf:') and len(v) > 3: self.name, self.path = 'hf', v[3:]
+        p = self.path
+        if self.name not in ('file', 'hf') and isinstance(p, str) and re.fullmatch(r'[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*', p) \
+           and not Path(p).expanduser().exists():
+            self.name = 'hf'  # model.path org/name alone: a Hub model, not a reference model that would ignore the path
         super().__post_init__()
 
     def check(self):
