@@ -18,7 +18,7 @@ from .registry import MODELS, TASKS, OPTIMIZERS, SCHEDULERS, TRACKERS
 __all__ = ['SECRET_ENV_VARS', 'REDACTED', 'ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SHORTCUTS', 'remember_secrets',
            'secret_values', 'secrets_in', 'redact', 'redact_argv', 'opt', 'Section', 'Registered', 'ModelConfig',
            'TaskConfig', 'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig',
-           'TrackingConfig', 'MonitorConfig', 'LoraConfig', 'RunConfig', 'deep_merge', 'read_config_file',
+           'TrackingConfig', 'MonitorConfig', 'LoraConfig', 'EvalConfig', 'RunConfig', 'deep_merge', 'read_config_file',
            'parse_overrides', 'dotted_to_nested', 'nested_to_dotted', 'load_config', 'save_config', 'describe_fields']
 
 # %% ../nbs/02_config.ipynb #4bbaac75
@@ -297,6 +297,13 @@ class DataConfig(Section):
     normalize: str = opt('data', "Pixel normalisation: statistics of the training images, or a preset", choices=['data', 'imagenet', 'cifar', 'symmetric', 'none'])
     augment: bool = opt(False, "Random flips and crops of training images")
     pack: bool = opt(True, "Pack documents into full blocks for language modelling (False: one document per row)")
+    format: str = opt('text', "What a causal_lm example is: text, prompt_response (an instruction and its answer) or chat (role/content messages)", choices=['text', 'prompt_response', 'chat'])
+    prompt_column: str|None = opt(None, "prompt_response: the column holding the prompt (None: found by name: prompt, instruction (+ input), question)")
+    response_column: str|None = opt(None, "prompt_response: the column holding the answer (None: found by name: response, output, answer, completion)")
+    messages_column: str|None = opt(None, "chat: the column holding the messages (None: found by name: messages, conversations)")
+    chat_template: str|None = opt(None, "chat and prompt_response: a Jinja chat template (None: the tokenizer's own, else nbtrain's plain documented template)")
+    train_on_prompt: bool = opt(False, "prompt_response and chat: the loss also covers the prompt (False: only the responses)")
+    long_examples: str = opt('truncate', "An example longer than data.seq_len: truncate it (a conversation loses its oldest turns) or refuse the data", choices=['truncate', 'refuse'])
     cache: bool = opt(True, "Cache tokenization and trained tokenizers between runs")
     cache_dir: str|None = opt(None, "Cache folder (None: $NBTRAIN_CACHE_DIR, else output_dir/.cache on Drive, else ~/.cache/nbtrain)")
     num_workers: int = opt(0, "DataLoader worker processes", ge=0)
@@ -376,6 +383,7 @@ class CheckpointConfig(Section):
     mirror_slots: int = opt(2, "Checkpoint slots reused in the mirror (bounded disk use)", ge=2)
     async_save: bool = opt(True, "Write checkpoints in a background thread (the loop only copies state to host memory)")
     on_error: str = opt('raise', "A failed save stops training ('raise') or warns and goes on ('warn')", choices=['raise', 'warn'])
+    final: str = opt('auto', "Which weights final/, the push and the exports get: best (the best checkpoint on `monitor`), last, or auto (best when `monitor` is evaluated)", choices=['auto', 'best', 'last'])
     resume: str = opt('auto', "'auto' (the newest usable checkpoint of this run, else step 0 with a line saying why), 'must' (resume or refuse, never start over), 'never', or a checkpoint / run folder path")
     take_over: bool = opt(False, "Train in a run folder whose lock another session holds (set it when that session is known to be gone)")
 
@@ -440,10 +448,24 @@ class LoraConfig(Section):
             raise ConfigError(f"lora.quantize={self.quantize!r} quantizes the frozen base of a LoRA run: set lora.enabled true as well "
                               f"(or lora.quantize none)")
 
+# %% ../nbs/02_config.ipynb #5cedc207
+@dataclass
+class EvalConfig(Section):
+    _name = 'eval'
+    samples: bool = opt(True, "Language models: decode a few prompts at every evaluation (samples.jsonl, the dashboard, trackers)")
+    sample_prompts: list[str]|None = opt(None, "The prompts to continue (None: the starts of a few validation examples)")
+    num_samples: int = opt(3, "How many prompts when they come from the validation data", ge=1)
+    sample_max_new_tokens: int = opt(48, "Tokens generated per sample", ge=1)
+    sample_temperature: float = opt(0.8, "Sampling temperature (0: greedy)", ge=0.0)
+    sample_top_k: int|None = opt(50, "Sample from the k most likely tokens (None: all)", ge=1)
+    sample_top_p: float|None = opt(0.95, "Sample from the smallest set of tokens whose probability reaches p (None: off)", gt=0.0, le=1.0)
+    sample_seed: int = opt(0, "Seed of the sampling, so that samples at different steps compare", ge=0)
+    test_at_end: bool = opt(True, "Evaluate the test split (when there is one) with the final weights at the end: test_* metrics")
+
 # %% ../nbs/02_config.ipynb #21276b30
 _SECTIONS = dict(model=ModelConfig, task=TaskConfig, data=DataConfig, optim=OptimConfig, schedule=ScheduleConfig,
                  train=TrainConfig, checkpoint=CheckpointConfig, monitor=MonitorConfig, tracking=TrackingConfig,
-                 lora=LoraConfig)
+                 lora=LoraConfig, eval=EvalConfig)
 
 @dataclass
 class RunConfig:
@@ -458,6 +480,7 @@ class RunConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = 'runs'
     name: str|None = None
     preset: str|None = None
