@@ -16,9 +16,9 @@ from .errors import TaskError
 
 # %% auto #0
 __all__ = ['SIZES', 'ModelOutputError', 'ModelOutput', 'unwrap_model', 'call_model', 'TransformerConfig', 'make_config',
-           'SelfAttention', 'MLP', 'Block', 'Trunk', 'attn_mask', 'init_weights', 'ReferenceModel', 'TextConfig',
-           'TextTransformer', 'GPTConfig', 'GPT', 'EncoderConfig', 'EncoderClassifier', 'ViTConfig', 'ViT',
-           'get_reference']
+           'KVCache', 'SelfAttention', 'MLP', 'Block', 'Trunk', 'attn_mask', 'init_weights', 'ReferenceModel',
+           'TextConfig', 'TextTransformer', 'GPTConfig', 'GPT', 'EncoderConfig', 'EncoderClassifier', 'ViTConfig',
+           'ViT', 'get_reference']
 
 # %% ../nbs/05_models.ipynb #c1cc5569
 class ModelOutputError(TaskError, TypeError):
@@ -134,6 +134,36 @@ def make_config(config_cls, config=None, size:str|None=None, **overrides):
                                              f"Settings: {format_choices(names)}.")
     return config_cls(**{**base, **overrides})
 
+# %% ../nbs/05_models.ipynb #e2f357c8
+class KVCache:
+    "Keys and values of every layer for the positions a decoder has seen, in tensors allocated once for `max_len` positions."
+    def __init__(self, n_layer:int, max_len:int):
+        self.n_layer, self.max_len, self.pos = n_layer, max_len, 0  # pos: positions filled (the next one's index)
+        self.k = self.v = None  # (n_layer, B, H, max_len, D), made on the first update with its batch, device and dtype
+
+    def update(self, layer:int, k:Tensor, v:Tensor) -> tuple[Tensor, Tensor]:
+        "Write `layer`'s keys and values (B, H, T, D) of the new positions; returns that layer's keys and values so far."
+        B, H, T, D = k.shape
+        end = self.pos + T
+        if end > self.max_len:
+            raise TaskError(f"The KV cache holds {self.pos} positions and {T} more would pass its max_len={self.max_len}: "
+                            f"start a new cache (or cut the context to the last {self.max_len} tokens).")
+        if self.k is None or self.k.shape[1:3] != (B, H) or self.k.shape[-1] != D or self.k.dtype != k.dtype or self.k.device != k.device:
+            if self.pos: raise TaskError(f"The KV cache was filled with a batch of {self.k.shape[1]} and is now given {B} rows: use one cache per batch.")
+            self.k = k.new_zeros(self.n_layer, B, H, self.max_len, D)
+            self.v = torch.zeros_like(self.k)
+        self.k[layer, :, :, self.pos:end], self.v[layer, :, :, self.pos:end] = k, v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def causal_mask(self, T:int, device=None) -> Tensor:
+        "SDPA mask of `T` new queries over every key: query i (at position pos+i) sees keys 0..pos+i."
+        return torch.ones(T, self.pos + T, dtype=torch.bool, device=device).tril(diagonal=self.pos)
+
+    def advance(self, T:int): self.pos += T
+    def reset(self): self.pos = 0
+    def __len__(self): return self.pos
+    def __repr__(self): return f"KVCache({self.pos}/{self.max_len} positions, {self.n_layer} layers)"
+
 # %% ../nbs/05_models.ipynb #597105ff
 class SelfAttention(nn.Module):
     "Multi-head self-attention with a fused QKV projection and SDPA."
@@ -144,11 +174,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(c.d_model, c.d_model, bias=c.bias)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x:Tensor, mask:Tensor|None=None) -> Tensor:
+    def forward(self, x:Tensor, mask:Tensor|None=None, cache:KVCache|None=None, layer:int=0) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).transpose(1, 3).unbind(2)  # (B, H, T, D) each
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0,
-                                           is_causal=self.causal and mask is None)
+        causal = self.causal and mask is None
+        if cache is not None:  # decoding: attend to the cached positions and these T new ones
+            past = cache.pos
+            k, v = cache.update(layer, k, v)
+            if past and T > 1: mask, causal = cache.causal_mask(T, x.device), False
+            elif T == 1: causal = False  # one new query sees every key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0, is_causal=causal)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
 class MLP(nn.Module):
@@ -165,8 +200,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(c.d_model, bias=c.bias), SelfAttention(c, causal)
         self.ln2, self.mlp = nn.LayerNorm(c.d_model, bias=c.bias), MLP(c)
-    def forward(self, x, mask=None):
-        x = x + self.attn(self.ln1(x), mask)
+    def forward(self, x, mask=None, cache=None, layer:int=0):
+        x = x + self.attn(self.ln1(x), mask, cache, layer)
         return x + self.mlp(self.ln2(x))
 
 class Trunk(nn.Module):
@@ -176,11 +211,11 @@ class Trunk(nn.Module):
         self.blocks = nn.ModuleList(Block(c, causal) for _ in range(c.n_layer))
         self.ln_f = nn.LayerNorm(c.d_model, bias=c.bias)
         self.gradient_checkpointing = False
-    def forward(self, x, mask=None):
-        for b in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+    def forward(self, x, mask=None, cache=None):
+        for i, b in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(b, x, mask, use_reentrant=False)
-            else: x = b(x, mask)
+            else: x = b(x, mask) if cache is None else b(x, mask, cache, i)
         return self.ln_f(x)
 
 # %% ../nbs/05_models.ipynb #6fd8183e
@@ -247,12 +282,26 @@ class TextTransformer(ReferenceModel):
         self.drop = nn.Dropout(c.dropout)
         self.trunk = Trunk(c, causal=self.causal)
 
-    def hidden(self, input_ids:Tensor, attention_mask:Tensor|None=None) -> Tensor:
-        "Final hidden states, (B, T, d_model)."
+    def hidden(self, input_ids:Tensor, attention_mask:Tensor|None=None, cache:KVCache|None=None) -> Tensor:
+        "Final hidden states, (B, T, d_model); with a `cache`, of the positions after those it holds (which it then holds too)."
         T = input_ids.shape[1]
+        if cache is not None: return self._cached(input_ids, attention_mask, cache)
         self._check_len(T)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb.weight[:T])
         return self.trunk(x, None if attention_mask is None else attn_mask(attention_mask, causal=self.causal))
+
+    def _cached(self, input_ids, attention_mask, cache:KVCache) -> Tensor:
+        if not self.causal: raise TaskError(f"{type(self).__name__} attends both ways: a KV cache only serves a causal decoder.")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise TaskError("A KV cache decodes unpadded rows: leave attention_mask out (or generate one prompt at a time).")
+        T, start = input_ids.shape[1], cache.pos
+        if start + T > self.config.max_seq_len:
+            raise TaskError(f"The cache holds {start} positions and {T} more exceed the model's max_seq_len={self.config.max_seq_len}: "
+                            f"start a new cache with at most the last {self.config.max_seq_len} tokens.")
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb.weight[start:start + T])
+        x = self.trunk(x, None, cache)
+        cache.advance(T)
+        return x
 
 @dataclass
 class GPTConfig(TextConfig):
@@ -269,9 +318,13 @@ class GPT(TextTransformer):
         self.lm_head.weight = self.tok_emb.weight  # tied
         init_weights(self, c.n_layer)
 
-    def forward(self, input_ids:Tensor, attention_mask:Tensor|None=None) -> ModelOutput:
-        logits = self.lm_head(self.hidden(input_ids, attention_mask))
+    def forward(self, input_ids:Tensor, attention_mask:Tensor|None=None, cache:KVCache|None=None) -> ModelOutput:
+        logits = self.lm_head(self.hidden(input_ids, attention_mask, cache))
         return ModelOutput(logits if self.config.padded_vocab == self.config.vocab_size else logits[..., :self.config.vocab_size])
+
+    def new_cache(self, max_len:int|None=None) -> KVCache:
+        "An empty `KVCache` for this model, of `max_len` positions (default: `max_seq_len`); pass it to each forward call."
+        return KVCache(self.config.n_layer, min(max_len or self.config.max_seq_len, self.config.max_seq_len))
 
     def flops_per_token(self, seq_len:int|None=None) -> int:
         "Training FLOPs per token (forward + backward): 6N + 12·n_layer·d_model·T, as in the PaLM/nanoGPT MFU estimate."
