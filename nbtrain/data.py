@@ -15,28 +15,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from .errors import DataError, did_you_mean, format_choices
-from .registry import COLLATORS, TOKENIZERS
+from .registry import COLLATORS, TOKENIZERS, Registry
 from .repro import seed_worker
 from .embedded import (embedded_corpus, embedded_sentiment, SENTIMENT_LABELS, digits_images, save_image_folder,
                               synthetic_data, SYNTHETIC_VOCAB, SYNTHETIC_LABELS, SYNTHETIC_TASKS)
 from .sources import (Table, LazyColumn, open_source, pick_splits, find_column, text_values, encode_labels,
                              read_file, read_folder, memory_tables, read_utf8, split_documents, FILE_TYPES, NAMED_SOURCES)
 from .tokenizer import (Tokenizer, CharTokenizer, ByteTokenizer, BPETokenizer, HFTokenizer, build_tokenizer,
-                               load_tokenizer, SPECIALS)
+                               load_tokenizer, SPECIALS, ChatFormat, normalize_messages)
 from .processing import (IGNORE_INDEX, Encoded, DataCache, default_cache_dir, digest, texts_digest, encode_texts,
                                 pack_documents, PackedLMDataset, DocumentLMDataset, padded_efficiency, DictDataset,
-                                TextClassificationDataset, collate_stack, PadCollator, MLMCollator)
+                                TextClassificationDataset, collate_stack, PadCollator, MLMCollator, MaskedExamples,
+                                encode_segments, pack_rows, ExampleRowsDataset)
 from .vision import ImageTransform, ImageDataset, check_images, normalize_stats, NORMALIZE_PRESETS, CHANNELS
 
 # %% auto #0
-__all__ = ['DATA_DEFAULTS', 'TASK_KINDS', 'Splits', 'split_indices', 'DataBundle', 'data_settings', 'task_settings', 'build_data',
-           'resolve_data', 'epoch_seed', 'sample_seed', 'EpochSampler', 'KeyedDataset', 'KeyedCollate', 'make_loader',
-           'loader_sampler', 'set_epoch', 'embedded_corpus', 'embedded_sentiment', 'SENTIMENT_LABELS', 'digits_images',
-           'synthetic_data', 'Table', 'open_source', 'encode_labels', 'read_file', 'read_folder', 'Tokenizer',
-           'CharTokenizer', 'ByteTokenizer', 'BPETokenizer', 'HFTokenizer', 'build_tokenizer', 'load_tokenizer',
-           'IGNORE_INDEX', 'Encoded', 'DataCache', 'encode_texts', 'default_cache_dir', 'pack_documents',
-           'PackedLMDataset', 'DocumentLMDataset', 'DictDataset', 'TextClassificationDataset', 'collate_stack',
-           'PadCollator', 'MLMCollator', 'ImageTransform', 'ImageDataset']
+__all__ = ['DATA_DEFAULTS', 'TASK_KINDS', 'DATA_FORMATS', 'CHAT_COLUMNS', 'Splits', 'split_indices', 'DataBundle',
+           'data_settings', 'task_settings', 'build_data', 'resolve_data', 'prompt_response_examples', 'chat_examples',
+           'epoch_seed', 'sample_seed', 'EpochSampler', 'KeyedDataset', 'KeyedCollate', 'make_loader', 'loader_sampler',
+           'set_epoch', 'embedded_corpus', 'embedded_sentiment', 'SENTIMENT_LABELS', 'digits_images', 'synthetic_data',
+           'Table', 'open_source', 'encode_labels', 'read_file', 'read_folder', 'Tokenizer', 'CharTokenizer',
+           'ByteTokenizer', 'BPETokenizer', 'HFTokenizer', 'build_tokenizer', 'load_tokenizer', 'IGNORE_INDEX',
+           'Encoded', 'DataCache', 'encode_texts', 'default_cache_dir', 'pack_documents', 'PackedLMDataset',
+           'DocumentLMDataset', 'DictDataset', 'TextClassificationDataset', 'collate_stack', 'PadCollator',
+           'MLMCollator', 'ImageTransform', 'ImageDataset']
 
 # %% ../nbs/08f_data.ipynb #cb98ec74
 _all_ = ['embedded_corpus', 'embedded_sentiment', 'SENTIMENT_LABELS', 'digits_images', 'synthetic_data', 'Table',
@@ -123,7 +125,8 @@ DATA_DEFAULTS = dict(
     num_workers=0, max_samples=None, corpus_size=2000,
     test_fraction=0.0, stratify=True, train_split=None, val_split=None, test_split=None, label_names=None,
     image_column=None, image_size=None, image_mode=None, normalize='data', augment=False,
-    vocab_size=None, pack=True, cache=True, cache_dir=None)
+    vocab_size=None, pack=True, cache=True, cache_dir=None, format='text', prompt_column=None, response_column=None,
+    messages_column=None, chat_template=None, train_on_prompt=False, long_examples='truncate')
 TASK_KINDS = {'causal_lm': 'lm', 'masked_lm': 'mlm', 'sequence_classification': 'text', 'image_classification': 'image'}
 
 def data_settings(data_cfg=None, **overrides) -> SimpleNamespace:
@@ -148,11 +151,21 @@ def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cach
     info = dict(source=_describe_source(src), task=t.name, seed=seed, val_fraction=c.val_fraction,
                 test_fraction=c.test_fraction, seq_len=c.seq_len, tokenizer=None)
     named = src.lower() if isinstance(src, str) and src.lower() in NAMED_SOURCES else None
+    if c.format != 'text':
+        if c.format not in DATA_FORMATS:
+            raise DataError(f"data.format={c.format!r} is not a data format nbtrain reads.{did_you_mean(str(c.format), ['text'] + DATA_FORMATS.available())} "
+                            f"Formats: text, {', '.join(DATA_FORMATS.available())}.")
+        if c.long_examples not in ('truncate', 'refuse'):
+            raise DataError(f"data.long_examples={c.long_examples!r}: use 'truncate' (drop a conversation's oldest turns, cut an answer) or 'refuse'")
+        if named: raise DataError(f"data.format={c.format!r} needs examples with prompts and answers (a .jsonl, .json, .csv or "
+                                  f".parquet file, a folder, hf:NAME or Python records); data.source={named!r} is not: use "
+                                  f"data.format='text' with it")
     if named and t.name not in TASK_KINDS: _unprepared(t)
     if named == 'synthetic': b = _synthetic_bundle(c, t, seed, info)
     else:
         splits = _source_tables(named, src, c, t, cache)
         if 'input_ids' in splits['train'].columns and c.text_column is None: b = _pretokenized_bundle(splits, c, t, seed, info)
+        elif c.format != 'text': b = _chat_bundle(splits, c, t, seed, info, cache, run_dir)
         elif t.name not in TASK_KINDS: _unprepared(t)
         elif TASK_KINDS[t.name] in ('lm', 'mlm'): b = _lm_bundle(splits, c, t, seed, info, cache, run_dir)
         elif TASK_KINDS[t.name] == 'text': b = _text_bundle(splits, c, t, seed, info, cache, run_dir)
@@ -232,7 +245,12 @@ def _tokenizer(c, train_texts, all_texts, cache, run_dir, info) -> Tokenizer:
     return tok
 
 def _lm_bundle(splits, c, t, seed, info, cache, run_dir) -> DataBundle:
-    col = find_column(splits['train'], 'text', c.text_column)
+    try: col = find_column(splits['train'], 'text', c.text_column)
+    except DataError as e:
+        chat = [n for ns in CHAT_COLUMNS.values() for n in ns if n in splits['train'].columns]
+        if not chat or c.text_column is not None: raise
+        fmt = 'chat' if chat[0] in CHAT_COLUMNS['messages'] else 'prompt_response'
+        raise DataError(f"{e} Its columns {', '.join(chat)} look like instruction data: set data.format={fmt!r}") from None
     docs = {k: text_values(v, find_column(v, 'text', c.text_column) if k != 'train' else col)[0] for k, v in splits.items()}
     roles = _split_roles(splits, c, seed)
     train_docs = [docs['train'][i] for i in roles['train'][1]]
@@ -373,6 +391,153 @@ def _pretokenized_bundle(splits, c, t, seed, info) -> DataBundle:
         num_labels = int(flat[flat >= 0].max()) + 1  # class ids; IGNORE_INDEX marks positions without a label
     collate = PadCollator(0) if t.name != 'masked_lm' else MLMCollator(SPECIALS.index('<mask>'), vocab, 0, range(len(SPECIALS)), t.mlm_probability)
     return DataBundle(parts['train'], parts.get('validation'), collate, None, vocab, num_labels, info, parts.get('test'))
+
+# %% ../nbs/08f_data.ipynb #1cd02578
+DATA_FORMATS = Registry('data format')
+CHAT_COLUMNS = {'prompt': ('prompt', 'instruction', 'question', 'query'),
+                'response': ('response', 'output', 'answer', 'completion'),
+                'messages': ('messages', 'conversations', 'conversation')}
+
+def _chat_column(table:Table, role:str, given:str|None, fmt:str) -> str:
+    "The column of `table` holding `role` ('prompt', 'response', 'messages'): `given`, else the first usual name it has."
+    field = f'data.{role}_column'
+    if given is not None:
+        if given in table.columns: return given
+        raise DataError(f"{field}={given!r} is not a column of {table.origin}.{did_you_mean(given, table.names)} "
+                        f"Its columns: {format_choices(table.names)}.")
+    found = next((c for c in CHAT_COLUMNS[role] if c in table.columns), None)
+    if found is None:
+        raise DataError(f"data.format={fmt!r} needs a column of {role}s, but {table.origin} has none named "
+                        f"{', '.join(CHAT_COLUMNS[role])}: set {field} to one of its columns: {format_choices(table.names) or '(none)'}.")
+    return found
+
+def _text(table, col, i, what) -> str:
+    v = table.columns[col][i]
+    if v is None: v = ''
+    if not isinstance(v, str):
+        raise DataError(f"{table.where(i)}: column {col!r} holds {type(v).__name__} {str(v)[:60]!r}, expected the {what} as text")
+    return v
+
+@DATA_FORMATS.register('prompt_response')
+def prompt_response_examples(table:Table, c) -> tuple[list[list[dict]], dict]:
+    """Conversations of one exchange from a prompt column and a response column (Alpaca: `instruction` and `input`
+    joined by a blank line, then `output`; a `system` column becomes the system message). Also TRL's conversational
+    shape, where the prompt and the completion are lists of messages."""
+    pc = _chat_column(table, 'prompt', c.prompt_column, 'prompt_response')
+    rc = _chat_column(table, 'response', c.response_column, 'prompt_response')
+    extra = 'input' if pc == 'instruction' and 'input' in table.columns and c.prompt_column is None else None
+    system = 'system' if 'system' in table.columns and 'system' not in (pc, rc) else None
+    out = []
+    for i in range(len(table)):
+        p, r = table.columns[pc][i], table.columns[rc][i]
+        if isinstance(p, (list, tuple)) or isinstance(r, (list, tuple)):  # conversational prompt / completion
+            ms = normalize_messages(p if isinstance(p, (list, tuple)) else [{'role': 'user', 'content': p or ''}], table.where(i), pc) \
+                 + normalize_messages(r if isinstance(r, (list, tuple)) else [{'role': 'assistant', 'content': r or ''}], table.where(i), rc)
+        else:
+            p = _text(table, pc, i, 'prompt'); r = _text(table, rc, i, 'response')
+            if extra and (x := _text(table, extra, i, 'input')).strip(): p = f'{p}\n\n{x}'
+            ms = [{'role': 'user', 'content': p}, {'role': 'assistant', 'content': r}]
+            if system and (s := _text(table, system, i, 'system message')).strip(): ms.insert(0, {'role': 'system', 'content': s})
+        out.append(_check_conversation(ms, table, i, rc))
+    return out, dict(prompt_column=pc + (f' + {extra}' if extra else ''), response_column=rc)
+
+@DATA_FORMATS.register('chat')
+def chat_examples(table:Table, c) -> tuple[list[list[dict]], dict]:
+    "Conversations from a column of messages: `{'role', 'content'}` dicts, or ShareGPT's `{'from', 'value'}`, as `datasets` gives them."
+    mc = _chat_column(table, 'messages', c.messages_column, 'chat')
+    col = table.columns[mc]
+    return [_check_conversation(normalize_messages(col[i], table.where(i), mc), table, i, mc) for i in range(len(table))], \
+           dict(messages_column=mc)
+
+def _check_conversation(ms, table, i, col) -> list[dict]:
+    answers = [m for m in ms if m['role'] == 'assistant']
+    if not answers:
+        raise DataError(f"{table.where(i)}: the conversation in column {col!r} has no assistant message, so there is "
+                        f"nothing to learn: every example needs an answer (roles: {', '.join(m['role'] for m in ms)})")
+    if any(not m['content'].strip() for m in answers):
+        raise DataError(f"{table.where(i)}: an empty response in column {col!r}: every example needs an answer to "
+                        f"learn; remove the row or fill it in")
+    return ms
+
+# %% ../nbs/08f_data.ipynb #aa3c8ab5
+def _chat_bundle(splits, c, t, seed, info, cache, run_dir) -> DataBundle:
+    "Instruction or chat examples as rows of whole examples whose labels cover only the answers (unless data.train_on_prompt)."
+    if t.name != 'causal_lm':
+        raise DataError(f"data.format={c.format!r} (instruction data) trains task causal_lm; task {t.name!r} reads "
+                        f"data.format='text'")
+    read, convs, cols = DATA_FORMATS.get(c.format), {}, {}
+    for k, v in splits.items(): convs[k], cols[k] = read(v, c)
+    roles = _split_roles(splits, c, seed)
+    L = int(c.seq_len or DATA_DEFAULTS['seq_len'])
+    if str(c.tokenizer).strip().lower() in ('auto', 'char', 'byte', 'bpe'):  # nbtrain's own: trained on the formatted text
+        fmt = ChatFormat(None, c.chat_template)
+        segs = {k: [fmt.segments(m) for m in v] for k, v in convs.items()}
+        texts = lambda k, idx: [s for i in idx for s, _ in segs[k][i] if s]
+        tok = _tokenizer(c, texts('train', roles['train'][1]), [s for k in segs for s in texts(k, range(len(segs[k])))],
+                         cache, run_dir, info)
+    else:  # a pretrained tokenizer: its own chat template when it has one
+        tok = _tokenizer(c, [], [], cache, run_dir, info)
+        fmt = ChatFormat(tok, c.chat_template)
+        segs = {k: [fmt.segments(m) for m in v] for k, v in convs.items()}
+    enc = {k: encode_segments(v, tok, eos_last=not fmt.eos_each, cache=cache) for k, v in segs.items()}
+    if c.train_on_prompt:
+        for e in enc.values(): e.trained = np.ones_like(e.trained)
+    used = {k: sorted({i for role, (kk, idx) in roles.items() if kk == k for i in idx}) for k in enc}
+    long = {k: [i for i in used[k] if enc[k].lengths[i] > L] for k in enc}
+    n_long, n_all = sum(map(len, long.values())), sum(map(len, used.values()))
+    report = dict(policy=c.long_examples, longer_than_seq_len=n_long)
+    if n_long and c.long_examples == 'refuse':
+        k, i = max(((k, i) for k in long for i in long[k]), key=lambda p: enc[p[0]].lengths[p[1]])
+        raise DataError(f"{n_long} of {n_all} examples are longer than data.seq_len={L} tokens (the longest, "
+                        f"{splits[k].where(i)}, has {enc[k].lengths[i]}): raise data.seq_len, or set "
+                        f"data.long_examples='truncate' (a conversation loses its oldest turns, an answer too long is cut)")
+    dropped = {k: set() for k in enc}
+    if n_long:
+        turns = cut = 0
+        for k, idx in long.items():
+            if not idx: continue
+            pairs = [enc[k][i] for i in range(len(enc[k]))]
+            for i in idx:
+                (ids, tr), how = _fit_conversation(convs[k][i], fmt, tok, L, c.train_on_prompt)
+                pairs[i] = (ids, tr)
+                turns += how == 'turns'; cut += how == 'cut'
+                if not tr[1:].any(): dropped[k].add(i)
+            enc[k] = MaskedExamples.from_lists(pairs)
+        n_drop = sum(map(len, dropped.values()))
+        report.update(oldest_turns_dropped=turns, cut=cut, dropped=n_drop)
+        warnings.warn(f"{n_long} of {n_all} examples are longer than data.seq_len={L} tokens (data.long_examples='truncate'): "
+                      f"{turns} lost their oldest turns, {cut} were cut at data.seq_len, {n_drop} left with no answer token "
+                      f"were dropped. data.long_examples='refuse' stops instead; a larger data.seq_len keeps them whole.", stacklevel=2)
+    parts = {}
+    for role, (k, idx) in roles.items():
+        e = enc[k].take([i for i in idx if i not in dropped[k]])
+        if not len(e): continue
+        parts[role] = ExampleRowsDataset(e, pack_rows(e.lengths, L) if c.pack else None)
+        short = {'validation': 'val'}.get(role, role)
+        info[f'{short}_examples'], info[f'{short}_tokens'] = len(e), e.num_tokens
+        if role == 'train':
+            info['trained_tokens'] = int(e.trained.sum())
+            info['padded_efficiency'] = round(e.num_tokens / (len(e) * L), 4)
+            if c.pack: info['packing_efficiency'] = round(parts[role].efficiency(L), 4)
+    info.update(format=c.format, chat_template=fmt.name if fmt.name != 'data.chat_template' else fmt.template,
+                train_on_prompt=bool(c.train_on_prompt), long_examples=report, **cols['train'])
+    return DataBundle(parts['train'], parts.get('validation'), PadCollator(tok.pad_id), tok, tok.vocab_size, None, info,
+                      parts.get('test'))
+
+def _fit_conversation(ms, fmt, tok, L, train_on_prompt) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+    "One conversation in at most `L` tokens: without its oldest exchanges (the system message stays), else cut at `L`."
+    def encode(m):
+        e = encode_segments([fmt.segments(m)], tok, eos_last=not fmt.eos_each)
+        ids, tr = e[0]
+        return ids, (np.ones_like(tr) if train_on_prompt else tr)
+    head = ms[:1] if ms[0]['role'] == 'system' else []
+    body = ms[len(head):]
+    starts = [j for j in range(1, len(body)) if body[j]['role'] == 'user' and any(m['role'] == 'assistant' for m in body[j:])]
+    ids, tr = encode(ms)
+    for j in starts:
+        ids, tr = encode(head + body[j:])
+        if len(ids) <= L: return (ids, tr), 'turns'
+    return (ids[:L], tr[:L]), 'cut'
 
 # %% ../nbs/08f_data.ipynb #4cb6e4fd
 _M64 = (1 << 64) - 1

@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/processing.html.md"""
 
 # %% ../nbs/08d_processing.ipynb #d787563f
 from __future__ import annotations
-import hashlib, json, math, os, shutil, time, uuid, warnings
+import bisect, hashlib, json, math, os, shutil, time, uuid, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -22,7 +22,8 @@ from .tokenizer import Tokenizer
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'Encoded', 'on_drive', 'default_cache_dir', 'digest', 'texts_digest', 'DataCache', 'encode_texts',
            'pack_documents', 'PackedLMDataset', 'padded_efficiency', 'collate_stack', 'DocumentLMDataset',
-           'DictDataset', 'TextClassificationDataset', 'PadCollator', 'MLMCollator']
+           'DictDataset', 'TextClassificationDataset', 'PadCollator', 'MLMCollator', 'MaskedExamples',
+           'encode_segments', 'pack_rows', 'ExampleRowsDataset']
 
 # %% ../nbs/08d_processing.ipynb #6a472e67
 IGNORE_INDEX = -100  # the label of positions without a target (padding), as in torch's cross_entropy
@@ -293,3 +294,97 @@ class MLMCollator:
         out[swap] = self.random_ids[k]
         batch['input_ids'] = out
         return batch
+
+# %% ../nbs/08d_processing.ipynb #9bc1432d
+@dataclass
+class MaskedExamples:
+    "Token ids of many examples and, per token, whether the loss covers it: flat `ids`, bool `trained`, int64 `offsets`."
+    ids: np.ndarray
+    trained: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int: return len(self.offsets) - 1
+    def __getitem__(self, i:int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.trained[a:b]
+    @property
+    def lengths(self) -> np.ndarray: return np.diff(self.offsets)
+    @property
+    def num_tokens(self) -> int: return int(self.offsets[-1] - self.offsets[0])
+
+    def take(self, idx:Sequence[int]) -> MaskedExamples:
+        "The examples `idx`, in that order."
+        e = Encoded(self.ids, self.offsets).take(idx)
+        m = Encoded(self.trained, self.offsets).take(idx).ids
+        return MaskedExamples(e.ids, m, e.offsets)
+
+    @classmethod
+    def from_lists(cls, pairs:Sequence[tuple[Sequence[int], Sequence[bool]]]) -> MaskedExamples:
+        "From `(ids, trained)` pairs."
+        e = Encoded.from_lists([p[0] for p in pairs])
+        return cls(e.ids, np.fromiter((bool(t) for p in pairs for t in p[1]), dtype=bool, count=len(e.ids)), e.offsets)
+
+def encode_segments(examples:Sequence[Sequence[tuple]], tokenizer:Tokenizer, *, eos_last:bool=False,
+                    cache:DataCache|None=None) -> MaskedExamples:
+    """Examples given as `(text, trained)` segments (text None: the end-of-text id), tokenized segment by segment.
+    `eos_last`: an example whose answers hold no end-of-text id gets one after its last trained segment."""
+    texts = [t for ex in examples for t, _ in ex if t is not None]
+    enc = encode_texts(texts, tokenizer, cache=cache)
+    eos, j, out = tokenizer.eos_id, 0, []
+    if eos is None and (eos_last or any(t is None for ex in examples for t, _ in ex)):
+        raise DataError(f"The tokenizer {tokenizer!r} has no end-of-text token to end each answer with: use one that has "
+                        f"(eos or sep), or data.tokenizer char, byte or bpe")
+    for ex in examples:
+        ids, mask, last = [], [], None
+        for t, trained in ex:
+            if t is None: piece = [eos]
+            else: piece = enc[j].tolist(); j += 1
+            ids += piece; mask += [trained] * len(piece)
+            if trained: last = len(ids)
+        if eos_last and last is not None and eos not in [i for i, m in zip(ids, mask) if m]:
+            ids.insert(last, eos); mask.insert(last, True)
+        out.append((ids, mask))
+    return MaskedExamples.from_lists(out)
+
+# %% ../nbs/08d_processing.ipynb #dd9304a6
+def pack_rows(lengths:Sequence[int], seq_len:int) -> list[list[int]]:
+    "Whole examples grouped into rows of at most `seq_len` tokens (best fit, longest first): lists of example indices."
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    rows, room = [], []  # room: sorted (space left, row) pairs
+    for i in order:
+        n = int(lengths[i])
+        if n > seq_len: raise DataError(f"Example {i} has {n} tokens, more than data.seq_len={seq_len}: cut it before packing")
+        k = bisect.bisect_left(room, (n, -1))
+        if k < len(room):
+            left, r = room.pop(k)
+            rows[r].append(i)
+            if left - n: bisect.insort(room, (left - n, r))
+        else:
+            rows.append([i])
+            if seq_len - n: bisect.insort(room, (seq_len - n, len(rows) - 1))
+    return rows
+
+class ExampleRowsDataset(Dataset):
+    """Rows of whole examples (`rows`: lists of example indices; one each without packing): `{'input_ids', 'labels'}`,
+    with `labels` -100 where the loss must not reach (untrained tokens, and each example's first token, so that no
+    example is a target of the one before it)."""
+    def __init__(self, examples:MaskedExamples, rows:Sequence[Sequence[int]]|None=None):
+        self.examples = examples
+        self.rows = [list(r) for r in rows] if rows is not None else [[i] for i in range(len(examples))]
+
+    def __len__(self): return len(self.rows)
+    def __getitem__(self, i:int) -> dict:
+        xs, ys = [], []
+        for k in self.rows[i]:
+            ids, trained = self.examples[k]
+            x = torch.from_numpy(ids.astype(np.int64))
+            y = x.masked_fill(~torch.from_numpy(trained.copy()), IGNORE_INDEX)
+            y[0] = IGNORE_INDEX
+            xs.append(x); ys.append(y)
+        return {'input_ids': torch.cat(xs), 'labels': torch.cat(ys)}
+
+    @property
+    def num_tokens(self) -> int: return self.examples.num_tokens
+    def efficiency(self, seq_len:int) -> float:
+        "Real tokens / token slots when every row is padded to `seq_len`."
+        return self.examples.num_tokens / (len(self.rows) * seq_len) if self.rows else 0.0

@@ -15,8 +15,8 @@ from .registry import TOKENIZERS
 from .sources import hf_offline, hub_endpoint, hub_reachable
 
 # %% auto #0
-__all__ = ['SPECIALS', 'Tokenizer', 'CharTokenizer', 'ByteTokenizer', 'BPETokenizer', 'HFTokenizer', 'build_tokenizer',
-           'load_tokenizer']
+__all__ = ['SPECIALS', 'ROLES', 'EOS', 'PLAIN_HEADERS', 'Tokenizer', 'CharTokenizer', 'ByteTokenizer', 'BPETokenizer',
+           'HFTokenizer', 'build_tokenizer', 'load_tokenizer', 'normalize_messages', 'plain_segments', 'ChatFormat']
 
 # %% ../nbs/08c_tokenizer.ipynb #4a303230
 SPECIALS = ('<pad>', '<eos>', '<unk>', '<mask>')
@@ -347,3 +347,110 @@ def load_tokenizer(path) -> Tokenizer:
         except DataError:
             if cfg.is_file(): raise
     return HFTokenizer.from_pretrained(str(folder))
+
+# %% ../nbs/08c_tokenizer.ipynb #8c1ad8c2
+ROLES = {'user': 'user', 'human': 'user', 'prompter': 'user', 'question': 'user',
+         'assistant': 'assistant', 'gpt': 'assistant', 'bot': 'assistant', 'model': 'assistant', 'chatgpt': 'assistant',
+         'function_call': 'assistant', 'system': 'system', 'tool': 'tool', 'function': 'tool', 'observation': 'tool',
+         'ipython': 'tool'}
+EOS = None  # in a list of segments, the tokenizer's end-of-text id
+
+def normalize_messages(value, where:str='a conversation', column:str='messages') -> list[dict]:
+    "`[{'role', 'content'}]` from OpenAI-style messages, ShareGPT's `{'from', 'value'}`, a dict of lists (a `datasets` Sequence) or a JSON string."
+    if isinstance(value, str):
+        try: value = json.loads(value)
+        except json.JSONDecodeError: raise DataError(f"{where}: column {column!r} holds text, not a list of messages; a chat "
+                                                     f"example is a list of {{'role': ..., 'content': ...}} (or ShareGPT's "
+                                                     f"{{'from': ..., 'value': ...}}); for prompt and answer columns use "
+                                                     f"data.format='prompt_response'") from None
+    if isinstance(value, dict) and value and all(isinstance(v, (list, tuple)) for v in value.values()):  # column-wise
+        n = {len(v) for v in value.values()}
+        if len(n) == 1: value = [dict(zip(value, vs)) for vs in zip(*value.values())]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{where}: column {column!r} holds {type(value).__name__} {str(value)[:60]!r}, not a list of messages "
+                        f"such as [{{'role': 'user', 'content': 'Hi'}}, {{'role': 'assistant', 'content': 'Hello!'}}]")
+    out = []
+    for k, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {k + 1} in column {column!r} is a {type(m).__name__}, not a dict with 'role' and 'content'")
+        role, content = m.get('role', m.get('from')), m.get('content', m.get('value'))
+        if role is None or content is None and 'content' not in m and 'value' not in m:
+            raise DataError(f"{where}: message {k + 1} in column {column!r} has keys {sorted(m)}; expected 'role' and "
+                            f"'content' (or ShareGPT's 'from' and 'value')")
+        r = ROLES.get(str(role).strip().lower())
+        if r is None:
+            raise DataError(f"{where}: message {k + 1} has role {role!r}, which nbtrain does not know: use user, assistant, "
+                            f"system or tool (ShareGPT's human and gpt work too)")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {k + 1} ({r}) has content {type(content).__name__} {str(content)[:40]!r}, expected text")
+        out.append({'role': r, 'content': content})
+    return out
+
+PLAIN_HEADERS = {'system': '### System:\n', 'user': '### User:\n', 'assistant': '### Assistant:\n', 'tool': '### Tool:\n'}
+
+def plain_segments(messages:Sequence[dict], add_generation_prompt:bool=False) -> list[tuple]:
+    "nbtrain's plain template as `(text, trained)` segments: a `### Role:` header per message, `<eos>` after each answer."
+    segs = []
+    for i, m in enumerate(messages):
+        sep = '\n\n' if i else ''
+        if m['role'] == 'assistant': segs += [(sep + PLAIN_HEADERS['assistant'], False), (m['content'], True), (EOS, True)]
+        else: segs.append((sep + PLAIN_HEADERS[m['role']] + m['content'], False))
+    if add_generation_prompt: segs.append((('\n\n' if messages else '') + PLAIN_HEADERS['assistant'], False))
+    return segs
+
+def _jinja_render(template:str):
+    "A function `(messages, add_generation_prompt) -> str` rendering a Jinja chat template as transformers does."
+    try: from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError: raise DataError("data.chat_template (a Jinja template) needs jinja2: pip install jinja2") from None
+    def raise_exception(msg): raise DataError(f"The chat template refused a conversation: {msg}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals['raise_exception'] = raise_exception
+    try: t = env.from_string(template)
+    except Exception as e: raise DataError(f"data.chat_template is not a valid Jinja template: {type(e).__name__}: {e}") from None
+    return lambda messages, gen: t.render(messages=messages, add_generation_prompt=gen, bos_token='', eos_token='')
+
+class ChatFormat:
+    """How conversations become text for `tokenizer`: `template` None uses the tokenizer's own chat template when it
+    has one, else nbtrain's plain template ('plain'); any other string is a Jinja chat template."""
+    def __init__(self, tokenizer:Tokenizer|None=None, template:str|None=None):
+        hf = getattr(tokenizer, 'tok', None) if isinstance(tokenizer, HFTokenizer) else None
+        own = getattr(hf, 'chat_template', None) if hf is not None else None
+        if template is None: template = own or 'plain'
+        self.tokenizer, self.template = tokenizer, template
+        if template == 'plain': self.name, self._render = 'plain', None
+        elif hf is not None:
+            self.name = 'the tokenizer\'s own' if template == own else 'data.chat_template'
+            self._render = lambda ms, gen: hf.apply_chat_template(list(ms), chat_template=template, tokenize=False,
+                                                                  add_generation_prompt=gen)
+        else: self.name, self._render = 'data.chat_template', _jinja_render(template)
+        # nbtrain's tokenizers have no end-of-turn text: the template's answers get <eos> appended as an id
+        self.eos_each = hf is None
+
+    def render(self, messages, add_generation_prompt:bool=False) -> str:
+        try: return self._render(messages, add_generation_prompt)
+        except DataError: raise
+        except Exception as e: raise DataError(f"The chat template ({self.name}) failed on a conversation: {type(e).__name__}: {e}") from None
+
+    def segments(self, messages:Sequence[dict]) -> list[tuple]:
+        "`(text, trained)` pieces of one conversation; `trained` marks the assistant's answers (text `EOS`: the end-of-text id)."
+        if self._render is None: return plain_segments(messages)
+        full, segs, pos = self.render(messages), [], 0
+        for i, m in enumerate(messages):
+            if m['role'] != 'assistant': continue
+            p, f = self.render(messages[:i], True), self.render(messages[:i + 1])
+            if not (f.startswith(p) and full.startswith(f) and len(p) >= pos):
+                raise DataError(f"The chat template ({self.name}) does not write the beginning of a conversation as the "
+                                f"beginning of the whole one (it rewrites earlier turns), so nbtrain cannot tell which tokens "
+                                f"are the assistant's: set data.chat_template='plain' (nbtrain's template) or another template")
+            segs += [(full[pos:len(p)], False), (full[len(p):len(f)], True)] + ([(EOS, True)] if self.eos_each else [])
+            pos = len(f)
+        if pos < len(full): segs.append((full[pos:], False))
+        return [s for s in segs if s[0] != '']
+
+    def prompt(self, prompt) -> str:
+        "The text a model continues with its answer: `prompt` (a user message, or a list of messages) with the assistant's header."
+        ms = [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else normalize_messages(prompt)
+        if self._render is None: return ''.join(t for t, _ in plain_segments(ms, add_generation_prompt=True))
+        return self.render(ms, True)
+
+    def __repr__(self): return f"ChatFormat({self.name})"
