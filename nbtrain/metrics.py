@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/metrics.html.md"""
 
 # %% ../nbs/13a_metrics.ipynb #272b68d5
 from __future__ import annotations
-import math, re
+import math, re, warnings
 import torch
 from torch import Tensor
 from .callbacks import Callback
@@ -15,7 +15,7 @@ from .trainer import LM_TASKS
 
 # %% auto #0
 __all__ = ['METRICS', 'CLASSIFICATION_TASKS', 'describe_metric', 'js_divergence', 'f1_macro', 'EvalStats', 'label_counts',
-           'TaskMetrics']
+           'entity_spans', 'entity_counts', 'entity_scores', 'is_entity_tagging', 'text_scores', 'TaskMetrics']
 
 # %% ../nbs/13a_metrics.ipynb #bdcde407
 METRICS = {
@@ -41,11 +41,24 @@ METRICS = {
     'val_entropy': "mean entropy of the predicted distribution, in nats",
     'val_js_labels': "Jensen-Shannon divergence (base 2, 0..1) of the training and validation label distributions",
     'val_js_preds': "Jensen-Shannon divergence of the training label distribution and the mean predicted distribution",
+    'val_ece': "expected calibration error: how far confidence is from accuracy, over 15 confidence bins (classification)",
+    'val_entity_precision': "entity-level precision: predicted entities whose type and span are right (token classification, BIO tags)",
+    'val_entity_recall': "entity-level recall: true entities found with the right type and span",
+    'val_entity_f1': "entity-level F1, the harmonic mean of the two (what conlleval and seqeval report)",
+    # written once at the end of training, and by `evaluate_run`
+    'test_{name}': "the metric {name} on the test split, with the final weights (the best checkpoint's when checkpoint.final is best)",
+    'weights_step': "the optimizer step whose weights were evaluated on the test split",
+    # text generation (seq2seq and generated text)
+    'bleu': "corpus BLEU of the generated texts against the references (sacrebleu, 0..100)",
+    'chrf': "corpus chrF, character n-gram F-score (sacrebleu, 0..100)",
+    'rougeL': "ROUGE-L F-measure, longest common subsequence, mean over examples (rouge-score, 0..1)",
 }
 
 def describe_metric(name:str) -> str:
     "What the metric `name` (a key of `metrics.jsonl`) means; '' for an unknown name."
     if name in METRICS: return METRICS[name]
+    if name.startswith('test_') and (inner := describe_metric('val_' + name[5:]) or describe_metric(name[5:])):
+        return f"on the test split: {inner}"
     for pattern, text in METRICS.items():  # val_top5_acc matches val_top{k}_acc
         if '{k}' in pattern and re.fullmatch(re.escape(pattern).replace(r'\{k\}', r'\d+'), name): return text
     return ''
@@ -71,25 +84,42 @@ def f1_macro(tp, predicted, actual) -> float:
     return float(f1[seen].mean())
 
 # %% ../nbs/13a_metrics.ipynb #a675a0d2
-class EvalStats:
-    "Sums of one evaluation, on the device: top-k hits, confidence, entropy, label and prediction distributions."
-    _scalars = ('n', 'top1', 'topk', 'p_top1', 'p_topk', 'entropy')
+def _torchmetrics():
+    "torchmetrics, or an ImportError that names the extra holding it."
+    try: import torchmetrics
+    except ImportError:
+        raise ImportError("Evaluation metrics (accuracy, F1, confusion matrix, calibration, perplexity) use torchmetrics: "
+                          "pip install 'nbtrain[train]' (or pip install torchmetrics)") from None
+    return torchmetrics
 
-    def __init__(self, top_k:int=5, classification:bool=False, max_confusion_classes:int=50, chunk_elements:int=2**24):
+class EvalStats:
+    """One evaluation's metrics, on the device: accuracy, top-k accuracy, macro F1, confusion matrix, calibration and
+    perplexity from torchmetrics; confidence, entropy and the label and prediction distributions as sums."""
+    _scalars = ('n', 'p_top1', 'p_topk', 'entropy')
+
+    def __init__(self, top_k:int=5, classification:bool=False, max_confusion_classes:int=50, chunk_elements:int=2**24,
+                 perplexity:bool=False, calibration_bins:int=15):
         self.top_k, self.classification, self.max_confusion_classes = top_k, classification, max_confusion_classes
-        self.chunk_elements = chunk_elements
+        self.chunk_elements, self.perplexity, self.calibration_bins = chunk_elements, perplexity, calibration_bins
         self.reset()
 
     def reset(self):
-        self.C, self.sums = None, None
+        self.C, self.sums, self.tm = None, None, {}
 
     def _init(self, C:int, device):
         dt = torch.float32 if device.type == 'mps' else torch.float64  # MPS has no float64
         z = lambda *s: torch.zeros(*s, dtype=dt, device=device)
         self.C, self.sums = C, dict(scalars=z(len(self._scalars)), labels=z(C), pred_mass=z(C))
+        tc = _torchmetrics().classification
+        k, kw = min(self.top_k, C), dict(validate_args=False)
+        tm = dict(acc=tc.MulticlassAccuracy(C, top_k=1, average='micro', **kw))
+        if C > k: tm[f'top{k}_acc'] = tc.MulticlassAccuracy(C, top_k=k, average='micro', **kw)
         if self.classification:
-            self.sums.update(tp=z(C), predicted=z(C))
-            if C <= self.max_confusion_classes: self.sums['confusion'] = z(C * C)
+            tm['f1_macro'] = tc.MulticlassF1Score(C, average='macro', **kw)
+            if C <= self.max_confusion_classes: tm['confusion'] = tc.MulticlassConfusionMatrix(C, **kw)
+            tm['ece'] = tc.MulticlassCalibrationError(C, n_bins=self.calibration_bins, norm='l1', **kw)
+        if self.perplexity: tm['ppl'] = _torchmetrics().text.Perplexity()
+        self.tm = {n: m.to(device) for n, m in tm.items()}
 
     @torch.no_grad()
     def update(self, logits:Tensor, labels:Tensor, ignore_index:int=-100):
@@ -107,35 +137,34 @@ class EvalStats:
         s['labels'].index_add_(0, y, w)
         rows = max(1, self.chunk_elements // C)
         for i in range(0, len(y), rows):
-            lp = logits[i:i+rows].float().log_softmax(-1)
+            z = logits[i:i+rows].float()
+            lp = z.log_softmax(-1)
             p = lp.exp()
             lp.clamp_min_(torch.finfo(lp.dtype).min)  # a masked (-inf) logit: 0 * -inf would be NaN in the entropy
             ent = -torch.bmm(p.unsqueeze(1), lp.unsqueeze(2)).flatten()  # row-wise dot products, no [rows, C] temporary
-            top_lp, top_i = lp.topk(k, -1)
-            top_p = top_lp.exp()
-            yi, wi = y[i:i+rows], w[i:i+rows]
-            pred = top_i[:, 0]
-            hits1, hitsk = (pred == yi).to(dt), (top_i == yi[:, None]).any(-1).to(dt)
-            s['scalars'] += torch.stack([wi.sum(), (hits1 * wi).sum(), (hitsk * wi).sum(), (top_p[:, 0] * wi).sum(),
-                                         (top_p.sum(-1) * wi).sum(), (ent * wi).sum()])
+            top_p = lp.topk(k, -1).values.exp()
+            wi, ki = w[i:i+rows], keep[i:i+rows]
+            s['scalars'] += torch.stack([wi.sum(), (top_p[:, 0] * wi).sum(), (top_p.sum(-1) * wi).sum(), (ent * wi).sum()])
             s['pred_mass'] += (wi.to(p.dtype) @ p).to(dt)  # the predicted distributions, summed over targets
-            if self.classification:
-                s['tp'].index_add_(0, yi, hits1 * wi)
-                s['predicted'].index_add_(0, pred, wi)
-                if 'confusion' in s: s['confusion'].index_add_(0, yi * C + pred, wi)
+            zk, yk = z[ki], y[i:i+rows][ki]  # the targets that count (a boolean index: one host sync per chunk)
+            for name, m in self.tm.items():
+                if name == 'ppl': m.update(zk[None], yk[None])
+                elif name == 'ece': m.update(p[ki], yk)
+                else: m.update(zk, yk)
 
     def compute(self, train_labels:Tensor|None=None, reduce=None) -> dict:
         "The metrics (names without the `val_` prefix); `train_labels`: label counts of the training set, for drift."
         if self.sums is None: return {}
         s = {k: (reduce(v) if reduce is not None else v).double().cpu() for k, v in self.sums.items()}
-        n, top1, topk, p1, pk, ent = s['scalars'].tolist()
+        n, p1, pk, ent = s['scalars'].tolist()
         if n == 0: return {}
         C, k = self.C, min(self.top_k, self.C)
-        m = dict(acc=top1 / n, conf_top1=p1 / n, entropy=ent / n)
-        if C > k: m[f'top{k}_acc'], m[f'conf_top{k}'] = topk / n, pk / n
-        if self.classification:
-            m['f1_macro'] = f1_macro(s['tp'], s['predicted'], s['labels'])
-            if 'confusion' in s: m['confusion'] = s['confusion'].round().long().view(C, C).tolist()
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*compute.*before.*update.*')  # a process whose share had no targets
+            tm = {name: m.compute() for name, m in self.tm.items()}  # under DDP/FSDP: gathered from every process
+        m = {name: v.long().tolist() if name == 'confusion' else float(v) for name, v in tm.items()}
+        m.update(conf_top1=p1 / n, entropy=ent / n)
+        if C > k: m[f'conf_top{k}'] = pk / n
         if train_labels is not None and len(train_labels) == C:
             m['js_labels'] = js_divergence(train_labels, s['labels'])
             m['js_preds'] = js_divergence(train_labels, s['pred_mass'])
@@ -163,11 +192,74 @@ def label_counts(dataset, num_classes:int, ignore_index:int=-100, max_items:int|
     finally: set_rng_state(saved)
     return counts
 
+# %% ../nbs/13a_metrics.ipynb #856a3c1c
+def _split_tag(t:str) -> tuple[str, str]:
+    "('B', 'PER') for 'B-PER'; ('O', '_') for 'O'; a tag without a prefix is an inside tag of its own type."
+    t = str(t)
+    if t in ('O', ''): return 'O', '_'
+    if len(t) > 1 and t[1] in '-_' and t[0] in 'BIESLU': return {'L': 'E', 'U': 'S'}.get(t[0], t[0]), t[2:] or '_'
+    if t in 'BIES': return t, '_'
+    return 'I', t
+
+def _ends(prev, tag, prev_type, type_) -> bool:
+    return prev in ('E', 'S') or (prev in ('B', 'I') and tag in ('B', 'S', 'O')) or (prev != 'O' and prev_type != type_)
+
+def _starts(prev, tag, prev_type, type_) -> bool:
+    return tag in ('B', 'S') or (prev in ('E', 'S', 'O') and tag in ('E', 'I')) or (tag != 'O' and prev_type != type_)
+
+def entity_spans(tags) -> set[tuple[str, int, int]]:
+    "The entities of a tag sequence as (type, first, last) positions, read as conlleval reads IOB1/IOB2/IOE/IOBES tags."
+    out, prev, prev_type, begin = set(), 'O', '', 0
+    for i, t in enumerate([*tags, 'O']):
+        tag, type_ = _split_tag(t)
+        if _ends(prev, tag, prev_type, type_) and prev != 'O': out.add((prev_type, begin, i - 1))
+        if _starts(prev, tag, prev_type, type_): begin = i
+        prev, prev_type = tag, type_
+    return out
+
+def entity_counts(true_tags, pred_tags) -> tuple[int, int, int]:
+    "(matched, predicted, true) entity counts of one sequence or a list of sequences."
+    if true_tags and not isinstance(true_tags[0], str): 
+        return tuple(map(sum, zip(*(entity_counts(a, b) for a, b in zip(true_tags, pred_tags))))) or (0, 0, 0)
+    t, p = entity_spans(true_tags), entity_spans(pred_tags)
+    return len(t & p), len(p), len(t)
+
+def entity_scores(matched, predicted, actual) -> dict:
+    "Entity-level precision, recall and F1 from counts (0 where there is nothing to divide by, as seqeval does)."
+    pr = matched / predicted if predicted else 0.0
+    rc = matched / actual if actual else 0.0
+    return dict(entity_precision=pr, entity_recall=rc, entity_f1=2 * pr * rc / (pr + rc) if pr + rc else 0.0)
+
+def is_entity_tagging(names) -> bool:
+    "Whether class names are BIO-style entity tags (an O and B-/I-/E-/S- prefixed names)."
+    names = [str(n) for n in (names or [])]
+    return 'O' in names and any(n[:2] in ('B-', 'I-', 'E-', 'S-') for n in names)
+
+# %% ../nbs/13a_metrics.ipynb #c5a819a2
+def _need(module:str, package:str):
+    import importlib
+    try: return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"Text generation metrics use {package}: pip install 'nbtrain[train]' (or pip install {package})") from None
+
+def text_scores(predictions:list[str], references:list[str]) -> dict:
+    "Corpus BLEU and chrF (sacrebleu, 0..100) and mean ROUGE-L F-measure (rouge-score, 0..1) of `predictions` against `references`."
+    predictions, references = [str(p) for p in predictions], [str(r) for r in references]
+    if len(predictions) != len(references):
+        raise ValueError(f"text_scores: {len(predictions)} predictions and {len(references)} references: give one reference per prediction")
+    if not predictions: return {}
+    sb = _need('sacrebleu', 'sacrebleu')
+    rs = _need('rouge_score.rouge_scorer', 'rouge-score')
+    scorer = rs.RougeScorer(['rougeL'], use_stemmer=False)
+    rouge = [scorer.score(r, p)['rougeL'].fmeasure for p, r in zip(predictions, references)]
+    return dict(bleu=sb.corpus_bleu(predictions, [references]).score, chrf=sb.corpus_chrf(predictions, [references]).score,
+                rougeL=sum(rouge) / len(rouge))
+
 # %% ../nbs/13a_metrics.ipynb #41f0e862
 CLASSIFICATION_TASKS = ('sequence_classification', 'image_classification', 'token_classification')
 
 class TaskMetrics(Callback):
-    "Per-task evaluation metrics (top-k accuracy, macro F1, confusion matrix, confidence, drift) and training perplexity."
+    "Per-task evaluation metrics (top-k accuracy, macro F1, confusion matrix, calibration, perplexity, entities, drift) and training perplexity."
     order = -20  # before JSONLLogger (-10): what it adds at log steps is written with the rest
 
     def __init__(self, cfg=None, *, top_k:int|None=None, max_confusion_classes:int=50, drift_items:int|None=2048):
@@ -175,11 +267,14 @@ class TaskMetrics(Callback):
         self.top_k = top_k or getattr(tr, 'top_k', 5)
         self.max_confusion_classes, self.drift_items = max_confusion_classes, drift_items
         self.stats, self.train_labels, self.task_name, self._multilabel = None, None, None, False
+        self.tags, self.entities = None, None
 
     def on_fit_start(self, trainer):
         self.task_name = trainer.task.name
         self.stats = EvalStats(self.top_k, classification=self.task_name in CLASSIFICATION_TASKS,
-                               max_confusion_classes=self.max_confusion_classes)
+                               max_confusion_classes=self.max_confusion_classes, perplexity=self.task_name in LM_TASKS)
+        names = getattr(getattr(trainer, 'data', None), 'label_names', None)
+        if self.task_name == 'token_classification' and is_entity_tagging(names): self.tags = [str(n) for n in names]
 
     def on_log(self, trainer, metrics):
         loss = metrics.get('loss')
@@ -191,6 +286,17 @@ class TaskMetrics(Callback):
         logits, y = trainer.task.pair(output, batch)
         if y.is_floating_point(): self._multilabel = True; return
         self.stats.update(logits, y, trainer.task.ignore_index)
+        if self.tags is not None: self._count_entities(logits, y, trainer.task.ignore_index)
+
+    def _count_entities(self, logits, y, ignore_index):
+        pred, y = logits.argmax(-1).cpu(), y.cpu()
+        name = lambda i: self.tags[i] if 0 <= i < len(self.tags) else 'O'
+        c = [0, 0, 0]
+        for p_row, y_row in zip(pred.tolist(), y.tolist()):
+            kept = [(a, b) for a, b in zip(y_row, p_row) if a != ignore_index]  # the first sub-token of each word
+            for j, v in enumerate(entity_counts([name(a) for a, _ in kept], [name(b) for _, b in kept])): c[j] += v
+        e = torch.tensor(c, dtype=torch.float64, device=logits.device)
+        self.entities = e if self.entities is None else self.entities + e
 
     def on_eval_metrics(self, trainer, metrics):
         if self.stats is None or self.stats.sums is None: return
@@ -199,5 +305,11 @@ class TaskMetrics(Callback):
         f = trainer.fabric
         reduce = (lambda t: f.all_reduce(t, reduce_op='sum')) if f.world_size > 1 else None
         m = self.stats.compute(self.train_labels, reduce=reduce)
-        self.stats.reset()
-        for k, v in m.items(): metrics.setdefault(f'val_{k}', v)
+        if self.entities is not None:
+            e = reduce(self.entities) if reduce is not None else self.entities
+            m.update(entity_scores(*(int(round(x)) for x in e.tolist())))
+        self.stats.reset(); self.entities = None
+        prefix = getattr(trainer, 'eval_prefix', 'val_')
+        for k, v in m.items():
+            if k == 'ppl': metrics[f'{prefix}ppl'] = v  # torchmetrics' perplexity of the targets, not exp of a smoothed loss
+            else: metrics.setdefault(f'{prefix}{k}', v)
