@@ -1,4 +1,4 @@
-"""`nbtrain train`, `nbtrain config`, `nbtrain check`: the same engine as the notebooks, from a terminal, a script or CI
+"""`nbtrain train`, `nbtrain config`, `nbtrain check`, `nbtrain generate`, `nbtrain eval`: the same engine as the notebooks, from a terminal, a script or CI
 
 Docs: https://nbtrain.github.io/nbtrain/cli.html.md"""
 
@@ -14,7 +14,8 @@ from .config import PRESETS, DEFAULT_PRESET, load_config, redact, describe_field
 from .errors import NbtrainError, ConfigError, ModelLoadError, did_you_mean
 
 # %% auto #0
-__all__ = ['COMMANDS', 'QUICK_SETTINGS', 'cmd_train', 'cmd_config', 'main', 'parse_tiers', 'code_file', 'CheckCommand']
+__all__ = ['COMMANDS', 'QUICK_SETTINGS', 'cmd_train', 'cmd_config', 'main', 'parse_tiers', 'code_file', 'CheckCommand',
+           'GenerateCommand', 'metrics_lines', 'EvalCommand']
 
 # %% ../nbs/12_cli.ipynb #7a3fd4ca
 COMMANDS = {  # name: ('module:object', help)
@@ -22,6 +23,8 @@ COMMANDS = {  # name: ('module:object', help)
     'search': ('nbtrain.hpo:SearchCommand', 'hyperparameter search with Optuna that survives disconnects'),
     'export': ('nbtrain.export:ExportCommand', "export a run's model (safetensors, TorchScript, ONNX) with parity checks"),
     'push': ('nbtrain.hub:PushCommand', "publish a run's model to the Hugging Face Hub with a model card"),
+    'generate': ('nbtrain.cli:GenerateCommand', "generate text from a run's language model, printed as it comes"),
+    'eval': ('nbtrain.cli:EvalCommand', "evaluate a run's final model on a data split and print its metrics"),
 }
 
 def _command(name:str):
@@ -246,6 +249,114 @@ class CheckCommand:
         print(f"summary: {report.headline()} -> {'FAILED' if status else 'passed'} (--fail-on {args.fail_on})")
         print(f"report: {out/'report.md'}, {out/'report.json'}" + (f", {len(report.figures)} plots" if report.figures else ''))
         return status
+
+# %% ../nbs/12_cli.ipynb #5fbbcbf2
+def _parse(kind, what:str):
+    "An argparse type: `kind` (int or float) at least 0, with a message naming the bad value and `what` works."
+    def parse(s):
+        try: v = kind(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a {'whole number' if kind is int else 'number'}: {what}") from None
+        return v
+    return parse
+
+def _no_rest(name:str, rest, options:str):
+    if rest:
+        hint = did_you_mean(rest[0].split('=')[0], options.split(', ')) if rest[0].startswith('-') else ''
+        raise ConfigError(f"nbtrain {name} does not take {' '.join(rest)!r}.{hint} Its options: {options} (see nbtrain {name} --help).")
+
+def _run_folder(run:str) -> Path:
+    "RUN as a folder holding a final model (a run folder or its final/), or a `ModelLoadError` saying what is there."
+    from nbtrain.loading import is_final_folder
+    p = Path(run).expanduser()
+    if not p.exists(): raise ModelLoadError(f"RUN={run!r}: no such folder. Give a run folder (the output_dir/name a training wrote).")
+    if not (is_final_folder(p) or is_final_folder(p/'final')):
+        raise ModelLoadError(f"RUN={run!r} has no final model (final/ with model.safetensors and nbtrain.json): the run was stopped "
+                             f"before the end or did not save one. Resume it to the end, or give another run.")
+    return p
+
+class GenerateCommand:
+    "`nbtrain generate RUN --prompt TEXT`: text from a run's language model, printed as it comes."
+    help = COMMANDS['generate'][1]
+    options = ('--prompt, --max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty, --stop, --seed, '
+               '--completion-only, --trust-code, --device')
+
+    def add_arguments(self, p):
+        p.add_argument('run', metavar='RUN', help="a run folder (or its final/): its final model and tokenizer")
+        p.add_argument('--prompt', action='append', metavar='TEXT', help='text to continue (give it several times for several prompts)')
+        p.add_argument('--max-new-tokens', type=_parse(int, 'give how many tokens to write, e.g. 64'), default=64, metavar='N',
+                       help='tokens to write after each prompt at most (default 64)')
+        p.add_argument('--temperature', type=_parse(float, 'give 0 (greedy) or more, e.g. 0.8'), default=1.0, metavar='T',
+                       help='0 is greedy; 1 samples the model as it is (default 1.0)')
+        p.add_argument('--top-k', type=_parse(int, 'give a whole number, e.g. 50'), metavar='K', help='sample among the K most likely tokens')
+        p.add_argument('--top-p', type=_parse(float, 'give a number in (0, 1], e.g. 0.95'), metavar='P', help='sample among the most likely tokens that make up P of the probability')
+        p.add_argument('--repetition-penalty', type=_parse(float, 'give a number > 0, e.g. 1.2'), default=1.0, metavar='R',
+                       help='above 1 discourages repeating tokens (default 1.0: off)')
+        p.add_argument('--stop', action='append', metavar='TEXT', help='end the text before this string (several allowed)')
+        p.add_argument('--seed', type=_parse(int, 'give a whole number, e.g. 0'), metavar='N', help='seed of the sampling, for a repeatable sample')
+        p.add_argument('--completion-only', action='store_true', help='print only the generated text, not the prompt before it')
+        p.add_argument('--trust-code', action='store_true', help="allow running the run's final/model.py (a file model): read it first")
+        p.add_argument('--device', metavar='DEV', help='cpu, cuda, cuda:1 or mps (default: the GPU when there is one)')
+
+    def run(self, args, rest) -> int:
+        from nbtrain.generate import Sampling, load_for_generation, stream
+        _no_rest('generate', rest, self.options)
+        if not args.prompt: raise ConfigError("nbtrain generate needs a prompt: --prompt 'Once upon a time' (give --prompt several times for several).")
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+        try: Sampling(**kw)
+        except ConfigError as e:
+            name, _, why = str(e).partition('=')
+            raise ConfigError(f"--{name.replace('_', '-')}={why}") from None  # --top-p=1.5: ...
+        run, device = _run_folder(args.run), _device(args.device)
+        try: model, tok = load_for_generation(run, trust_code=args.trust_code, device=device)
+        except ModelLoadError as e:
+            if 'trust_code' in str(e) and not args.trust_code: raise ModelLoadError(f"{e} On the command line: pass --trust-code.") from None
+            raise
+        if tok is None: raise ModelLoadError(f"RUN={args.run!r}: its final/ holds no tokenizer, so its text cannot be read or written.")
+        for i, prompt in enumerate(args.prompt):
+            if i: print()
+            if not args.completion_only: print(prompt, end='', flush=True)
+            for piece in stream(model, prompt, tokenizer=tok, **kw): print(piece, end='', flush=True)
+            print(flush=True)
+        return 0
+
+# %% ../nbs/12_cli.ipynb #1ad9a396
+def metrics_lines(metrics:dict) -> list[str]:
+    "The lines of a small two-column table of `metrics` (name, value)."
+    def fmt(v):
+        if isinstance(v, bool) or v is None: return str(v)
+        if isinstance(v, float): return f'{v:.4g}' if v == 0 or 1e-3 <= abs(v) < 1e6 else f'{v:.3e}'
+        if isinstance(v, int): return f'{v:,}'
+        return json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v)
+    rows = [(str(k), fmt(v)) for k, v in metrics.items()]
+    w = max([len('metric'), *(len(k) for k, _ in rows)])
+    return [f"{'metric':<{w}}  value", f"{'-' * w}  {'-' * 5}", *(f"{k:<{w}}  {v}" for k, v in rows)]
+
+class EvalCommand:
+    "`nbtrain eval RUN [--data SOURCE] [--split test]`: a run's final model on a data split, its metrics as a table."
+    help = COMMANDS['eval'][1]
+    options = '--data, --split, --trust-code, --json'
+
+    def add_arguments(self, p):
+        p.add_argument('run', metavar='RUN', help='a run folder (or its final/)')
+        p.add_argument('--data', metavar='SOURCE', help="data to evaluate on (default: the run's own data source)")
+        p.add_argument('--split', default='test', metavar='NAME', help='the split to evaluate (default test)')
+        p.add_argument('--trust-code', action='store_true', help="allow running the run's final/model.py (a file model): read it first")
+        p.add_argument('--json', action='store_true', help='print the metrics as one JSON object instead of a table')
+
+    def run(self, args, rest) -> int:
+        _no_rest('eval', rest, self.options)
+        if not args.split.strip(): raise ConfigError(f"--split={args.split!r}: give a split name, e.g. --split test or --split validation.")
+        run = _run_folder(args.run)
+        try: from nbtrain.evaluate import evaluate_run
+        except ImportError as e: raise NbtrainError(f"nbtrain eval is not available in this installation ({e}).") from None
+        kw = {'trust_code': True} if args.trust_code else {}
+        metrics = evaluate_run(run, data=args.data, split=args.split.strip(), **kw)
+        if args.json: print(json.dumps(metrics, default=str))
+        else:
+            print(f"{run}: {args.split} split" + (f" of {args.data}" if args.data else ''))
+            print('\n'.join(metrics_lines(metrics)))
+        return 0
 
 # %% ../nbs/12_cli.ipynb #62530425
 if __name__ == "__main__": sys.exit(main())  # python -m nbtrain.cli (not run in the notebook)
