@@ -407,7 +407,7 @@ def _chat_column(table:Table, role:str, given:str|None, fmt:str) -> str:
                         f"Its columns: {format_choices(table.names)}.")
     found = next((c for c in CHAT_COLUMNS[role] if c in table.columns), None)
     if found is None:
-        raise DataError(f"data.format={fmt!r} needs a column of {role}s, but {table.origin} has none named "
+        raise DataError(f"data.format={fmt!r} needs a column of {role.rstrip('s')}s, but {table.origin} has none named "
                         f"{', '.join(CHAT_COLUMNS[role])}: set {field} to one of its columns: {format_choices(table.names) or '(none)'}.")
     return found
 
@@ -415,7 +415,7 @@ def _text(table, col, i, what) -> str:
     v = table.columns[col][i]
     if v is None: v = ''
     if not isinstance(v, str):
-        raise DataError(f"{table.where(i)}: column {col!r} holds {type(v).__name__} {str(v)[:60]!r}, expected the {what} as text")
+        raise DataError(f"{table.where(i)}: column {col!r} holds {type(v).__name__} {repr(v)[:60]}, expected the {what} as text")
     return v
 
 @DATA_FORMATS.register('prompt_response')
