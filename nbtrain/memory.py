@@ -13,7 +13,7 @@ from torch import nn
 from .tasks import FUSED_LOSS_CHUNK, FUSED_LOSS_MIN
 
 # %% auto #0
-__all__ = ['QUANT_BLOCK', 'is_oom', 'free_memory', 'model_dims', 'MemoryEstimate', 'param_bytes', 'activation_bytes',
+__all__ = ['QUANT_BLOCK', 'is_oom', 'free_memory', 'model_dims', 'MemoryEstimate', 'nf4_bytes', 'param_bytes', 'activation_bytes',
            'estimate_memory', 'recommend', 'model_shape', 'FinetuneEstimates', 'finetune_estimates', 'find_micro_batch',
            'split_batch', 'smaller_micro_batch']
 
@@ -58,7 +58,12 @@ class MemoryEstimate:
     def to_dict(self): return dict(asdict(self), total_gb=self.total_gb)
 
 # %% ../nbs/09c_memory.ipynb #2e354452
-QUANT_BLOCK = 64  # bitsandbytes' 4-bit block size (one fp32 absmax per block)
+QUANT_BLOCK = 64  # bitsandbytes' 4-bit block size (one absmax per block)
+
+def nf4_bytes(n:int, double_quant:bool=True, block:int=QUANT_BLOCK) -> float:
+    "Bytes of `n` values in 4 bits: packed pairs plus one absmax a block (fp32, or 8-bit with an fp32 scale per 256 blocks)."
+    blocks = math.ceil(n / block)
+    return n / 2 + (blocks + 4 * math.ceil(blocks / 256) if double_quant else 4 * blocks)
 
 def _state_bytes(obj, seen:set) -> int:
     "Bytes of the tensors in a bitsandbytes quantization state (absmax, code, offset, a nested state2; 8-bit: SCB)."
@@ -74,7 +79,7 @@ def param_bytes(p:torch.Tensor, precision:str='32-true', seen:set|None=None) -> 
     "Bytes parameter `p` takes on the device while training under `precision` (its gradient and optimizer state aside)."
     n, kind, seen = p.numel(), type(p).__name__, set() if seen is None else seen
     if kind == 'Params4bit' and getattr(p, 'quant_state', None) is None:  # bitsandbytes quantizes it on the move to the GPU
-        return n / 2 + 4 * math.ceil(n / (getattr(p, 'blocksize', None) or QUANT_BLOCK))
+        return nf4_bytes(n, bool(getattr(p, 'compress_statistics', False)), getattr(p, 'blocksize', None) or QUANT_BLOCK)
     if kind == 'Int8Params' and p.is_floating_point(): return n + 4 * (p.shape[0] if p.dim() else 1)
     if kind in ('Params4bit', 'Int8Params') or not p.is_floating_point():
         return n * p.element_size() + _state_bytes(getattr(p, 'quant_state', None) or p, seen)
@@ -248,7 +253,7 @@ def finetune_estimates(config, *, micro_batch:int, seq_len:int, precision:str='b
     states = {'adamw': 2, 'adam': 2, 'sgd': 1}.get(optimizer, 2)
     full_b = 2 if true16 else 4                               # trainable: fp32 master under mixed precision
     base_b = 2 if precision.startswith(('bf16', '16')) else 4  # frozen base in the compute dtype
-    ad_b, q_b = full_b, 0.5 + 4 / QUANT_BLOCK                 # adapters train like any weight; 4-bit: packed + block scales
+    ad_b, q_b = full_b, nf4_bytes(2**20) / 2**20              # adapters train like any weight; NF4 with double quantization
     lora_in = sh['linear_inputs'] if lora_dropout else 0
     act = lambda **kw: activation_bytes(sh['dims'], micro_batch=micro_batch, seq_len=seq_len, precision=precision,
                                         gradient_checkpointing=gradient_checkpointing, flash=flash, fused_loss=fused_loss, **kw) / GB
