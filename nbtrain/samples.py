@@ -120,6 +120,9 @@ class SampleCallback(Callback):
         self.seconds, self.evaluations, self._done_step = 0.0, 0, None
 
     def on_fit_start(self, trainer):
+        same = [c for c in getattr(trainer, 'callbacks', ()) if c.name == self.name]
+        if same and same[-1] is not self:  # one passed to the trainer replaces its own (listed after it)
+            self.active = False; return
         task = getattr(getattr(trainer, 'task', None), 'name', None)
         tok = getattr(getattr(trainer, 'data', None), 'tokenizer', None)
         self.active = bool(self.enabled and task == 'causal_lm' and tok is not None)

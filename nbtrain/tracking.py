@@ -15,10 +15,11 @@ from .files import atomic_write, disk_full_error, is_disk_full
 from .config import redact, redact_argv
 from .errors import ConfigError, did_you_mean
 from .repro import rng_state, set_rng_state
+from .samples import read_samples, samples_markdown
 
 # %% auto #0
-__all__ = ['WANDB_MODES', 'ALERT_LEVELS', 'CSVLogger', 'Uploader', 'get_secret', 'resolve_wandb_mode', 'tracker_config',
-           'upload_artifact', 'WandbTracker', 'read_offline_run', 'TensorBoardTracker']
+__all__ = ['WANDB_MODES', 'ALERT_LEVELS', 'SAMPLE_TABLE_ROWS', 'CSVLogger', 'Uploader', 'get_secret', 'resolve_wandb_mode',
+           'tracker_config', 'upload_artifact', 'WandbTracker', 'read_offline_run', 'TensorBoardTracker']
 
 # %% ../nbs/13c_tracking.ipynb #6070c5b2
 def _scalars(metrics:dict) -> dict:
@@ -182,6 +183,7 @@ def tracker_config(trainer) -> dict:
 # %% ../nbs/13c_tracking.ipynb #616d2bd5
 _ID_CHARS = string.ascii_lowercase + string.digits
 ALERT_LEVELS = {'info': 'INFO', 'warn': 'WARN', 'warning': 'WARN', 'error': 'ERROR'}
+SAMPLE_TABLE_ROWS = 1000  # the newest samples a W&B table holds
 
 def upload_artifact(run, path, *, name:str, type:str, aliases:list[str], metadata:dict, lock=None):
     "Log `path` (a folder or file) as a W&B artifact; online, wait until it is uploaded (raises if it fails)."
@@ -219,6 +221,7 @@ class WandbTracker(Callback):
         self.settings, self.upload = dict(settings or {}), uploader or upload_artifact
         self.uploads = Uploader(retries=retries, backoff_s=backoff_s)
         self.run, self.run_id, self.alerts = None, None, []
+        self.sample_rows = None  # every evaluation's samples so far, as table rows
         self._lock = threading.Lock()  # the run is used from the training thread and the upload thread
 
     # --- state: the run id travels in checkpoints ---------------------------------------------------------------
@@ -269,6 +272,17 @@ class WandbTracker(Callback):
 
     def on_log(self, trainer, metrics): self._log(trainer, metrics)
     def on_eval_end(self, trainer, metrics): self._log(trainer, metrics)
+
+    def on_samples(self, trainer, rows):
+        "The samples so far as one table, `samples`, at this step (a logged W&B table cannot be added to: each one holds them all)."
+        if self.run is None: return
+        import wandb
+        if self.sample_rows is None:  # a resumed run: the earlier sessions' samples are in the run folder
+            self.sample_rows = [[r['step'], r['prompt'], r['text']] for r in read_samples(trainer.run_dir) if r['step'] < trainer.step]
+        self.sample_rows += [[r['step'], r['prompt'], r['text']] for r in rows]
+        del self.sample_rows[:-SAMPLE_TABLE_ROWS]
+        table = wandb.Table(columns=['step', 'prompt', 'text'], data=self.sample_rows)
+        with self._lock: self.run.log({'samples': table}, step=trainer.step)
 
     def on_checkpoint(self, trainer, path):
         if self.run is None or self.log_artifacts != 'all': return
@@ -353,7 +367,7 @@ def read_offline_run(path) -> dict:
 
 # %% ../nbs/13c_tracking.ipynb #82202eff
 class TensorBoardTracker(Callback):
-    "TensorBoard event files in `run_dir/tensorboard`: scalars at optimizer steps, the config and alerts as text."
+    "TensorBoard event files in `run_dir/tensorboard`: scalars at optimizer steps, the config, alerts and samples as text."
     def __init__(self, cfg=None, *, log_dir=None, flush_secs:int=30):
         _need('tensorboard', 'The TensorBoard tracker (tracking.backends: tensorboard)')
         from torch.utils.tensorboard import SummaryWriter
@@ -374,6 +388,9 @@ class TensorBoardTracker(Callback):
 
     def on_log(self, trainer, metrics): self._log(trainer, metrics)
     def on_eval_end(self, trainer, metrics): self._log(trainer, metrics); self.writer and self.writer.flush()
+
+    def on_samples(self, trainer, rows):
+        if self.writer is not None: self.writer.add_text('samples', samples_markdown(rows), trainer.step)
 
     def on_alert(self, trainer, title, text, level='info'):
         if self.writer is not None: self.writer.add_text('alerts', redact(f'**{level}** {title}: {text}'), trainer.step)
