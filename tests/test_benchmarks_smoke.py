@@ -53,3 +53,29 @@ def test_loss_memory_cpu_smoke():
     ratio = float(re.search(r'target peak memory nbtrain / textbook <= 0.5: ([\d.]+)', out).group(1))
     assert ratio < 1, out  # at this small size the fixed chunk takes part of the gain; the 8,192-token default shows 0.44
     assert 'target step time nbtrain / textbook <= 1.05: ' in out and 'not judged on CPU' in out
+
+LORA_BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'lora.py'
+
+@pytest.mark.slow
+def test_lora_cpu_smoke(tmp_path):
+    "Full fine-tuning, LoRA through nbtrain and LoRA with peft in a plain loop, at --quick size: every arm runs and reports."
+    pytest.importorskip('transformers'); pytest.importorskip('peft')
+    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'PYTHONUNBUFFERED': '1', 'TMPDIR': str(tmp_path)}
+    r = subprocess.run([sys.executable, str(LORA_BENCH), '--quick'], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert out.startswith('CPU RUN, NO GPU: scaled-down check, --quick smoke test'), out
+    assert 'FAILED' not in out, out
+    rows, size = {}, r'[\d.]+ [KMG]?B'
+    for name in ('full fine-tuning (nbtrain)', 'LoRA (nbtrain)', 'LoRA (peft + plain loop)'):
+        m = re.search(rf'^{re.escape(name)}\s+([\d,]+)\s+({size})\s+(\({size}\)|-)\s+({size})\s+([\d.]+) ms\s+([\d.]+)x\s+([\d.]+)$', out, re.M)
+        assert m, f'no row for {name}:\n{out}'
+        rows[name] = int(m.group(1).replace(',', '')), m.group(2)
+        assert float(m.group(5)) > 0 and 1.0 < float(m.group(7)) < 20.0  # about ln(4096) = 8.3 on random tokens
+        if 'nbtrain' in name: assert m.group(3) == f'({m.group(2)})', m.group(0)  # nbtrain.memory's estimate is what the run held
+    assert rows['LoRA (nbtrain)'] == rows['LoRA (peft + plain loop)']  # the same adapters: parameters and bytes held
+    assert rows['LoRA (nbtrain)'][0] < rows['full fine-tuning (nbtrain)'][0] / 10
+    assert re.search(r'^QLoRA 4-bit \(nbtrain\)\s+skipped: bitsandbytes quantizes on a CUDA GPU', out, re.M), out
+    assert re.search(r'target nbtrain LoRA step time / peft plain loop <= 1.05: [\d.]+ -- (met|NOT met) \(CPU check run', out), out
+    ck = re.search(r'target LoRA checkpoint / full < 5%: ([\d.]+)% -- (met|NOT met)', out)
+    assert ck and float(ck.group(1)) < 5, out
