@@ -393,7 +393,8 @@ def _model_limits(fm:FinalModel, run:RunSummary) -> dict:
     "The longest sequence (the model's own limit, else the length it trained on), the vocabulary and the padding id."
     lim, tok = model_limits(fm.module, fm.info.get('config')), fm.tokenizer
     seq = lim['max_seq_len'] or (run.run_config.get('data') or {}).get('seq_len')
-    return {'max_seq_len': seq, 'vocab_size': lim['vocab_size'], 'pad_id': getattr(tok, 'pad_id', None) if tok else None}
+    return {'max_seq_len': seq, 'vocab_size': lim['vocab_size'], 'pad_id': getattr(tok, 'pad_id', None) if tok else None,
+            'eos_id': getattr(tok, 'eos_id', None) if tok else None}
 
 # %% ../nbs/17_export.ipynb #b6854439
 def _export_format(f:str, fm:FinalModel, module:LogitsModule, checks:list, tmp:Path, *, trust_code, opset, exporter,
@@ -565,6 +566,26 @@ def _import_serve(folder:Path):
     spec.loader.exec_module(mod)
     return mod
 
+def _generate_readme(srv, model, meta:dict, tok) -> list[str]:
+    "The README's /generate section: a request, its real answer, the streamed form and the fields."
+    prompt = {'text': 'Once upon a time'} if tok is not None else {'input_ids': [min(5, (meta.get('vocab_size') or 6) - 1)] * 4}
+    body = json.dumps({**prompt, 'max_new_tokens': 16, 'temperature': 0.8, 'top_k': 50, 'seed': 0})
+    resp = srv.generate_response(model, meta, srv.parse_generate(body.encode(), meta, tok), tok)
+    stream = json.dumps({**prompt, 'max_new_tokens': 16, 'stream': True})
+    return ["## Generate", "", "The text after a prompt (or several, up to "f"{srv.MAX_PROMPTS}), sampled as `nbtrain.generate` samples:", "",
+            "```bash", "curl -s -X POST localhost:8000/generate -H 'Content-Type: application/json' \\", f"     -d '{body}'", "```", "",
+            "answers:", "", "```json", json.dumps(resp, ensure_ascii=False), "```", "",
+            "With `\"stream\": true` the answer is server-sent events, one per token as it comes (`{\"index\", \"token_id\", \"text\"}`),",
+            "then one per prompt with `\"done\": true` and the whole text, then `data: [DONE]`:", "",
+            "```bash", f"curl -N -s -X POST localhost:8000/generate -H 'Content-Type: application/json' -d '{stream}'", "```", "",
+            "Fields: `text` or `input_ids`; `max_new_tokens` (default 64, at most the server's `--max-new-tokens`, "
+            f"{srv.MAX_NEW_TOKENS} unless set); `temperature` (0 is greedy; default 1.0); `top_k`, `top_p` (off by default); "
+            "`repetition_penalty` (1.0: off); `stop` (strings the text ends before, at most "
+            f"{srv.MAX_STOP}); `seed`; `stream`. Each prompt ends at `max_new_tokens` (`finish_reason` `length`), the "
+            "end-of-text token (`eos`), a stop string (`stop`) or the server's `--generate-timeout` "
+            f"({srv.GENERATE_TIMEOUT_S:g} s unless set: `time`). The model runs on the text so far at each token, cut to its "
+            f"last {meta.get('max_seq_len')} tokens.", ""]
+
 def bundle_readme(folder:Path, meta:dict, runtime:str, target:str) -> str:
     "README.md: what is in the bundle, how to run it (locally and in Docker), curl examples with real responses."
     srv = _import_serve(folder)
@@ -589,7 +610,9 @@ def bundle_readme(folder:Path, meta:dict, runtime:str, target:str) -> str:
          "## Endpoints", "", "| endpoint | answers |", "| --- | --- |",
          "| `GET /health` | `{\"status\": \"ok\"}` as soon as the process runs |",
          "| `GET /ready` | 200 once the model is loaded and has run a warm-up input, 503 before (with the error if loading failed) |",
-         "| `POST /predict` | predictions for a JSON body; 4xx with `{\"error\", \"field\"}` for a bad request |", "",
+         "| `POST /predict` | predictions for a JSON body; 4xx with `{\"error\", \"field\"}` for a bad request |",
+         *(["| `POST /generate` | text after a prompt, whole or streamed (server-sent events); 4xx naming the field for a bad request |"]
+           if meta.get('task') == 'causal_lm' else []), "",
          "```bash", "curl -s localhost:8000/health", "curl -s localhost:8000/ready", "```", ""]
     req = _example_request(meta, tok)
     if req is not None:
@@ -604,6 +627,7 @@ def bundle_readme(folder:Path, meta:dict, runtime:str, target:str) -> str:
         if err: s += ["A bad request gets a 400 that says what is wrong:", "", "```bash",
                       f"curl -s -X POST localhost:8000/predict -H 'Content-Type: application/json' -d '{json.dumps(bad)}'",
                       "```", "", "```json", json.dumps(err), "```", ""]
+        if meta.get('task') == 'causal_lm': s += _generate_readme(srv, model, meta, tok)
     else:
         shape = [1 if isinstance(d, str) else d for d in meta['inputs'][0]['shape']]
         s += ["## Predict", "", "```bash", "python - <<'PY'", "import json, urllib.request",
@@ -623,7 +647,9 @@ def bundle_readme(folder:Path, meta:dict, runtime:str, target:str) -> str:
           "| `--workers` / `WORKERS` | CPUs, at most 4 | requests running the model at once; others wait, then 503 with `Retry-After` |",
           f"| `--max-connections` / `MAX_CONNECTIONS` | {srv.MAX_CONNECTIONS} | connections open at once; more get 503 with `Retry-After` |",
           f"| `--timeout` / `TIMEOUT` | {srv.TIMEOUT_S:g} s | to receive a request (headers and body) and to keep an idle connection; 408 after it |",
-          f"| `--queue-timeout` | {srv.QUEUE_TIMEOUT_S:g} s | how long a request waits for a worker |", "",
+          f"| `--queue-timeout` | {srv.QUEUE_TIMEOUT_S:g} s | how long a request waits for a worker |",
+          f"| `--max-new-tokens` / `MAX_NEW_TOKENS` | {srv.MAX_NEW_TOKENS} | the most tokens a `/generate` request may ask for |",
+          f"| `--generate-timeout` / `GENERATE_TIMEOUT` | {srv.GENERATE_TIMEOUT_S:g} s | how long a generation may run; it then stops with what it has |", "",
           "Every error is JSON: `{\"error\": ..., \"field\": ...}` (400, 401, 404, 405, 408, 411, 413, 415, 500, 503).", "",
           "## Files", "", "| file | sha256 |", "| --- | --- |"]
     s += [f"| {k} | `{v[:16]}...` |" for k, v in meta['bundle']['checksums'].items()]

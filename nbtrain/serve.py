@@ -1,4 +1,4 @@
-"""The serving bundle's HTTP server: `GET /health`, `GET /ready`, `POST /predict` for an exported model, with only the standard library, numpy and the runtime
+"""The serving bundle's HTTP server: `GET /health`, `GET /ready`, `POST /predict` for an exported model and `POST /generate` for a language model, with only the standard library, numpy and the runtime
 
 Docs: https://nbtrain.github.io/nbtrain/serve.html.md"""
 
@@ -6,16 +6,18 @@ Docs: https://nbtrain.github.io/nbtrain/serve.html.md"""
 
 # %% ../nbs/17a_serve.ipynb #6fb288d2
 from __future__ import annotations
-import argparse, hmac, ipaddress, json, os, re, signal, socket, sys, threading, time
+import argparse, hmac, ipaddress, json, math, os, re, signal, socket, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 import numpy as np
 
 # %% auto #0
 __all__ = ['MAX_BODY_BYTES', 'MAX_BATCH', 'MAX_TOP_K', 'MAX_DEPTH', 'TIMEOUT_S', 'MAX_CONNECTIONS', 'QUEUE_TIMEOUT_S',
-           'RETRY_AFTER_S', 'BadRequest', 'load_metadata', 'public_error', 'Tokenizer', 'Model', 'json_depth',
-           'parse_request', 'softmax', 'make_response', 'State', 'BundleServer', 'Handler', 'is_loopback',
-           'exposure_warning', 'make_server', 'main']
+           'RETRY_AFTER_S', 'MAX_NEW_TOKENS', 'MAX_PROMPTS', 'MAX_STOP', 'MAX_STOP_CHARS', 'GENERATE_TIMEOUT_S',
+           'BadRequest', 'load_metadata', 'public_error', 'Tokenizer', 'Model', 'json_depth', 'json_object',
+           'parse_request', 'softmax', 'make_response', 'parse_generate', 'sample_next', 'TextSoFar', 'generate_events',
+           'generate_response', 'State', 'BundleServer', 'Handler', 'is_loopback', 'exposure_warning', 'make_server',
+           'main']
 
 # %% ../nbs/17a_serve.ipynb #f8d03ef4
 MAX_BODY_BYTES = 1 << 20       # 1 MiB of JSON per request
@@ -26,6 +28,11 @@ TIMEOUT_S = 10.0               # to receive a request (headers and body), and to
 MAX_CONNECTIONS = 256          # connections open at once; more get 503
 QUEUE_TIMEOUT_S = 10.0         # how long a request waits for a worker before 503
 RETRY_AFTER_S = 1
+MAX_NEW_TOKENS = 256           # the most tokens one /generate request may ask for (--max-new-tokens)
+MAX_PROMPTS = 8                # prompts per /generate request
+MAX_STOP = 4                   # stop strings per /generate request, each at most MAX_STOP_CHARS characters
+MAX_STOP_CHARS = 64
+GENERATE_TIMEOUT_S = 60.0      # a generation stops after this long, with what it has (finish_reason "time")
 
 class BadRequest(Exception):
     "A request the server refuses: HTTP status, message and the field at fault (None for the request as a whole)."
@@ -65,6 +72,24 @@ class Tokenizer:
         if self.kind == 'char': return [self.stoi.get(c, self.unk) for c in text]
         if self.kind == 'byte': return [b + len(self.specials) for b in text.encode('utf-8')]
         return self.tok.encode(text).ids
+
+    @property
+    def eos_id(self) -> int | None:
+        if self.kind in ('char', 'byte'): return self.specials.index('<eos>') if '<eos>' in self.specials else None
+        return self.tok.token_to_id('<eos>')
+
+    @property
+    def vocab_size(self) -> int:
+        if self.kind == 'char': return len(self.itos)
+        if self.kind == 'byte': return 256 + len(self.specials)
+        return self.tok.get_vocab_size()
+
+    def decode(self, ids: list[int]) -> str:
+        "The text of `ids`, special tokens left out."
+        if self.kind == 'tokenizers': return self.tok.decode(list(ids), skip_special_tokens=True)
+        n = len(self.specials)
+        if self.kind == 'char': return ''.join(self.itos[i] for i in ids if n <= i < len(self.itos))
+        return bytes(i - n for i in ids if n <= i < n + 256).decode('utf-8', errors='replace')
 
     def token(self, i: int) -> str:
         "The text of token id `i`."
@@ -179,14 +204,19 @@ def _pixels(req: dict, meta: dict) -> tuple[dict, None]:
     if not np.isfinite(x).all(): raise BadRequest('pixel_values holds NaN or infinity', 'pixel_values')
     return {spec['name']: x.astype(_dtype(meta, spec['name']))}, None
 
-def parse_request(body: bytes, meta: dict, tokenizer=None) -> dict:
-    "Validate a /predict body; returns the model inputs, sequence lengths and options, or raises BadRequest."
+def json_object(body: bytes, example: str = '{"input_ids": [[5, 17, 3]]}') -> dict:
+    "The JSON object in `body`, checked for size and nesting before it is parsed, or BadRequest."
     if len(body) > MAX_BODY_BYTES: raise BadRequest(f'the body has {len(body)} bytes; at most {MAX_BODY_BYTES}', None, 413)
     if (depth := json_depth(body)) > MAX_DEPTH:
         raise BadRequest(f'the JSON nests {depth} levels deep; at most {MAX_DEPTH} levels of arrays and objects are accepted')
     try: req = json.loads(body.decode('utf-8') if body else '')
     except (ValueError, UnicodeDecodeError, RecursionError) as e: raise BadRequest(f'the body is not valid JSON ({str(e)[:200]})') from None
-    if not isinstance(req, dict): raise BadRequest('the body must be a JSON object, e.g. {"input_ids": [[5, 17, 3]]}')
+    if not isinstance(req, dict): raise BadRequest(f'the body must be a JSON object, e.g. {example}')
+    return req
+
+def parse_request(body: bytes, meta: dict, tokenizer=None) -> dict:
+    "Validate a /predict body; returns the model inputs, sequence lengths and options, or raises BadRequest."
+    req = json_object(body)
     names = [i['name'] for i in meta['inputs']]
     accepted = set(names) | {'top_k', 'return_logits'} | ({'text'} if tokenizer is not None and 'input_ids' in names else set())
     unknown = sorted(set(req) - accepted)
@@ -236,6 +266,137 @@ def make_response(logits: np.ndarray, req: dict, meta: dict, tokenizer=None) -> 
     if req['return_logits']: out['logits'] = logits.tolist()
     return out
 
+# %% ../nbs/17a_serve.ipynb #5b409fbc
+def _number(req: dict, name: str, default, lo: float, hi: float, *, whole: bool = False, low_open: bool = False, none_ok: bool = False):
+    "`req[name]` checked to be a number in [lo, hi] (or (lo, hi] with `low_open`), a whole one with `whole`, or BadRequest naming it."
+    v = req.get(name, default)
+    if v is None and none_ok: return None
+    kind = 'a whole number' if whole else 'a number'
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not whole or isinstance(v, int)) and math.isfinite(v)
+    if not ok or v < lo or v > hi or (low_open and v == lo):
+        rng = f"{'above' if low_open else 'from'} {lo:g} {'up to' if low_open else 'to'} {hi if whole else format(hi, 'g')}"
+        raise BadRequest(f"{name}={json.dumps(v)[:40]} is not valid: give {kind} {rng}{' (or null for off)' if none_ok else ''}", name)
+    return v
+
+def parse_generate(body: bytes, meta: dict, tokenizer=None, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    "Validate a /generate body; returns the prompts (token id lists) and the sampling options, or raises BadRequest."
+    req = json_object(body, '{"text": "Once upon a time", "max_new_tokens": 32}')
+    accepted = {'input_ids', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'repetition_penalty', 'stop', 'seed', 'stream'}
+    if tokenizer is not None: accepted.add('text')
+    unknown = sorted(set(req) - accepted)
+    if unknown: raise BadRequest(f"unknown field {unknown[0][:100]!r}; accepted fields: {', '.join(sorted(accepted))}", unknown[0][:100])
+    if 'text' in req and 'input_ids' in req: raise BadRequest('send either text or input_ids, not both', 'text')
+    vocab = meta.get('vocab_size')
+    if 'text' in req:
+        texts = [req['text']] if isinstance(req['text'], str) else req['text']
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise BadRequest('text must be a string or a non-empty list of strings', 'text')
+        field = 'text'
+        if len(texts) > MAX_PROMPTS: raise BadRequest(f'{len(texts)} prompts in one request; at most {MAX_PROMPTS}', field, 413)
+        prompts = [tokenizer.encode(t) for t in texts]
+        eos = _eos(meta, tokenizer)
+        for b, p in enumerate(prompts):
+            if not p:
+                if eos is None: raise BadRequest(f'text[{b}] has no tokens and the model has no end-of-text token to start from', 'text')
+                p.append(eos)  # an empty prompt starts a new document
+    elif 'input_ids' in req:
+        prompts, field = _int_lists(req['input_ids'], 'input_ids'), 'input_ids'
+        if len(prompts) > MAX_PROMPTS: raise BadRequest(f'{len(prompts)} prompts in one request; at most {MAX_PROMPTS}', field, 413)
+        for b, s in enumerate(prompts):
+            if not s: raise BadRequest(f'input_ids[{b}] has no tokens', field)
+            bad = next((j for j, t in enumerate(s) if vocab and not 0 <= t < vocab), None)
+            if bad is not None: raise BadRequest(f'input_ids[{b}][{bad}]={s[bad]} is out of range: token ids go from 0 to {vocab - 1}', field)
+    else: raise BadRequest(f"send {'text or ' if tokenizer is not None else ''}input_ids: the prompt(s) to continue", 'input_ids')
+    opts = {'max_new_tokens': _number(req, 'max_new_tokens', min(64, max_new_tokens), 1, max_new_tokens, whole=True),
+            'temperature': float(_number(req, 'temperature', 1.0, 0, 100)),
+            'top_k': _number(req, 'top_k', None, 1, vocab or 1 << 31, whole=True, none_ok=True),
+            'top_p': _number(req, 'top_p', None, 0, 1, low_open=True, none_ok=True),
+            'repetition_penalty': float(_number(req, 'repetition_penalty', 1.0, 0, 100, low_open=True)),
+            'seed': _number(req, 'seed', None, 0, 2**63 - 1, whole=True, none_ok=True)}
+    stop = req.get('stop', [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is None: stop = []
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+        raise BadRequest(f'stop must be a string or a list of at most {MAX_STOP} non-empty strings of up to {MAX_STOP_CHARS} characters', 'stop')
+    if stop and tokenizer is None: raise BadRequest('stop strings need the text of the tokens: this bundle has no tokenizer', 'stop')
+    if not isinstance(req.get('stream', False), bool): raise BadRequest('stream must be true or false', 'stream')
+    return {'prompts': prompts, 'stop': stop, 'stream': req.get('stream', False), **opts}
+
+def _eos(meta: dict, tokenizer=None) -> int | None:
+    v = meta.get('eos_id')
+    return v if isinstance(v, int) else (tokenizer.eos_id if tokenizer is not None else None)
+
+def sample_next(logits: np.ndarray, req: dict, context: list[int], rng: np.random.Generator) -> int:
+    "The next token from the last position's logits (V,): repetition penalty, then greedy, or temperature, top-k, top-p and a draw."
+    x = logits.astype(np.float64)
+    rp = req['repetition_penalty']
+    if rp != 1.0 and context:
+        seen = np.unique(np.asarray(context))
+        seen = seen[seen < len(x)]
+        x[seen] = np.where(x[seen] > 0, x[seen] / rp, x[seen] * rp)
+    if req['temperature'] == 0: return int(x.argmax())
+    x = x / req['temperature']
+    if req['top_k'] is not None and req['top_k'] < len(x): x[x < np.partition(x, -req['top_k'])[-req['top_k']]] = -np.inf
+    if req['top_p'] is not None and req['top_p'] < 1.0:
+        order = np.argsort(-x, kind='stable')
+        p = softmax(x[order])
+        x[order[np.cumsum(p) - p >= req['top_p']]] = -np.inf
+    p = softmax(x)
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+class TextSoFar:
+    "The text of one completion as its tokens come, released once final (no half characters, nothing that may start a stop string)."
+    def __init__(self, tokenizer, stop):
+        self.tokenizer, self.stop, self.ids, self.text, self.sent, self.done = tokenizer, list(stop), [], '', 0, False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        cut = min((i for s in self.stop if (i := full.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.done = full[:cut], True
+            return self.flush()
+        self.text, safe = full, len(full)
+        while safe > self.sent and full[safe - 1] == '\ufffd': safe -= 1
+        hold = max((k for s in self.stop for k in range(1, len(s)) if full[:safe].endswith(s[:k])), default=0)
+        return self._release(safe - hold)
+
+    def _release(self, upto: int) -> str:
+        piece = self.text[self.sent:upto] if upto > self.sent else ''
+        self.sent = max(self.sent, upto)
+        return piece
+
+    def flush(self) -> str: return self._release(len(self.text))
+
+def generate_events(model, meta: dict, req: dict, tokenizer=None, deadline: float | None = None):
+    """Events of a generation, prompt after prompt: `{'index', 'token_id', 'text'}` for each token (text: what is final
+    now), then `{'index', 'done': True, 'text', 'token_ids', 'finish_reason', 'prompt_tokens'}` for each prompt."""
+    window, names = meta.get('max_seq_len'), [i['name'] for i in meta['inputs']]
+    n_vocab = min(v for v in (meta.get('vocab_size'), tokenizer.vocab_size if tokenizer is not None else None, 1 << 62) if v)
+    eos = _eos(meta, tokenizer)
+    for b, prompt in enumerate(req['prompts']):
+        rng, ids, out = np.random.default_rng(req['seed']), list(prompt), []
+        text = TextSoFar(tokenizer, req['stop']) if tokenizer is not None else None
+        reason = 'length'
+        for _ in range(req['max_new_tokens']):
+            if deadline is not None and time.monotonic() > deadline: reason = 'time'; break
+            x = np.asarray([ids[-window:] if window else ids], dtype=_dtype(meta, 'input_ids'))
+            inputs = {'input_ids': x}
+            if 'attention_mask' in names: inputs['attention_mask'] = np.ones_like(x, dtype=_dtype(meta, 'attention_mask'))
+            t = sample_next(model(inputs)[0, -1][:n_vocab], req, ids, rng)
+            if t == eos: reason = 'eos'; break
+            ids.append(t); out.append(t)
+            yield {'index': b, 'token_id': t, **({'text': text.add(t)} if text is not None else {})}
+            if text is not None and text.done: reason = 'stop'; break
+        if text is not None and (tail := text.flush()): yield {'index': b, 'text': tail}
+        yield {'index': b, 'done': True, **({'text': text.text} if text is not None else {}), 'token_ids': out,
+               'finish_reason': reason, 'prompt_tokens': len(prompt)}
+
+def generate_response(model, meta: dict, req: dict, tokenizer=None, deadline: float | None = None) -> dict:
+    "The answer to a /generate request that does not stream: one generation per prompt."
+    gens = [{k: v for k, v in e.items() if k not in ('index', 'done')} for e in generate_events(model, meta, req, tokenizer, deadline) if e.get('done')]
+    return {'task': meta.get('task'), 'generations': gens}
+
 # %% ../nbs/17a_serve.ipynb #99a5e920
 def _error_body(message: str, field: str | None = None) -> dict:
     return {'error': message, **({'field': field} if field is not None else {})}
@@ -268,8 +429,10 @@ class BundleServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address, state: State, *, api_key: str | None = None, timeout: float = TIMEOUT_S, workers: int | None = None,
-                 max_connections: int = MAX_CONNECTIONS, queue_timeout: float = QUEUE_TIMEOUT_S, quiet: bool = True):
+                 max_connections: int = MAX_CONNECTIONS, queue_timeout: float = QUEUE_TIMEOUT_S, quiet: bool = True,
+                 max_new_tokens: int = MAX_NEW_TOKENS, generate_timeout: float = GENERATE_TIMEOUT_S):
         self.state, self.api_key, self.read_timeout, self.quiet = state, api_key or None, float(timeout), quiet
+        self.max_new_tokens, self.generate_timeout = int(max_new_tokens), float(generate_timeout)
         self.workers = int(workers or min(4, os.cpu_count() or 1))
         self.slots = threading.BoundedSemaphore(self.workers)
         self.max_connections, self.queue_timeout = int(max_connections), float(queue_timeout)
@@ -342,7 +505,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     default_request_version = 'HTTP/1.1'  # a malformed request line still gets a status line and headers with its error
     disable_nagle_algorithm = True  # headers and body are two writes: without this a kept-alive connection waits for delayed ACKs
-    ENDPOINTS = 'GET /health, GET /ready, POST /predict'
+    ENDPOINTS = 'GET /health, GET /ready, POST /predict, POST /generate (language models)'
 
     def setup(self):
         self.timeout = self.server.read_timeout + 1  # the socket's timeout backs up the deadline (the reaper comes first)
@@ -425,8 +588,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = self.linger = True  # its body, if any, is not read
             return self._json(401, _error_body('this server needs an API key: send the header Authorization: Bearer KEY '
                                                '(or X-API-Key: KEY)'), {'WWW-Authenticate': 'Bearer'})
-        allowed = {'/health': 'GET', '/ready': 'GET', '/predict': 'POST'}.get(path)
-        if (path, method) != ('/predict', 'POST') and (method != 'GET' or self.headers.get('Transfer-Encoding')
+        allowed = {'/health': 'GET', '/ready': 'GET', '/predict': 'POST', '/generate': 'POST'}.get(path)
+        if (allowed, method) != ('POST', 'POST') and (method != 'GET' or self.headers.get('Transfer-Encoding')
                                                        or self.headers.get('Content-Length', '0').strip() != '0'):
             self.close_connection = self.linger = True  # a body it may have sent is not read: the connection cannot carry on
         if allowed is None:
@@ -435,7 +598,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(405, _error_body(f'{method[:20]} is not allowed on {path}: use {allowed} {path}'), {'Allow': allowed})
         if path == '/health': return self._json(200, {'status': 'ok'})
         if path == '/ready': return self._ready()
-        return self._predict()
+        return self._post(path)
 
     def do_GET(self): self._route('GET')
     def do_POST(self): self._route('POST')
@@ -518,8 +681,12 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest(f'the body has {n} bytes, over the limit of {MAX_BODY_BYTES} bytes', 'Content-Length', 413, True)
         return self._read_exact(n)
 
-    def _predict(self):
+    def _post(self, path: str):
         st, srv = self.server.state, self.server
+        if path == '/generate' and st.meta.get('task') != 'causal_lm':
+            self.close_connection = self.linger = True  # its body is not read
+            return self._json(404, _error_body(f"this bundle serves a {st.meta.get('task')} model: /generate is for language "
+                                               f"models (causal_lm); use POST /predict"))
         ctype = self.headers.get('Content-Type', 'application/json')
         if 'json' not in ctype.lower():
             self.close_connection = self.linger = True
@@ -535,8 +702,14 @@ class Handler(BaseHTTPRequestHandler):
                                                f'{srv.queue_timeout:g} s; retry after {RETRY_AFTER_S} s'), {'Retry-After': str(RETRY_AFTER_S)})
         t0 = time.perf_counter()
         try:
-            req = parse_request(body, st.meta, st.tokenizer)
-            out = make_response(st.model(req['inputs']), req, st.meta, st.tokenizer)
+            if path == '/generate':
+                req = parse_generate(body, st.meta, st.tokenizer, srv.max_new_tokens)
+                deadline = time.monotonic() + srv.generate_timeout
+                if req['stream']: return self._stream(generate_events(st.model, st.meta, req, st.tokenizer, deadline))
+                out = generate_response(st.model, st.meta, req, st.tokenizer, deadline)
+            else:
+                req = parse_request(body, st.meta, st.tokenizer)
+                out = make_response(st.model(req['inputs']), req, st.meta, st.tokenizer)
         except BadRequest as e: return self._refuse(e)
         except Exception as e:
             print(f'serve.py: inference failed: {type(e).__name__}: {e}', file=sys.stderr, flush=True)
@@ -544,6 +717,22 @@ class Handler(BaseHTTPRequestHandler):
         finally: srv.slots.release()
         out['elapsed_ms'] = round((time.perf_counter() - t0) * 1000, 2)
         self._json(200, out)
+
+    def _stream(self, events):
+        "Server-sent events: one `data:` line of JSON per event as it comes, then `data: [DONE]`; the connection closes after."
+        self.close_connection = True
+        try:
+            self.send_response(200)
+            for k, v in (('Content-Type', 'text/event-stream'), ('Cache-Control', 'no-cache'), ('Connection', 'close')): self.send_header(k, v)
+            self.end_headers()
+            try:
+                for e in events: self.wfile.write(b'data: ' + json.dumps(e).encode() + b'\n\n')
+            except OSError: raise
+            except Exception as e:
+                print(f'serve.py: generation failed: {type(e).__name__}: {e}', file=sys.stderr, flush=True)
+                self.wfile.write(b'event: error\ndata: ' + json.dumps(_error_body(public_error(f'generation failed: {type(e).__name__}: {e}'))).encode() + b'\n\n')
+            self.wfile.write(b'data: [DONE]\n\n')
+        except OSError: pass  # the client went away: the generation stops with it
 
 # %% ../nbs/17a_serve.ipynb #f73ca55d
 def is_loopback(host: str) -> bool:
@@ -587,11 +776,14 @@ def main(argv=None):
     p.add_argument('--max-connections', type=_positive(int), default=env('MAX_CONNECTIONS', MAX_CONNECTIONS), help=f'connections open at once; more get 503 (default {MAX_CONNECTIONS})')
     p.add_argument('--timeout', type=_positive(float), default=env('TIMEOUT', TIMEOUT_S), help=f'seconds to receive a request, and to keep an idle connection (default {TIMEOUT_S:g})')
     p.add_argument('--queue-timeout', type=_positive(float), default=QUEUE_TIMEOUT_S, help=f'seconds a request waits for a worker before 503 (default {QUEUE_TIMEOUT_S:g})')
+    p.add_argument('--max-new-tokens', type=_positive(int), default=env('MAX_NEW_TOKENS', MAX_NEW_TOKENS), help=f'the most tokens a /generate request may ask for (default {MAX_NEW_TOKENS})')
+    p.add_argument('--generate-timeout', type=_positive(float), default=env('GENERATE_TIMEOUT', GENERATE_TIMEOUT_S), help=f'seconds a generation may run; then it stops with what it has (default {GENERATE_TIMEOUT_S:g})')
     p.add_argument('--quiet', action='store_true', help='no request log')
     args = p.parse_args(argv)
     try:
         httpd = make_server(args.folder, args.host, args.port, device=args.device, api_key=args.api_key, timeout=args.timeout,
-                            workers=args.workers, max_connections=args.max_connections, queue_timeout=args.queue_timeout, quiet=args.quiet)
+                            workers=args.workers, max_connections=args.max_connections, queue_timeout=args.queue_timeout, quiet=args.quiet,
+                            max_new_tokens=args.max_new_tokens, generate_timeout=args.generate_timeout)
     except (OSError, ValueError) as e:
         print(f'serve.py: {e}', file=sys.stderr)
         return 2
