@@ -130,3 +130,46 @@ def test_check_a_faulty_model_exits_1_and_names_the_check(tmp_path):
 def test_check_unknown_tier_is_a_user_error(tmp_path):
     r = nbtrain('check', 'gpt', '--tiers', '1,3', '--out', str(tmp_path/'report'))
     assert r.returncode == 2 and "--tiers='1,3': there is no tier '3'" in r.stderr and 'Traceback' not in r.stderr
+
+# `nbtrain generate` and `nbtrain eval` on a run folder written here (an untrained character GPT: no training needed)
+def tiny_run(folder: Path) -> Path:
+    from dataclasses import asdict
+    from safetensors.torch import save_model
+    from nbtrain.models import GPT
+    from nbtrain.tokenizer import CharTokenizer
+    tok, final = CharTokenizer('abcdefgh .'), folder/'final'
+    final.mkdir(parents=True)
+    gpt = GPT(n_layer=1, n_head=2, d_model=32, vocab_size=tok.vocab_size, max_seq_len=32)
+    save_model(gpt, str(final/'model.safetensors'))
+    (final/'nbtrain.json').write_text(json.dumps({'model': {'kind': 'reference', 'source': 'gpt', 'config': asdict(gpt.config)}, 'task': 'causal_lm'}))
+    tok.save(final)
+    return folder
+
+def test_generate_prints_the_text_as_it_comes(tmp_path):
+    run = tiny_run(tmp_path/'run')
+    from nbtrain.generate import generate
+    want = generate(run, ['abc', 'hg'], max_new_tokens=20, temperature=0)
+    r = nbtrain('generate', str(run), '--prompt', 'abc', '--prompt', 'hg', '--max-new-tokens', '20', '--temperature', '0', env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == f'abc{want[0]}\n\nhg{want[1]}\n'
+    r = nbtrain('generate', str(run/'final'), '--prompt', 'abc', '--max-new-tokens', '20', '--temperature', '0.9', '--top-k', '5',
+                '--top-p', '0.9', '--repetition-penalty', '1.2', '--stop', 'h', '--seed', '3', '--completion-only', env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == generate(run, 'abc', max_new_tokens=20, temperature=0.9, top_k=5, top_p=0.9, repetition_penalty=1.2,
+                                stop='h', seed=3)[0] + '\n' and 'h' not in r.stdout
+
+def test_generate_and_eval_mistakes_are_one_line(tmp_path):
+    run = tiny_run(tmp_path/'run')
+    cases = [(['generate', str(run), '--prompt', 'a', '--top-p', '2'], '--top-p=2.0: expected a number in (0, 1]'),
+             (['generate', str(run)], 'nbtrain generate needs a prompt'),
+             (['generate', str(tmp_path/'nope'), '--prompt', 'a'], 'no such folder'),
+             (['generate', str(tmp_path), '--prompt', 'a'], 'has no final model'),
+             (['eval', str(tmp_path/'nope')], 'no such folder'),
+             (['eval', str(run), '--split', ' '], "--split=' ': give a split name"),
+             (['eval', str(run), '--splt', 'test'], "Did you mean '--split'?")]
+    for argv, words in cases:
+        r = nbtrain(*argv, env=ONE_THREAD)
+        assert r.returncode == 2 and words in r.stderr and 'Traceback' not in r.stderr, (argv, r.stderr[-2000:])
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = nbtrain('--help')
+    assert 'generate' in r.stdout and 'eval' in r.stdout
