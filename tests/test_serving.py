@@ -130,6 +130,72 @@ def test_onnx_server_answers_like_pytorch_and_refuses_bad_input(exported):
     assert srv.proc.returncode == 0  # SIGTERM stops it cleanly
 
 
+def sse(port: int, body: dict, path: str = '/generate') -> tuple[int, dict, list]:
+    "POST `body` and read the server-sent events of the answer: (status, headers, the JSON of each data line, [DONE] last)."
+    c = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
+    c.request('POST', path, json.dumps(body).encode(), {'Content-Type': 'application/json'})
+    r = c.getresponse()
+    events, lines = [], r.read().decode().split('\n\n')
+    c.close()
+    for block in lines:
+        for line in block.splitlines():
+            if line.startswith('data: '): events.append('[DONE]' if line == 'data: [DONE]' else json.loads(line[6:]))
+            elif line: events.append({'sse_line': line})
+    return r.status, dict(r.getheaders()), events
+
+
+def test_onnx_server_generates_like_nbtrain_generate(exported):
+    "POST /generate on the ONNX bundle (no torch in the server): the text nbtrain.generate writes, whole or streamed."
+    from nbtrain.generate import generate
+    run, rep = exported
+    srv = Server(rep.bundle, ['-c', NO_TORCH, '--max-new-tokens', '40'])
+    try:
+        srv.wait_ready()
+        prompts = ['Once upon a time', 'The dog']
+        status, out = srv.post({'text': prompts, 'max_new_tokens': 30, 'temperature': 0}, path='/generate')
+        assert status == 200, out
+        want = generate(run, prompts, max_new_tokens=30, temperature=0)
+        assert [g['text'] for g in out['generations']] == want
+        for g in out['generations']:
+            assert g['finish_reason'] in ('length', 'eos') and g['prompt_tokens'] > 0 and out['elapsed_ms'] > 0
+            assert g['finish_reason'] == 'eos' or len(g['token_ids']) == 30
+        sampled = {'text': 'The dog', 'max_new_tokens': 25, 'temperature': 0.9, 'top_k': 20, 'top_p': 0.95, 'repetition_penalty': 1.1, 'seed': 4}
+        a, b = srv.post(sampled, path='/generate')[1], srv.post(sampled, path='/generate')[1]
+        assert a['generations'] == b['generations']
+        status, out = srv.post({'text': 'Once upon a time', 'max_new_tokens': 30, 'temperature': 0, 'stop': want[0][3:6]}, path='/generate')
+        assert out['generations'][0]['text'] == want[0][:want[0].find(want[0][3:6])] and out['generations'][0]['finish_reason'] == 'stop'
+        assert srv.post({'text': '', 'max_new_tokens': 3}, path='/generate')[0] == 200  # an empty prompt starts a document
+
+        status, headers, events = sse(srv.port, {'text': prompts, 'max_new_tokens': 30, 'temperature': 0, 'stream': True})
+        assert status == 200 and headers['Content-Type'] == 'text/event-stream' and events[-1] == '[DONE]', events[-3:]
+        for i, w in enumerate(want):
+            mine = [e for e in events[:-1] if e['index'] == i]
+            assert mine[-1]['done'] and mine[-1]['text'] == w
+            assert ''.join(e.get('text', '') for e in mine[:-1]) == w  # the pieces add up to the text
+            assert sum('token_id' in e for e in mine) == len(mine[-1]['token_ids'])
+
+        vocab = json.loads((rep.bundle/'metadata.json').read_text())['vocab_size']
+        bad = [({'text': 'a', 'max_new_tokens': 41}, 'max_new_tokens', 'give a whole number from 1 to 40'),
+               ({'text': 'a', 'temperature': 'hot'}, 'temperature', 'temperature="hot" is not valid'),
+               ({'text': 'a', 'top_p': 2}, 'top_p', 'top_p=2 is not valid'),
+               ({'text': 'a', 'stop': ['x'] * 5}, 'stop', 'at most 4'),
+               ({'text': 'a', 'seed': -1}, 'seed', 'seed=-1 is not valid'),
+               ({'text': 'a', 'stream': 1}, 'stream', 'stream must be true or false'),
+               ({'prompt': 'a'}, 'prompt', "unknown field 'prompt'"),
+               ({'input_ids': [[1, vocab]]}, 'input_ids', f'input_ids[0][1]={vocab} is out of range'),
+               ({}, 'input_ids', 'send text or input_ids')]
+        for body, field, words in bad:
+            status, err = srv.post(body, path='/generate')
+            assert status == 400 and err.get('field') == field and words in err['error'], (body, status, err)
+        assert srv.post({'text': ['a'] * 9}, path='/generate')[0] == 413
+        assert srv.post({'text': 'a'}, path='/generate', headers={'Content-Type': 'text/plain'})[0] == 415
+        assert srv.get('/generate')[0] == 405
+        assert srv.get('/health')[0] == 200
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0
+
+
 @pytest.mark.slow
 def test_torchscript_bundle_serves_the_same(exported, tmp_path):
     run, rep = exported
@@ -306,6 +372,7 @@ def test_api_key(exported):
             status, out, h = srv.request('GET', '/ready', headers=headers, with_headers=True)
             assert status == 401 and 'needs an API key' in out['error'] and h['WWW-Authenticate'] == 'Bearer', headers
             assert srv.post({'input_ids': [[1, 2]]}, headers=headers)[0] == 401
+            assert srv.post({'input_ids': [[1, 2]]}, path='/generate', headers=headers)[0] == 401
             assert srv.get('/nowhere')[0] == 401  # nothing about the endpoints without the key
         for headers in ({'Authorization': 'Bearer k3y-' + 'x' * 30}, {'X-API-Key': 'k3y-' + 'x' * 30}):
             assert srv.request('GET', '/ready', headers=headers)[0] in (200, 503)
@@ -314,6 +381,8 @@ def test_api_key(exported):
         while srv.request('GET', '/ready', headers={'X-API-Key': 'k3y-' + 'x' * 30})[0] != 200 and time.time() - t0 < 60: time.sleep(0.1)
         status, out = srv.post({'input_ids': [[1, 2]]}, headers={'Authorization': 'Bearer k3y-' + 'x' * 30})
         assert status == 200 and out['predictions']
+        status, out = srv.post({'input_ids': [[1, 2]], 'max_new_tokens': 2}, path='/generate', headers={'X-API-Key': 'k3y-' + 'x' * 30})
+        assert status == 200 and len(out['generations'][0]['token_ids']) <= 2
     finally:
         srv.stop()
 
