@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/ui.html.md"""
 
 # %% ../nbs/18a_ui.ipynb #8c02ad91
 from __future__ import annotations
-import contextlib, gc, html, io, logging, os, re, sys, threading, time, traceback, warnings
+import contextlib, gc, html, io, json, logging, os, re, sys, threading, time, traceback, warnings
 import torch
 from pathlib import Path
 import yaml
@@ -14,6 +14,8 @@ from .callbacks import Callback
 from .colab import list_runs, RunInfo
 from .config import ALIASES, REDACTED, PRESETS, DEFAULT_PRESET, RunConfig, describe_fields, nested_to_dotted, load_config, read_config_file
 from .dashboard import LiveDashboard, notebook_display
+from .generate import LM_TASKS as GENERATE_TASKS, load_for_generation, stream
+from .samples import latest_samples, read_samples, samples_html
 from .errors import ConfigError, NbtrainError, did_you_mean, format_choices
 from .loading import HF_AUTO_CLASSES, HUB_ID, WEIGHT_FILES, hf_token, is_hub_id
 from .registry import MODELS, OPTIMIZERS, TASKS, lazy_module
@@ -74,14 +76,15 @@ def field_widget(row:dict) -> W.Widget:
 # %% ../nbs/18a_ui.ipynb #4b3fe312
 SECTION_TABS = {'model': 'Model', 'task': 'Task', 'data': 'Data', 'optim': 'Hyperparameters', 'schedule': 'Hyperparameters',
                 'train': 'Hyperparameters', 'checkpoint': 'Checkpoints & Drive', 'monitor': 'Tracking', 'tracking': 'Tracking',
-                'lora': 'LoRA'}
+                'lora': 'LoRA', 'eval': 'Evaluation'}
 BASIC = ('model.name', 'model.size', 'model.path', 'model.trust_code', 'task.name', 'task.num_labels', 'data.source',
          'data.tokenizer', 'data.seq_len', 'data.text_column', 'data.label_column', 'optim.lr', 'optim.weight_decay',
          'schedule.name', 'schedule.warmup_steps', 'train.max_steps', 'train.max_epochs', 'train.max_time',
          'train.micro_batch_size', 'train.grad_accum', 'train.eval_every', 'train.precision', 'train.auto_micro_batch',
          'checkpoint.every_steps', 'checkpoint.every_minutes', 'checkpoint.keep_last_n', 'checkpoint.mirror',
          'tracking.backends', 'tracking.project', 'tracking.run_name', 'lora.enabled', 'lora.r', 'lora.alpha', 'lora.dropout',
-         'lora.target_modules', 'lora.quantize', 'lora.merge_final')
+         'lora.target_modules', 'lora.quantize', 'lora.merge_final',
+         'eval.samples', 'eval.sample_prompts', 'eval.sample_max_new_tokens', 'eval.sample_temperature')
 TOP_FIELDS = {'preset': 'The preset the hyperparameters start from (changing it loads its values)',
               'name': 'Run name: the run folder in output_dir. The same name again resumes that run (empty: a new, dated folder)',
               'output_dir': 'Folder that holds the run folders (on Google Drive in Colab)'}
@@ -492,11 +495,14 @@ def _build_view(self:TrainForm):
     self.status = W.HTML()
     self.progress = W.IntProgress(value=0, min=0, max=1, description='step 0', style=_STYLE, layout=W.Layout(width='600px'))
     self.image = W.Image(format='png', layout=W.Layout(max_width='900px'))
+    self.samples = W.HTML(layout=W.Layout(max_width='900px'))  # a language model's newest samples
     self.log = W.Output(layout=W.Layout(max_height='240px', overflow='auto'))
     self.logbuf = LogBuffer(self.log)
     self.widget = W.VBox([W.HBox([self.name, self.preset]), self.output_dir,
                           W.HBox([self.runs_list, self.refresh_button, self.resume_button]), self.tabs,
-                          W.HBox([self.train_button, self.stop_button]), self.status, self.progress, self.image, self.log])
+                          W.HBox([self.train_button, self.stop_button]), self.status, self.progress, self.image, self.samples, self.log])
+    self._build_generate()
+    self.widget.children += (self.gen_box,)
 
 @patch
 def _row(self:TrainForm, key:str, show_section:bool) -> W.Widget:
@@ -511,9 +517,89 @@ def _ipython_display_(self:TrainForm):
     from IPython.display import display
     display(self.widget)
 
+# %% ../nbs/18a_ui.ipynb #a03b06cb
+@patch
+def _build_generate(self:TrainForm):
+    self.gen_run, self._gen_cache = None, None
+    self.gen_title = W.HTML()
+    self.gen_prompt = W.Textarea(placeholder='A prompt for the model to continue', layout=W.Layout(width='600px', height='64px'))
+    self.gen_tokens = W.IntText(value=100, description='new tokens', style=_STYLE, layout=W.Layout(width='260px'),
+                                **{_tip(): 'How many tokens to generate at most'})
+    self.gen_button = W.Button(description='Generate', icon='pencil',
+                               tooltip="Continue the prompt with the run's final weights (sampling: the eval.sample_* settings)")
+    self.gen_out = W.HTML()
+    self.gen_box = W.VBox([self.gen_title, self.gen_prompt, W.HBox([self.gen_button, self.gen_tokens]), self.gen_out],
+                          layout=W.Layout(display='none'))
+    self.gen_button.on_click(lambda _: self.generate())
+    self.runs_list.observe(lambda ch: self.show_generate(Path(self.output_dir.value.strip() or 'runs')/ch['new'] if ch['new'] else None),
+                           names='value')
+
+def _final_task(run_dir:Path) -> str|None:
+    "The task of a run's final weights (final/nbtrain.json), None when it has none."
+    try: return json.loads((run_dir/'final'/'nbtrain.json').read_text(encoding='utf-8')).get('task')
+    except (OSError, ValueError): return None
+
+@patch
+def show_generate(self:TrainForm, run_dir) -> bool:
+    "Offer the Generate box for `run_dir` when it has the final weights of a language model; hide it otherwise."
+    d = Path(run_dir) if run_dir else None
+    ok = d is not None and (d/'final').is_dir() and _final_task(d) in GENERATE_TASKS
+    self.gen_run = d if ok else None
+    self.gen_box.layout.display = None if ok else 'none'
+    if ok:
+        self.gen_title.value = f"<b>Generate</b> with the final weights of run '{html.escape(d.name)}'"
+        if not self.gen_prompt.value: self.gen_prompt.value = next((r['prompt'] for r in read_samples(d)), '')
+    return ok
+
+def _gen_html(prompt:str, text:str, more:bool=False) -> str:
+    return (f'<div style="white-space:pre-wrap;font-family:monospace;max-width:900px"><b>{html.escape(prompt)}</b>'
+            f'{html.escape(text)}{"▍" if more else ""}</div>')
+
+@patch
+def _generation_model(self:TrainForm):
+    "The run's final model and tokenizer, loaded once (again when final/ was written anew)."
+    d = self.gen_run/'final'
+    key = (str(d), max((f.stat().st_mtime_ns for f in d.iterdir()), default=0))
+    if self._gen_cache is None or self._gen_cache[0] != key:
+        self._gen_cache = None
+        gc.collect()
+        model, tok = load_for_generation(self.gen_run, trust_code=bool(self.fields['model.trust_code'].value))
+        self._gen_cache = (key, model, tok)
+    return self._gen_cache[1:]
+
+@patch
+def _sampling(self:TrainForm) -> dict:
+    "The form's eval.sample_* settings (the defaults while the form is invalid)."
+    try: e = self.config().eval
+    except ConfigError: e = RunConfig().eval
+    return dict(temperature=e.sample_temperature, top_k=e.sample_top_k, top_p=e.sample_top_p)
+
+@patch
+def generate(self:TrainForm, prompt:str|None=None, min_interval_s:float=0.1) -> str|None:
+    "Continue `prompt` (default: the Generate box's text) with the final weights of the box's run, the text streaming into the box."
+    if prompt is not None: self.gen_prompt.value = prompt
+    if self.gen_run is None:
+        self.gen_out.value = _msg('No run with final weights to generate with: train one (or select one in the Resume list).', '#c33')
+        return None
+    prompt, text, shown = self.gen_prompt.value, '', 0.0
+    self.gen_button.disabled = True
+    try:
+        model, tok = self._generation_model()
+        self.gen_out.value = _gen_html(prompt, '', more=True)
+        for piece in stream(model, prompt, tokenizer=tok, max_new_tokens=max(1, int(self.gen_tokens.value or 1)), **self._sampling()):
+            text += piece
+            if time.monotonic() - shown >= min_interval_s:  # a widget update is a message: a few a second
+                self.gen_out.value, shown = _gen_html(prompt, text, more=True), time.monotonic()
+        self.gen_out.value = _gen_html(prompt, text)
+        return text
+    except Exception as e:
+        self.gen_out.value = _msg(f'{type(e).__name__}: {e}', '#c33')
+        return None
+    finally: self.gen_button.disabled = False
+
 # %% ../nbs/18a_ui.ipynb #777c8d52
 class FormView(Callback):
-    "Keeps a `TrainForm`'s progress bar and status line up to date (throttled: widget updates are messages)."
+    "Keeps a `TrainForm`'s progress bar, status line and samples up to date (throttled: widget updates are messages)."
     order, shows_progress = 40, True  # the trainer leaves out its tqdm bar
     def __init__(self, form:TrainForm, min_interval_s:float=0.25):
         self.form, self.min_interval_s, self._next = form, min_interval_s, 0.0
@@ -523,6 +609,10 @@ class FormView(Callback):
         p = self.form.progress
         p.max, p.value = max(trainer.total_steps, 1), min(trainer.step, trainer.total_steps)
         self._say(trainer, f"Training in {trainer.run_dir}" + (f" (resumed at step {trainer.step})" if trainer.step else ''))
+        self.form.samples.value = samples_html(latest_samples(trainer.run_dir)) if trainer.step else ''  # resumed: the last ones
+
+    def on_samples(self, trainer, rows):
+        self.form.samples.value = samples_html(rows)
 
     def on_step_end(self, trainer):
         now = time.monotonic()
@@ -616,7 +706,7 @@ def train(self:TrainForm, background:bool|None=None, callbacks=()) -> FitResult|
     if cfg is None: return None
     if background is None: background = _in_kernel()
     self.train_button.disabled, self.resume_button.disabled, self.stop_button.disabled = True, True, False
-    self.progress.value, self.image.value = 0, b''
+    self.progress.value, self.image.value, self.samples.value = 0, b'', ''
     if not background: return self._run(cfg, list(callbacks), background=False)
     self.logbuf.clear()
     self._thread = threading.Thread(target=self._run, args=(cfg, list(callbacks), True), name='nbtrain-train', daemon=True)
@@ -646,12 +736,14 @@ def _run(self:TrainForm, cfg:RunConfig, callbacks:list, background:bool):
         if background: self.logbuf.write(self.error_text)
         else: raise
     finally:
+        run_dir = self.trainer.run_dir if self.trainer is not None else None
         self.trainer = None
         gc.collect()
         if torch.cuda.is_available(): torch.cuda.empty_cache()  # a failed run's memory goes back before the next one
         if background: self.logbuf.flush()
         self.train_button.disabled, self.resume_button.disabled, self.stop_button.disabled = False, False, True
         self.refresh_runs()
+        if run_dir is not None: self.show_generate(run_dir)  # its final weights, when it has them
 
 @patch
 def stop(self:TrainForm):
