@@ -53,10 +53,10 @@ def test_notebook_is_clean_and_parametrised():
 
 @pytest.mark.slow
 def test_trains_on_drive_with_the_run_folder_contract(tmp_path, monkeypatch):
-    nb = run_notebook(tmp_path, monkeypatch, export_formats=['torchscript'])
+    nb = run_notebook(tmp_path, monkeypatch, export_formats=['torchscript'], generate_prompt='Once upon a time', generate_tokens=12)
     run = tmp_path/'drive'/'nbtrain'/'runs'/'my-run'
     for name in ('config.yaml', 'metrics.jsonl', 'env.json', 'dashboard.png', 'final/model.safetensors', 'final/config.json',
-                 'tokenizer', 'export/model.pt', 'export/metadata.json'):
+                 'tokenizer', 'export/model.pt', 'export/metadata.json', 'samples.jsonl'):
         assert (run/name).exists(), name
     assert sorted(p.name for p in (run/'checkpoints').glob('*/manifest.json')) and \
            (run/'checkpoints'/'step-000000012'/'manifest.json').exists()
@@ -67,6 +67,10 @@ def test_trains_on_drive_with_the_run_folder_contract(tmp_path, monkeypatch):
     text = outputs_text(nb)
     assert 'No GPU' in text and 'Runs folder' in text  # the device, in plain words, and where runs go
     assert 'Press Train' not in text
+    samples = [json.loads(l) for l in (run/'samples.jsonl').read_text().splitlines()]
+    assert sorted({r['step'] for r in samples}) == [0, 6, 12] and len(samples) == 9  # three prompts at every evaluation
+    assert 'samples at step 12' in text and 'samples at step 0' in text  # the results show the first and the last
+    assert '\x1b[1mOnce upon a time\x1b[0m' in text  # the generation cell: the prompt, then the model's text
 
 def _newest_manifest_step(run:Path) -> int:
     steps = []
