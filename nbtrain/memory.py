@@ -82,7 +82,8 @@ def param_bytes(p:torch.Tensor, precision:str='32-true', seen:set|None=None) -> 
         return nf4_bytes(n, bool(getattr(p, 'compress_statistics', False)), getattr(p, 'blocksize', None) or QUANT_BLOCK)
     if kind == 'Int8Params' and p.is_floating_point(): return n + 4 * (p.shape[0] if p.dim() else 1)
     if kind in ('Params4bit', 'Int8Params') or not p.is_floating_point():
-        return n * p.element_size() + _state_bytes(getattr(p, 'quant_state', None) or p, seen)
+        qs = getattr(p, 'quant_state', None)  # 4-bit: a QuantState; 8-bit: the row scales (SCB) sit on the parameter
+        return n * p.element_size() + _state_bytes(p if qs is None else qs, seen)
     if precision in ('bf16-true', '16-true'): return n * 2
     if p.requires_grad and precision.endswith('-mixed'): return n * max(4, p.element_size())  # the fp32 master
     return n * p.element_size()
