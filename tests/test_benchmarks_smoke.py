@@ -79,3 +79,20 @@ def test_lora_cpu_smoke(tmp_path):
     assert re.search(r'target nbtrain LoRA step time / peft plain loop <= 1.05: [\d.]+ -- (met|NOT met) \(CPU check run', out), out
     ck = re.search(r'target LoRA checkpoint / full < 5%: ([\d.]+)% -- (met|NOT met)', out)
     assert ck and float(ck.group(1)) < 5, out
+
+GENERATE_BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'generate.py'
+
+@pytest.mark.slow
+def test_generate_cpu_smoke():
+    "The reference GPT with and without its KV cache, and a transformers GPT-2, at --quick size: every arm runs and reports."
+    pytest.importorskip('transformers')
+    r = subprocess.run([sys.executable, str(GENERATE_BENCH), '--quick', '--threads', '1'], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'PYTHONUNBUFFERED': '1'})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    assert out.startswith("CPU RUN, NO GPU: --quick smoke test, 1 threads -- reference GPT 'tiny'"), out
+    for name in ('nbtrain GPT, KV cache', 'nbtrain GPT, no cache', 'transformers GPT-2, its own cache'):
+        m = re.search(rf'^{re.escape(name)}\s+([\d,.]+)\s+([\d.]+)\s+([\d.]+)x$', out, re.M)
+        assert m and float(m.group(1).replace(',', '')) > 0, f'no row for {name}:\n{out}'
+    assert 'same tokens with and without the cache: yes' in out
+    assert re.search(r'KV-cache speed-up \(tokens/s with / without, 8 \+ 24 tokens\): [\d.]+x', out), out
