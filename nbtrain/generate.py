@@ -300,7 +300,8 @@ def generate(model_or_run, prompts, *, tokenizer=None, max_new_tokens:int=64, te
              on_token:Callable[[int, str], None]|None=None, trust_code:bool=False, device=None, use_cache:bool=True) -> list[str]:
     """The text generated after each of `prompts` (a str or a list of str), without the prompt. `model_or_run`: a model
     (with `tokenizer`) or a run folder. temperature 0 is greedy; `stop`: strings the text ends before; `on_token(i, piece)`
-    gets the text of prompt i as it comes. `use_cache=False` runs nbtrain's GPT without its KV cache (to compare)."""
+    gets the text of prompt i as it comes. `trust_code` and `device` apply to a run folder (a model stays where it is);
+    `use_cache=False` runs nbtrain's GPT without its KV cache (to compare)."""
     s = Sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
     if isinstance(prompts, str): prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:

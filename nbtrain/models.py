@@ -149,7 +149,9 @@ class KVCache:
             raise TaskError(f"The KV cache holds {self.pos} positions and {T} more would pass its max_len={self.max_len}: "
                             f"start a new cache (or cut the context to the last {self.max_len} tokens).")
         if self.k is None or self.k.shape[1:3] != (B, H) or self.k.shape[-1] != D or self.k.dtype != k.dtype or self.k.device != k.device:
-            if self.pos: raise TaskError(f"The KV cache was filled with a batch of {self.k.shape[1]} and is now given {B} rows: use one cache per batch.")
+            if self.pos:
+                raise TaskError(f"The KV cache holds keys of shape {tuple(self.k.shape[1:3])}, {self.k.dtype} on {self.k.device} and is now "
+                                f"given {(B, H)}, {k.dtype} on {k.device}: use one cache per batch, under one precision (autocast) and device.")
             self.k = k.new_zeros(self.n_layer, B, H, self.max_len, D)
             self.v = torch.zeros_like(self.k)
         self.k[layer, :, :, self.pos:end], self.v[layer, :, :, self.pos:end] = k, v
