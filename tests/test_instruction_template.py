@@ -71,8 +71,9 @@ def chatml_gpt2(folder:Path):
                                                unk_token='<unk>', additional_special_tokens=['<|im_start|>', '<|im_end|>'])
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tok.save_pretrained(folder)
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+    # the template inside tokenizer_config.json, as most Hub repositories hold it (nbtrain's Hub download takes *.json)
+    tok.save_pretrained(folder, save_jinja_files=False)
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
                                   eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
 
