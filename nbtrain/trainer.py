@@ -31,6 +31,7 @@ from .data import resolve_data, make_loader, set_epoch, loader_sampler, default_
 from .loading import check_vocab
 from .optim import build_optimizer, build_scheduler, LRSchedule
 from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
+from torch.utils.data import Dataset as _Dataset
 from .distributed import (check_strategy, is_sharded_strategy, fsdp_strategy, tied_names, full_model_state,
                                  full_optimizer_state, load_full_state, save_weights)
 from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANIFEST, RunLock, RunLockedError, nbytes
@@ -38,7 +39,7 @@ from .files import DiskFullError, disk_guard, atomic_write, write_json, write_fo
 
 # %% auto #0
 __all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'NOT_THE_RUN', 'CLOCK', 'RESUME_MODES', 'MERGE_UNDER', 'FitResult',
-           'Trainer', 'run_differences', 'train']
+           'Trainer', 'EvalShard', 'run_differences', 'train']
 
 # %% ../nbs/11_trainer.ipynb #11a756d8
 @dataclass
@@ -53,6 +54,8 @@ class FitResult:
     stop_reason: str
     elapsed_s: float
     callback_failures: list = field(default_factory=list)
+    final_from: dict|None = None   # the step (and checkpoint) whose weights final/ holds, and why
+    test_eval: dict|None = None    # the test split's metrics (test_*), when there is one
 
 LM_TASKS = ('causal_lm', 'masked_lm', 'seq2seq')
 
@@ -126,6 +129,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.step_capped = bool(t.max_steps or t.max_epochs)  # else only max_time (or a callback) ends the run
         self._check_early_stopping()
+        self._check_final()
 
         self.memory_estimate = estimate_memory(model, micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
                                                precision=self.precision, optimizer=cfg.optim.name,
@@ -154,6 +158,7 @@ class Trainer:
         self.resume = c.resume if resume is None else resume
         self.first_eval = self.last_eval = self.last_log = None
         self._last_eval_step, self._elapsed_before, self._last_ckpt_step, self._ckpt_eval_step = -1, 0.0, -1, -1
+        self.best, self._best_unsaved, self.final_from, self.test_eval, self.eval_prefix = None, False, None, None, 'val_'
 
     @property
     def is_global_zero(self) -> bool: return self.fabric.is_global_zero
@@ -260,11 +265,36 @@ def _loaders(self:Trainer):
     kw = dict(batch_size=t.micro_batch_size, seed=t.seed, collate=d.collate, num_workers=self.cfg.data.num_workers,
               pin_memory=f.device.type == 'cuda')
     train = make_loader(d.train, shuffle=True, drop_last=True, **kw)
-    val = make_loader(d.val, shuffle=False, drop_last=False, **kw) if d.val is not None and len(d.val) else None
+    val = self.eval_loader(d.val, t.eval_batches)
     if f.world_size == 1: return train, val  # batches are moved by `_to_device`, the order stays ours
-    # several processes: Fabric shards each loader with a distributed sampler wrapped around ours
-    return f.setup_dataloaders(train, use_distributed_sampler=True, move_to_device=False), \
-           (f.setup_dataloaders(val, use_distributed_sampler=True, move_to_device=False) if val is not None else None)
+    # several processes: Fabric shards the training loader with a distributed sampler wrapped around ours
+    return f.setup_dataloaders(train, use_distributed_sampler=True, move_to_device=False), val
+
+class EvalShard(_Dataset):
+    """This process's share of an evaluation set: every `world`-th of the first `n` examples, from `rank` on, padded
+    at the end to the length of the longest share (so every process runs the same number of batches: FSDP gathers
+    weights in each forward). `real` is how many are not padding; the padding repeats an example and never counts."""
+    def __init__(self, dataset, rank:int=0, world:int=1, n:int|None=None):
+        n = len(dataset) if n is None else min(n, len(dataset))
+        self.dataset, self.idx = dataset, list(range(rank, n, world))
+        self.real, length = len(self.idx), -(-n // world)
+        self.idx += [self.idx[0] if self.idx else 0] * (length - self.real)
+    def __len__(self): return len(self.idx)
+    def __getitem__(self, i): return self.dataset[self.idx[i]]
+
+@patch
+def eval_loader(self:Trainer, dataset, batches:int|None=None):
+    """A loader over `dataset` for evaluation (None when it is empty): its first `batches` micro-batches' worth of
+    examples (all with None), in order, shared out between the processes without duplicates, so every process count
+    evaluates the same examples and gets the same metrics."""
+    if dataset is None or not len(dataset): return None
+    t, f = self.cfg.train, self.fabric
+    n = min(len(dataset), batches * t.micro_batch_size) if batches else len(dataset)
+    shard = EvalShard(dataset, f.global_rank, f.world_size, n)
+    loader = make_loader(shard, batch_size=t.micro_batch_size, shuffle=False, drop_last=False, seed=t.seed,
+                         collate=self.data.collate, num_workers=self.cfg.data.num_workers, pin_memory=f.device.type == 'cuda')
+    loader.real = shard.real
+    return loader
 
 @patch
 def _to_device(self:Trainer, batch:dict) -> dict:
@@ -394,6 +424,10 @@ def _default_callbacks(self:Trainer, given=()) -> list:
     cbs = [JSONLLogger(), LossCurve()]
     cbs += [cls(self.cfg) for n in dict.fromkeys(names) if (cls := TRACKERS.get(n)) not in mine]
     if t.progress_bar and not any(getattr(c, 'shows_progress', False) for c in given): cbs.append(ProgressBar())  # e.g. a form's own bar
+    if self.cfg.eval.samples and self.cfg.task.name == 'causal_lm':  # a few decoded prompts at every evaluation
+        try: from nbtrain.samples import SampleCallback
+        except ImportError: SampleCallback = None
+        if SampleCallback is not None and SampleCallback not in mine: cbs.append(SampleCallback(self.cfg))
     if t.early_stopping_patience:
         es = EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, t.early_stopping_mode, t.early_stopping_min_delta)
         es.critical = True  # a run asked to stop early must not silently run to the end
@@ -610,27 +644,52 @@ def _health(self:Trainer, loss:torch.Tensor) -> str:
 # %% ../nbs/11_trainer.ipynb #013e65c6
 @patch
 @torch.no_grad()
-def evaluate(self:Trainer) -> dict:
-    "Validation metrics: val_loss, val_acc, and val_ppl for language models."
+def evaluate(self:Trainer, loader=None, prefix:str='val_') -> dict:
+    """Metrics of the validation loader (or `loader`, from `eval_loader`): `{prefix}loss`, `{prefix}acc`, `{prefix}ppl`
+    for language models, and what callbacks add. Every process takes part, and each gets the whole set's metrics."""
+    loader = self.val_loader if loader is None else loader
+    keys, sums, real, seen = ('loss_sum', 'weight', 'correct', 'count'), None, getattr(loader, 'real', None), 0
     self.model.eval()
-    keys, sums = ('loss_sum', 'weight', 'correct', 'count'), None
-    limit = self.cfg.train.eval_batches
-    for i, b in enumerate(self.val_loader or ()):
-        if limit and i >= limit: break
-        b = self._to_device(b)
-        out = self._forward(b)
-        s = self.task.eval_stats(out, b)
-        self.callbacks.fire('on_eval_batch', self, out, b)
-        v = torch.stack([s[k].double() for k in keys])
-        sums = v if sums is None else sums + v
-    self.model.train()
-    if sums is None: return {}
-    if self.fabric.world_size > 1: sums = self.fabric.all_reduce(sums, reduce_op='sum')
-    loss_sum, weight, correct, count = sums.tolist()
-    m = dict(val_loss=loss_sum / max(weight, 1e-12), val_acc=correct / max(count, 1))
-    if self.task.name in LM_TASKS: m['val_ppl'] = math.exp(min(m['val_loss'], 50))
-    self.callbacks.fire('on_eval_metrics', self, m)  # callbacks add their own evaluation metrics
-    return m
+    self.eval_prefix = prefix
+    try:
+        for b in loader or ():
+            b = self._to_device(b)
+            n = len(next(iter(b.values())))
+            b, counts = self._without_padding(b, real - seen) if real is not None and seen + n > real else (b, True)
+            seen += n
+            out = self._forward(b)
+            if not counts: continue  # padding only, and no labels to mask: the forward ran for the other processes
+            s = self.task.eval_stats(out, b)
+            self.callbacks.fire('on_eval_batch', self, out, b)
+            v = torch.stack([s[k].double() for k in keys])
+            sums = v if sums is None else sums + v
+        self.model.train()
+        if sums is None: sums = torch.zeros(len(keys), dtype=torch.float64, device=self.fabric.device)
+        if self.fabric.world_size > 1: sums = self.fabric.all_reduce(sums, reduce_op='sum')
+        loss_sum, weight, correct, count = sums.tolist()
+        if not weight and not count: return {}
+        m = {f'{prefix}loss': loss_sum / max(weight, 1e-12), f'{prefix}acc': correct / max(count, 1)}
+        if self.task.name in LM_TASKS: m[f'{prefix}ppl'] = math.exp(min(m[f'{prefix}loss'], 50))
+        self.callbacks.fire('on_eval_metrics', self, m)  # callbacks add their own evaluation metrics
+        return m
+    finally:
+        self.model.train()
+        self.eval_prefix = 'val_'
+
+@patch
+def _without_padding(self:Trainer, b:dict, keep:int) -> tuple[dict, bool]:
+    "The batch with its rows from `keep` on (an evaluation share's padding) counting nowhere; and whether any row counts."
+    key, b = self.task.label_key, dict(b)
+    y = b.get(key)
+    if y is None and self.task.name == 'causal_lm' and 'input_ids' in b: y = b['input_ids']  # the targets come from the inputs
+    if y is None or y.is_floating_point():  # no class ids to mask (multi-label): cut the rows off, or run on them and count none
+        if keep <= 0: return b, False
+        n = len(next(iter(b.values())))
+        return {k: v[:keep] if isinstance(v, torch.Tensor) and v.ndim and len(v) == n else v for k, v in b.items()}, True
+    y = y.clone()
+    y[keep:] = self.task.ignore_index
+    b[key] = y
+    return b, True
 
 @patch
 def _evaluate(self:Trainer):
@@ -644,8 +703,89 @@ def _evaluate(self:Trainer):
     if m:
         self.last_eval = m
         if self.first_eval is None: self.first_eval = m
+        self._track_best(m)
         self.callbacks.fire('on_eval_end', self, m)
     self._last_eval_step = self.step
+    return m
+
+# %% ../nbs/11_trainer.ipynb #06ff5d28
+@patch
+def _check_final(self:Trainer):
+    "`checkpoint.final best` asked for what this run cannot give: say which setting to change, before training."
+    c = self.cfg.checkpoint
+    if c.final != 'best': return
+    if self.val_loader is None:
+        raise ConfigError(f"checkpoint.final='best' picks the weights of the best evaluation of {c.monitor}, and this data has no "
+                          f"validation set: set data.val_fraction > 0, or checkpoint.final last (or auto)")
+    if not c.keep_best_k and c.keep_last_n is not None:
+        raise ConfigError(f"checkpoint.final='best' needs the best checkpoint kept, and checkpoint.keep_best_k=0 lets retention "
+                          f"delete it: set checkpoint.keep_best_k to 1 or more, or checkpoint.final last (or auto)")
+
+@patch(as_prop=True)
+def wants_best(self:Trainer) -> bool:
+    "Whether final/ gets the best checkpoint's weights (`checkpoint.final`, with `auto` resolved)."
+    c = self.cfg.checkpoint
+    if c.final == 'last' or self.val_loader is None: return False
+    return c.final == 'best' or bool(c.keep_best_k) or c.keep_last_n is None
+
+@patch
+def _track_best(self:Trainer, m:dict):
+    "Record an evaluation that beats the best so far on `checkpoint.monitor`; a checkpoint at this step keeps its weights."
+    c = self.cfg.checkpoint
+    v = m.get(c.monitor)
+    if not self.wants_best or self.step == 0 or not isinstance(v, (int, float)) or not math.isfinite(v): return
+    b = self.best
+    if b is None or (v < b['value'] if c.mode == 'min' else v > b['value']):
+        self.best, self._best_unsaved = dict(step=self.step, monitor=c.monitor, value=float(v)), True
+
+@patch
+def _load_weights(self:Trainer, ck:dict):
+    "Put a loaded checkpoint's weights (a LoRA run's: its adapters) into the model, leaving the optimizer as it is."
+    if self.model_info.get('lora'):
+        load_trainable_state(self.raw_model, ck['model'], load=not self.sharded)
+        if self.sharded: load_full_state(self.model, self.optimizer, ck['model'], None, strict=False)
+    else: load_full_state(self.model, self.optimizer, ck['model'], None)
+
+@patch
+def _use_best(self:Trainer):
+    "Give the model the best checkpoint's weights (see `checkpoint.final`) for the test split, final/ and what reads it."
+    self.final_from = dict(step=self.step, reason='last')
+    if not self.wants_best: return
+    b, c = self.best, self.cfg.checkpoint
+    if b is None:
+        self._say(f"checkpoint.final {c.final}: no evaluation after step 0 reported {c.monitor}, so final/ holds the last weights (step {self.step}).")
+        return
+    if b['step'] == self.step:
+        self.final_from = dict(step=self.step, reason='best', monitor=b['monitor'], value=b['value'])
+        return
+    try: ck = self.ckpt.load(b['step'])
+    except Exception as e:
+        warnings.warn(f"The best checkpoint (step {b['step']}, {b['monitor']} {b['value']:.4g}) cannot be loaded "
+                      f"({type(e).__name__}: {e}): final/ holds the last weights, of step {self.step}", RuntimeWarning)
+        return
+    self._load_weights(ck)
+    self.final_from = dict(step=b['step'], reason='best', monitor=b['monitor'], value=b['value'], checkpoint=ck['path'].name)
+    self._say(f"final/: the weights of step {b['step']}, the best {b['monitor']} ({b['value']:.4f}), not those of the last step ({self.step}).")
+
+# %% ../nbs/11_trainer.ipynb #4cb36583
+@patch
+def test(self:Trainer, dataset=None) -> dict:
+    "Evaluate the test split (or `dataset`) with the model's weights as they are now: `test_*` metrics, a row of metrics.jsonl."
+    ds = self.data.test if dataset is None else dataset
+    loader = self.eval_loader(ds)
+    if loader is None: return {}
+    m = self.evaluate(loader, prefix='test_')
+    if not m: return {}
+    m['weights_step'] = (self.final_from or {}).get('step', self.step)
+    self.test_eval = m
+    for c in self.callbacks:
+        if isinstance(c, JSONLLogger): c.write(self, m)
+    for c in list(self.callbacks):  # an event of its own: on_eval_end would make early stopping or a search read it as a validation
+        if (fn := getattr(c, 'on_test_end', None)) is None: continue
+        try: fn(self, m)
+        except Exception as e: warnings.warn(f"Callback {c.name} failed in on_test_end ({type(e).__name__}: {e}); the test metrics are in metrics.jsonl", RuntimeWarning)
+    shown = '  '.join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k.count('_') == 1)
+    self._say(f"test split ({len(ds)} examples), weights of step {m['weights_step']}: {shown}")
     return m
 
 # %% ../nbs/11_trainer.ipynb #aa63c567
@@ -694,7 +834,7 @@ def _fit(self:Trainer) -> FitResult:
                     epoch_end = self.step % self.steps_per_epoch == 0
                     if epoch_end: cb.fire('on_epoch_end', self)
                     if epoch_end or (t.eval_every and self.step % t.eval_every == 0): self._evaluate()
-                    if why := self._checkpoint_due(epoch_end): self.save_checkpoint(why)
+                    if why := self._checkpoint_due(epoch_end) or ('best' if self._best_unsaved else ''): self.save_checkpoint(why)
                     if self._stopping() or reload: break  # after a micro-batch change, a new iterator at this step
     except KeyboardInterrupt:  # a second Ctrl-C, or one raised by code: maybe in the middle of a step
         self.stop_reason = f'interrupted at step {self.step}'
@@ -714,6 +854,8 @@ def _fit(self:Trainer) -> FitResult:
             self.save_checkpoint('interrupt' if interrupted else 'end')
         self.ckpt.close()
         for p in self.ckpt.pop_completed(): cb.fire('on_checkpoint', self, p)
+        self._use_best()  # the test split, final/ and what reads it get the best weights (checkpoint.final)
+        if self.cfg.eval.test_at_end and not interrupted: self.test()
         if self.cfg.checkpoint.save_final: self.save_final()
     except BaseException as e:
         self.ckpt.wait()
@@ -724,7 +866,7 @@ def _fit(self:Trainer) -> FitResult:
     cb.fire('on_fit_end', self)
     self.fabric.barrier()
     return FitResult(self.run_dir, self.step, self.epoch, self.first_eval, self.last_eval, self.last_log,
-                     self.stop_reason or 'stopped', self.elapsed_s, list(cb.failures))
+                     self.stop_reason or 'stopped', self.elapsed_s, list(cb.failures), self.final_from, self.test_eval)
 
 # %% ../nbs/11_trainer.ipynb #938695a9
 @patch
@@ -845,7 +987,7 @@ def state_parts(self:Trainer, window:dict|None=None) -> dict:
                 monitor=self.monitor.state_dict() if self.monitor is not None else {},
                 trainer=dict(step=self.step, elapsed_s=self.elapsed_s, first_eval=self.first_eval or {},
                              micro_batch_size=self.cfg.train.micro_batch_size,
-                             last_eval=self.last_eval or {}, last_eval_step=self._last_eval_step,
+                             last_eval=self.last_eval or {}, last_eval_step=self._last_eval_step, best=self.best or {},
                              window=window if window is not None else self._window_state()))
 
 @patch
@@ -872,6 +1014,7 @@ def _load_window(self:Trainer, w:dict|None):
 def save_checkpoint(self:Trainer, reason:str='', pinned:bool=False) -> Path|None:
     "Checkpoint the run now (written in the background); returns the checkpoint's path."
     self._last_ckpt_t, self._last_ckpt_step, self._ckpt_eval_step = time.monotonic(), self.step, self._last_eval_step
+    self._best_unsaved = False  # a checkpoint at this step holds the weights of its evaluation
     window = self._window_state()  # every process: its share of the window's loss is summed
     if not self.is_global_zero:
         if self.sharded: self._model_optimizer_state()  # gathering the shards takes every process
@@ -964,6 +1107,7 @@ def _resume(self:Trainer) -> bool:
         self._set_micro_batch(int(tr['micro_batch_size']))  # the size the run had found to fit
     self.step, self._elapsed_before, self._last_eval_step = int(tr['step']), float(tr['elapsed_s']), int(tr['last_eval_step'])
     self.first_eval, self.last_eval = tr['first_eval'] or None, tr['last_eval'] or None
+    self.best = tr.get('best') or None
     sched, lr = self.scheduler.lr_lambdas[0], self.optimizer.param_groups[0]['lr']
     note = ''
     if isinstance(sched, LRSchedule):  # the run's schedule came back with the checkpoint: this config's may differ
@@ -983,7 +1127,8 @@ def _truncate_metrics(self:Trainer, step:int):
     "Keep only the rows of metrics.jsonl up to `step` (atomically)."
     p = Path(self.run_dir)/'metrics.jsonl'
     if not self.is_global_zero or not p.exists(): return
-    rows = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step]
+    rows = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step  # the test row is written again at the end
+            and not any(k.startswith('test_') for k in r)]
     atomic_write(p, ''.join(json.dumps(r) + '\n' for r in rows), then=_AGAIN)
 
 # %% ../nbs/11_trainer.ipynb #a165a2b5
@@ -1020,10 +1165,12 @@ def save_final(self:Trainer) -> Path|None:
     mcfg = mcfg if isinstance(mcfg, dict) else None
     lora = self.model_info.get('lora')
     merged = self._merged_final(m, sd) if lora else None
-    info = redact(dict(model=self.model_info, model_config=mcfg, task=self.cfg.task.name, run_config=self.cfg.to_dict()))
+    weights = self.final_from or dict(step=self.step, reason='last')
+    info = redact(dict(model=self.model_info, model_config=mcfg, task=self.cfg.task.name, run_config=self.cfg.to_dict(),
+                       weights=weights))
     own = redact(self._own_config(mcfg))
     src = self.model_info.get('model_py')
-    weights = nbytes(merged if lora else sd if sd is not None else m.state_dict()) if not lora or merged else 0
+    size = nbytes(merged if lora else sd if sd is not None else m.state_dict()) if not lora or merged else 0
     then = (f"{d} is as it was before (the checkpoints are complete); run again with the same name to write it from "
             f"the newest checkpoint")
     def fill(tmp:Path):
@@ -1032,9 +1179,9 @@ def save_final(self:Trainer) -> Path|None:
                 save_adapter(m, tmp/ADAPTER_DIR, base=self.model_info.get('hub_id') or self.model_info.get('source'),
                              revision=self.model_info.get('revision'), state_dict=sd)
             if merged is not None:
-                with disk_guard(d/'model.safetensors', weights, then=then): save_weights(merged, tmp/'model.safetensors', self.base_tied)
+                with disk_guard(d/'model.safetensors', size, then=then): save_weights(merged, tmp/'model.safetensors', self.base_tied)
         else:
-            with disk_guard(d/'model.safetensors', weights, then=then):
+            with disk_guard(d/'model.safetensors', size, then=then):
                 if sd is None: save_model(m, str(tmp/'model.safetensors'))
                 else: save_weights(sd, tmp/'model.safetensors', self.tied)  # the same file, from the gathered shards
         for name, obj in (('nbtrain.json', info), ('config.json', own)):
@@ -1043,7 +1190,7 @@ def save_final(self:Trainer) -> Path|None:
         with disk_guard(d, then=then): self.data.save(tmp)  # tokenizer and data.json (label names, normalisation, sizes)
         if src and Path(src).is_file():
             with disk_guard(d/'model.py', Path(src).stat().st_size, then=then): shutil.copy(src, tmp/'model.py')
-    return write_folder(d, fill, meta=dict(folder=d.name, step=self.step), needed=weights, then=then)
+    return write_folder(d, fill, meta=dict(folder=d.name, step=self.step, weights_step=weights['step']), needed=size, then=then)
 
 @patch
 def _own_config(self:Trainer, model_config:dict|None) -> dict:
