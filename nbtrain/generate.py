@@ -290,10 +290,11 @@ def _stream_one(model, tok, prompt:str, s:Sampling, use_cache:bool=True) -> Iter
 def stream(model_or_run, prompt:str, *, tokenizer=None, max_new_tokens:int=64, temperature:float=1.0, top_k:int|None=None,
            top_p:float|None=None, repetition_penalty:float=1.0, stop=None, seed:int|None=None, trust_code:bool=False,
            device=None, use_cache:bool=True) -> Iterator[str]:
-    "The generated text of `prompt`, in pieces as the tokens come (see `generate` for the settings)."
+    "The generated text of `prompt`, in pieces as the tokens come (see `generate` for the settings, checked here, before the first piece)."
     s = Sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
+    if not isinstance(prompt, str): raise ConfigError(f"prompt={prompt!r}: expected text (a str); generate takes a list of prompts.")
     model, tok = _resolve(model_or_run, tokenizer, trust_code, device)
-    yield from _stream_one(model, tok, prompt, s, use_cache)
+    return _stream_one(model, tok, prompt, s, use_cache)
 
 def generate(model_or_run, prompts, *, tokenizer=None, max_new_tokens:int=64, temperature:float=1.0, top_k:int|None=None,
              top_p:float|None=None, repetition_penalty:float=1.0, stop=None, seed:int|None=None,
