@@ -30,15 +30,15 @@ from .processing import (IGNORE_INDEX, Encoded, DataCache, default_cache_dir, di
 from .vision import ImageTransform, ImageDataset, check_images, normalize_stats, NORMALIZE_PRESETS, CHANNELS
 
 # %% auto #0
-__all__ = ['DATA_DEFAULTS', 'TASK_KINDS', 'DATA_FORMATS', 'CHAT_COLUMNS', 'Splits', 'split_indices', 'DataBundle',
-           'data_settings', 'task_settings', 'build_data', 'resolve_data', 'prompt_response_examples', 'chat_examples',
-           'epoch_seed', 'sample_seed', 'EpochSampler', 'KeyedDataset', 'KeyedCollate', 'make_loader', 'loader_sampler',
-           'set_epoch', 'embedded_corpus', 'embedded_sentiment', 'SENTIMENT_LABELS', 'digits_images', 'synthetic_data',
-           'Table', 'open_source', 'encode_labels', 'read_file', 'read_folder', 'Tokenizer', 'CharTokenizer',
-           'ByteTokenizer', 'BPETokenizer', 'HFTokenizer', 'build_tokenizer', 'load_tokenizer', 'IGNORE_INDEX',
-           'Encoded', 'DataCache', 'encode_texts', 'default_cache_dir', 'pack_documents', 'PackedLMDataset',
-           'DocumentLMDataset', 'DictDataset', 'TextClassificationDataset', 'collate_stack', 'PadCollator',
-           'MLMCollator', 'ImageTransform', 'ImageDataset']
+__all__ = ['DATA_DEFAULTS', 'TASK_KINDS', 'DATA_FORMATS', 'CHAT_COLUMNS', 'SEQ2SEQ_COLUMNS', 'TOKEN_COLUMNS', 'Splits',
+           'split_indices', 'DataBundle', 'data_settings', 'task_settings', 'build_data', 'resolve_data',
+           'prompt_response_examples', 'chat_examples', 'seq2seq_pairs', 'token_tag_rows', 'align_words', 'epoch_seed',
+           'sample_seed', 'EpochSampler', 'KeyedDataset', 'KeyedCollate', 'make_loader', 'loader_sampler', 'set_epoch',
+           'embedded_corpus', 'embedded_sentiment', 'SENTIMENT_LABELS', 'digits_images', 'synthetic_data', 'Table',
+           'open_source', 'encode_labels', 'read_file', 'read_folder', 'Tokenizer', 'CharTokenizer', 'ByteTokenizer',
+           'BPETokenizer', 'HFTokenizer', 'build_tokenizer', 'load_tokenizer', 'IGNORE_INDEX', 'Encoded', 'DataCache',
+           'encode_texts', 'default_cache_dir', 'pack_documents', 'PackedLMDataset', 'DocumentLMDataset', 'DictDataset',
+           'TextClassificationDataset', 'collate_stack', 'PadCollator', 'MLMCollator', 'ImageTransform', 'ImageDataset']
 
 # %% ../nbs/08f_data.ipynb #cb98ec74
 _all_ = ['embedded_corpus', 'embedded_sentiment', 'SENTIMENT_LABELS', 'digits_images', 'synthetic_data', 'Table',
@@ -127,7 +127,8 @@ DATA_DEFAULTS = dict(
     image_column=None, image_size=None, image_mode=None, normalize='data', augment=False,
     vocab_size=None, pack=True, cache=True, cache_dir=None, format='text', prompt_column=None, response_column=None,
     messages_column=None, chat_template=None, train_on_prompt=False, long_examples='truncate')
-TASK_KINDS = {'causal_lm': 'lm', 'masked_lm': 'mlm', 'sequence_classification': 'text', 'image_classification': 'image'}
+TASK_KINDS = {'causal_lm': 'lm', 'masked_lm': 'mlm', 'sequence_classification': 'text', 'image_classification': 'image',
+              'seq2seq': 'seq2seq', 'token_classification': 'tokens'}
 
 def data_settings(data_cfg=None, **overrides) -> SimpleNamespace:
     "Every data setting: from `data_cfg` (a `DataConfig`, dict, namespace or None), then `overrides`, else the defaults."
@@ -161,6 +162,10 @@ def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cach
                                   f".parquet file, a folder, hf:NAME or Python records); data.source={named!r} is not: use "
                                   f"data.format='text' with it")
     if named and t.name not in TASK_KINDS: _unprepared(t)
+    if named and TASK_KINDS[t.name] in ('seq2seq', 'tokens'):
+        what = 'pairs of texts (source and target columns)' if t.name == 'seq2seq' else 'words with one tag each (tokens and tags columns, or a CoNLL file)'
+        raise DataError(f"Task {t.name} learns from {what}; data.source={named!r} has none: give a file (.jsonl, .csv, .parquet"
+                        f"{', .conll' if t.name != 'seq2seq' else ''}), a folder, hf:NAME or Python records")
     if named == 'synthetic': b = _synthetic_bundle(c, t, seed, info)
     else:
         splits = _source_tables(named, src, c, t, cache)
@@ -169,6 +174,8 @@ def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cach
         elif t.name not in TASK_KINDS: _unprepared(t)
         elif TASK_KINDS[t.name] in ('lm', 'mlm'): b = _lm_bundle(splits, c, t, seed, info, cache, run_dir)
         elif TASK_KINDS[t.name] == 'text': b = _text_bundle(splits, c, t, seed, info, cache, run_dir)
+        elif TASK_KINDS[t.name] == 'seq2seq': b = _seq2seq_bundle(splits, c, t, seed, info, cache, run_dir)
+        elif TASK_KINDS[t.name] == 'tokens': b = _token_bundle(splits, c, t, seed, info, cache, run_dir)
         else: b = _image_bundle(splits, c, t, seed, info)
     n = lambda d: len(d) if d is not None else 0
     b.info.update(n_train=n(b.train), n_val=n(b.val), n_test=n(b.test), vocab_size=b.vocab_size, num_labels=b.num_labels,
@@ -538,6 +545,152 @@ def _fit_conversation(ms, fmt, tok, L, train_on_prompt) -> tuple[tuple[np.ndarra
         ids, tr = encode(head + body[j:])
         if len(ids) <= L: return (ids, tr), 'turns'
     return (ids[:L], tr[:L]), 'cut'
+
+# %% ../nbs/08f_data.ipynb #9af70d2d
+SEQ2SEQ_COLUMNS = {'source': ('source', 'src', 'input', 'text', 'document', 'article', 'question'),
+                   'target': ('target', 'tgt', 'output', 'summary', 'highlights', 'answer')}
+TOKEN_COLUMNS = {'tokens': ('tokens', 'words'), 'tags': ('ner_tags', 'tags', 'labels', 'label', 'pos_tags', 'chunk_tags')}
+
+def _named_column(table:Table, names:Sequence[str], given:str|None, field:str, what:str, task:str, exclude=()) -> str:
+    if given is not None:
+        if given in table.columns: return given
+        raise DataError(f"{field}={given!r} is not a column of {table.origin}.{did_you_mean(given, table.names)} "
+                        f"Its columns: {format_choices(table.names)}.")
+    found = next((n for n in names if n in table.columns and n not in exclude), None)
+    if found is None:
+        raise DataError(f"Task {task} needs a column of {what}, but {table.origin} has none named {', '.join(names)}: "
+                        f"set {field} to one of its columns: {format_choices(table.names) or '(none)'}.")
+    return found
+
+def seq2seq_pairs(table:Table, c) -> tuple[list[str], list[str], dict]:
+    """Source and target texts of a split: columns `data.text_column` (the source) and `data.label_column` (the
+    target), found by name when unset; or a `translation` column of `{language: text}` dicts (Hugging Face's
+    translation datasets), with the two languages named by `data.text_column` and `data.label_column`."""
+    if 'translation' in table.columns and not ({c.text_column, c.label_column} & set(table.columns)):
+        col = table.columns['translation']
+        langs = sorted(col[0]) if len(col) and isinstance(col[0], dict) else []
+        if c.text_column is None or c.label_column is None or not {c.text_column, c.label_column} <= set(langs):
+            raise DataError(f"{table.origin} holds translations in languages {format_choices(langs)}: set data.text_column "
+                            f"to the source language and data.label_column to the target (e.g. {langs[0] if langs else 'en'!r} and "
+                            f"{langs[-1] if langs else 'de'!r})")
+        src = [r[c.text_column] for r in col]; tgt = [r[c.label_column] for r in col]
+        names = dict(source_column=f'translation.{c.text_column}', target_column=f'translation.{c.label_column}')
+    else:
+        tc = _named_column(table, SEQ2SEQ_COLUMNS['target'], c.label_column, 'data.label_column', 'targets', 'seq2seq')
+        sc = _named_column(table, SEQ2SEQ_COLUMNS['source'], c.text_column, 'data.text_column', 'sources', 'seq2seq', exclude=(tc,))
+        src, tgt, names = table.columns[sc], table.columns[tc], dict(source_column=sc, target_column=tc)
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        for v, side in ((s, 'source'), (t, 'target')):
+            if not isinstance(v, str):
+                raise DataError(f"{table.where(i)}: the {side} ({names[side + '_column']}) is {type(v).__name__} {repr(v)[:60]}, expected text")
+            if not v.strip(): raise DataError(f"{table.where(i)}: an empty {side} in {names[side + '_column']}: every pair needs both texts")
+    return list(src), list(tgt), names
+
+def _seq2seq_bundle(splits, c, t, seed, info, cache, run_dir) -> DataBundle:
+    "Pairs of texts: the source as `input_ids` (with the tokenizer's markers), the target and `<eos>` as `labels`."
+    pairs = {k: seq2seq_pairs(v, c) for k, v in splits.items()}
+    roles = _split_roles(splits, c, seed)
+    L = int(c.seq_len or DATA_DEFAULTS['seq_len'])
+    tr = roles['train'][1]
+    train_texts = [pairs['train'][0][i] for i in tr] + [pairs['train'][1][i] for i in tr]  # one vocabulary for both sides
+    tok = _tokenizer(c, train_texts, [s for p in pairs.values() for s in p[0] + p[1]], cache, run_dir, info)
+    room = L - tok.num_added
+    if room < 1: raise DataError(f"data.seq_len={L} leaves no room for text after the tokenizer's {tok.num_added} special tokens")
+    cut = dict(sources=0, targets=0)
+    def rows(k, idx):
+        src, tgt = encode_texts([pairs[k][0][i] for i in idx], tok, cache=cache), encode_texts([pairs[k][1][i] for i in idx], tok, add_eos=True, cache=cache)
+        xs, ys = [], []
+        for j in range(len(idx)):
+            s, y = src[j].tolist(), tgt[j].tolist()
+            if len(s) > room: s = s[:room]; cut['sources'] += 1
+            if len(y) > L: y = y[:L - 1] + [tok.eos_id]; cut['targets'] += 1
+            xs.append(torch.tensor(tok.add_special(s), dtype=torch.long)); ys.append(torch.tensor(y, dtype=torch.long))
+        return DictDataset(input_ids=xs, labels=ys)
+    parts = {role: rows(k, idx) for role, (k, idx) in roles.items()}
+    if any(cut.values()):
+        warnings.warn(f"{cut['sources']} source(s) and {cut['targets']} target(s) were longer than data.seq_len={L} tokens and "
+                      f"were cut (a target keeps its <eos>): a larger data.seq_len keeps them whole", stacklevel=2)
+    info.update(truncated=cut, decoder_start_token_id=tok.pad_id, **pairs['train'][2],
+                train_tokens=sum(len(x) + len(y) for x, y in zip(parts['train'].columns['input_ids'], parts['train'].columns['labels'])))
+    return DataBundle(parts['train'], parts.get('validation'), PadCollator(tok.pad_id), tok, tok.vocab_size, None, info,
+                      parts.get('test'))
+
+def token_tag_rows(table:Table, c) -> tuple[list[list[str]], list[list], dict]:
+    "Words and their tags per sentence: `data.text_column` (a list of words, or text split at spaces) and `data.label_column`."
+    gc = _named_column(table, TOKEN_COLUMNS['tags'], c.label_column, 'data.label_column', 'tags', 'token_classification')
+    wc = _named_column(table, TOKEN_COLUMNS['tokens'], c.text_column, 'data.text_column', 'tokens', 'token_classification', exclude=(gc,))
+    words, tags = [], []
+    for i in range(len(table)):
+        w, g = table.columns[wc][i], table.columns[gc][i]
+        if isinstance(w, str): w = w.split()
+        if isinstance(g, str): g = g.split()
+        if not isinstance(w, (list, tuple)) or not all(isinstance(x, str) and x.strip() for x in w):
+            raise DataError(f"{table.where(i)}: column {wc!r} holds {repr(w)[:60]}; expected a list of words (non-empty strings)")
+        if not isinstance(g, (list, tuple)) or len(g) != len(w):
+            raise DataError(f"{table.where(i)}: {len(w)} words in column {wc!r} but {len(g) if isinstance(g, (list, tuple)) else repr(g)[:40]} "
+                            f"tags in column {gc!r}: every word needs one tag")
+        if not w: raise DataError(f"{table.where(i)}: a sentence with no words in column {wc!r}")
+        words.append(list(w)); tags.append(list(g))
+    return words, tags, dict(tokens_column=wc, tags_column=gc)
+
+def align_words(words:Sequence[Sequence[str]], tags:Sequence[Sequence[int]], tokenizer:Tokenizer, max_len:int,
+                cache:DataCache|None=None) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """Token ids of each sentence (words joined by spaces, with the tokenizer's markers) and labels aligned to them:
+    each word's tag on its first sub-word token, `IGNORE_INDEX` on the others, the spaces and the markers."""
+    own_space = tokenizer.type in ('char', 'byte')  # a space is a token of its own: the word starts after it
+    pieces = [(' ' + w if j else w) for ws in words for j, w in enumerate(ws)]
+    enc = encode_texts(pieces, tokenizer, cache=cache)
+    room = max_len - tokenizer.num_added
+    if room < 1: raise DataError(f"data.seq_len={max_len} leaves no room for text after the tokenizer's {tokenizer.num_added} special tokens")
+    xs, ys, k, stats = [], [], 0, dict(truncated=0, words_cut=0, words_without_tokens=0)
+    pre, suf = list(tokenizer.prefix), list(tokenizer.suffix)
+    for ws, gs in zip(words, tags):
+        ids, lab = [], []
+        for j, g in enumerate(gs):
+            p = enc[k].tolist(); k += 1
+            first = 1 if own_space and j else 0
+            if len(p) <= first: stats['words_without_tokens'] += 1
+            lab += [IGNORE_INDEX] * len(p)
+            if len(p) > first: lab[len(ids) + first] = g
+            ids += p
+        if len(ids) > room:
+            stats['truncated'] += 1
+            stats['words_cut'] += sum(1 for y in lab[room:] if y != IGNORE_INDEX)
+            ids, lab = ids[:room], lab[:room]
+        xs.append(torch.tensor(pre + ids + suf, dtype=torch.long))
+        ys.append(torch.tensor([IGNORE_INDEX] * len(pre) + lab + [IGNORE_INDEX] * len(suf), dtype=torch.long))
+    return xs, ys, stats
+
+def _token_bundle(splits, c, t, seed, info, cache, run_dir) -> DataBundle:
+    "Words with one tag each (CoNLL files, `tokens` + `ner_tags` datasets): tags on the first sub-word token of each word."
+    rows = {k: token_tag_rows(v, c) for k, v in splits.items()}
+    flat, where = [], []
+    for k in rows:
+        for i, gs in enumerate(rows[k][1]): flat += gs; where += [(k, i)] * len(gs)
+    names = c.label_names or splits['train'].label_names.get(rows['train'][2]['tags_column'])
+    ids, names, _ = encode_labels(flat, names, lambda j: splits[where[j][0]].where(where[j][1]), rows['train'][2]['tags_column'], t.num_labels)
+    tag_ids, j = {}, 0
+    for k in rows:
+        tag_ids[k] = []
+        for gs in rows[k][1]: tag_ids[k].append(ids[j:j + len(gs)]); j += len(gs)
+    roles = _split_roles(splits, c, seed)
+    L = int(c.seq_len or DATA_DEFAULTS['seq_len'])
+    text = lambda k, i: ' '.join(rows[k][0][i])
+    tok = _tokenizer(c, [text('train', i) for i in roles['train'][1]], [text(k, i) for k in rows for i in range(len(rows[k][0]))],
+                     cache, run_dir, info)
+    parts, stats = {}, {}
+    for role, (k, idx) in roles.items():
+        xs, ys, st = align_words([rows[k][0][i] for i in idx], [tag_ids[k][i] for i in idx], tok, L, cache)
+        parts[role] = DictDataset(input_ids=xs, labels=ys)
+        for s, v in st.items(): stats[s] = stats.get(s, 0) + v
+    if stats['truncated']:
+        warnings.warn(f"{stats['truncated']} sentence(s) were longer than data.seq_len={L} tokens and were cut: "
+                      f"{stats['words_cut']} tagged word(s) lost; a larger data.seq_len keeps them", stacklevel=2)
+    counts = torch.bincount(torch.cat([y[y >= 0] for y in parts['train'].columns['labels']]), minlength=len(names)).tolist()
+    info.update(label_names=names, **rows['train'][2], **stats, class_counts=dict(zip(names, counts)),
+                train_words=sum(len(rows['train'][0][i]) for i in roles['train'][1]))
+    return DataBundle(parts['train'], parts.get('validation'), PadCollator(tok.pad_id), tok, tok.vocab_size, len(names), info,
+                      parts.get('test'))
 
 # %% ../nbs/08f_data.ipynb #4cb6e4fd
 _M64 = (1 << 64) - 1

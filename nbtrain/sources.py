@@ -16,8 +16,8 @@ from .errors import DataError, did_you_mean, format_choices
 # %% auto #0
 __all__ = ['FILE_READERS', 'FILE_TYPES', 'IMAGE_SUFFIXES', 'SPLIT_ALIASES', 'DRIVE_MOUNT', 'NAMED_SOURCES', 'SOURCE_HELP',
            'COLUMN_NAMES', 'Table', 'concat_tables', 'read_utf8', 'split_documents', 'read_txt', 'read_jsonl',
-           'read_json', 'read_csv', 'read_parquet', 'read_file', 'canonical_split', 'read_class_folders', 'read_folder',
-           'extract_zip', 'LazyColumn', 'hf_tables', 'load_saved_dataset', 'hf_offline', 'hub_endpoint',
+           'read_json', 'read_csv', 'read_parquet', 'read_conll', 'read_file', 'canonical_split', 'read_class_folders',
+           'read_folder', 'extract_zip', 'LazyColumn', 'hf_tables', 'load_saved_dataset', 'hf_offline', 'hub_endpoint',
            'hub_reachable', 'load_hub_dataset', 'memory_tables', 'drive_root', 'mount_drive', 'resolve_path',
            'colab_upload', 'open_source', 'pick_splits', 'find_column', 'text_values', 'encode_labels']
 
@@ -161,8 +161,24 @@ def read_parquet(path) -> Table:
     except Exception as e: raise DataError(f"{path} is not a readable Parquet file: {type(e).__name__}: {e}") from None
     return Table({c: t.column(c).to_pylist() for c in t.column_names}, str(path))
 
+def read_conll(path) -> Table:
+    "A CoNLL-style file (`.conll`, `.bio`, `.iob`): a token and its tag per line (first and last column), a blank line between sentences."
+    path = Path(path)
+    tokens, tags, lines, cur = [], [], [], ([], [], None)
+    def flush():
+        if cur[0]: tokens.append(cur[0]); tags.append(cur[1]); lines.append(cur[2])
+    for n, line in enumerate(read_utf8(path).splitlines(), 1):
+        parts = line.split()
+        if not parts or parts[0] == '-DOCSTART-':
+            flush(); cur = ([], [], None); continue
+        if len(parts) < 2: raise DataError(f"{path}, line {n}: {line[:60]!r} has no tag: expected a token and its tag (e.g. 'Paris B-LOC')")
+        if cur[2] is None: cur = (cur[0], cur[1], n)
+        cur[0].append(parts[0]); cur[1].append(parts[-1])
+    flush()
+    return Table({'tokens': tokens, 'tags': tags}, str(path), lambda i: f'{path}, sentence at line {lines[i]}')
+
 FILE_READERS = {'.txt': read_txt, '.jsonl': read_jsonl, '.ndjson': read_jsonl, '.json': read_json, '.csv': read_csv,
-                '.tsv': read_csv, '.parquet': read_parquet}
+                '.tsv': read_csv, '.parquet': read_parquet, '.conll': read_conll, '.bio': read_conll, '.iob': read_conll}
 FILE_TYPES = tuple(FILE_READERS)
 
 def read_file(path) -> Table:
@@ -282,6 +298,8 @@ def _hf_table(d, origin:str) -> Table:
     cols = {c: LazyColumn(d.cast_column(c, datasets.Image(decode=False)), c) if isinstance(f, datasets.Image) else d[c][:]
             for c, f in d.features.items()}
     names = {c: list(f.names) for c, f in d.features.items() if isinstance(f, datasets.ClassLabel)}
+    names.update({c: list(f.feature.names) for c, f in d.features.items()  # per-token tags: a list of class labels
+                  if isinstance(getattr(f, 'feature', None), datasets.ClassLabel)})
     return Table(cols, origin, label_names=names)
 
 def load_saved_dataset(path) -> dict[str, Table]:
