@@ -18,9 +18,9 @@ __all__ = ['PANELS', 'STYLE', 'DEFAULT_COMPARE', 'series', 'ema', 'dashboard_pan
 
 # %% ../nbs/13b_dashboard.ipynb #51b55d39
 PANELS = (  # title, metric name pattern, y scale
-    ('loss', r'loss|val_loss', 'linear'),
-    ('perplexity', r'ppl|val_ppl', 'log'),
-    ('accuracy', r'val_acc|val_top\d+_acc|val_f1_macro', 'linear'),
+    ('loss', r'loss|(val|test)_loss', 'linear'),
+    ('perplexity', r'ppl|(val|test)_ppl', 'log'),
+    ('accuracy', r'(val|test)_(acc|top\d+_acc|f1_macro|entity_f1)', 'linear'),
     ('learning rate', r'lr', 'linear'),
     ('gradient norm', r'grad_norm', 'log'),
     ('throughput', r'tokens_per_s|samples_per_s', 'linear'),
@@ -50,7 +50,7 @@ def dashboard_panels(rows:list[dict]) -> list[tuple[str, list[str], str]]:
     if 'tokens_per_s' in keys: keys.discard('samples_per_s')
     out = []
     for title, pattern, scale in PANELS:
-        names = sorted((k for k in keys if re.fullmatch(pattern, k)), key=lambda k: (k.startswith('val_'), k))
+        names = sorted((k for k in keys if re.fullmatch(pattern, k)), key=lambda k: (k.startswith('test_'), k.startswith('val_'), k))
         if names: out.append((title, names, scale))
     return out
 
@@ -72,7 +72,10 @@ def plot_dashboard(rows:list[dict], fig:Figure|None=None, title:str|None=None, s
             ax = fig.add_subplot(nrows, min(ncols, len(panels)), i + 1)
             for k in keys:
                 xs, ys = series(rows, k)
-                if k.startswith('val_'): ax.plot(xs, ys, 'o-', ms=3, lw=1.2, label=k)
+                if k.startswith('test_'):  # one evaluation, at the step its weights come from
+                    xs = [r.get('weights_step', r['step']) for r in rows if _num(r.get(k))]
+                    ax.plot(xs, ys, '*', ms=10, color='black', label=k)
+                elif k.startswith('val_'): ax.plot(xs, ys, 'o-', ms=3, lw=1.2, label=k)
                 elif k == 'loss' and smooth and len(ys) > 30:  # a short curve is clearer as it is
                     line, = ax.plot(xs, ys, lw=0.8, alpha=0.3)
                     ax.plot(xs, ema(ys, smooth), lw=1.4, color=line.get_color(), label=k)
@@ -134,8 +137,10 @@ def save_dashboard(run_dir, filename:str='dashboard.png', dpi:int=110) -> Path|N
     fig = plot_dashboard(rows, title=_summary(rows, run_dir.name))
     path = run_dir/filename
     path.write_bytes(render_png(fig, dpi))
-    cm = [r['val_confusion'] for r in rows if isinstance(r.get('val_confusion'), list)]
-    if cm: (run_dir/'confusion_matrix.png').write_bytes(render_png(plot_confusion(cm[-1], title=f'{run_dir.name}: validation'), dpi))
+    for split, name in (('val', 'validation'), ('test', 'test')):
+        cm = [r[f'{split}_confusion'] for r in rows if isinstance(r.get(f'{split}_confusion'), list)]
+        file = 'confusion_matrix.png' if split == 'val' else 'confusion_matrix_test.png'
+        if cm: (run_dir/file).write_bytes(render_png(plot_confusion(cm[-1], title=f'{run_dir.name}: {name}'), dpi))
     return path
 
 def _fmt(v:float) -> str: return f'{v:,.0f}' if abs(v) >= 1000 else f'{v:.4g}'
@@ -145,7 +150,7 @@ def _summary(rows:list[dict], head:str='', total:int|None=None) -> str:
     parts = [head] if head else []
     step = max((r.get('step', 0) for r in rows), default=0)
     parts.append(f'step {step}' + (f'/{total}' if total else ''))
-    for k in ('loss', 'val_loss', 'val_acc', 'tokens_per_s'):
+    for k in ('loss', 'val_loss', 'val_acc', 'tokens_per_s', 'test_loss'):
         v = next((r[k] for r in reversed(rows) if _num(r.get(k))), None)
         if v is not None: parts.append(f"{k.replace('_per_s', '/s')} {_fmt(v)}")
     return ' · '.join(parts)
@@ -185,6 +190,8 @@ class LiveDashboard(Callback):
     def on_eval_end(self, trainer, metrics):
         self._add(trainer, metrics)
         self.draw(trainer, force=self._last_step == trainer.step)
+
+    def on_test_end(self, trainer, metrics): self._add(trainer, metrics)  # drawn at the end, with the rest
 
     def on_fit_end(self, trainer): self._finish(trainer)
     def on_exception(self, trainer, exc): self._finish(trainer)
@@ -263,6 +270,8 @@ def compare_runs(run_dirs:list, labels:list[str]|None=None) -> list[dict]:
         row = dict(run=label, steps=max((r.get('step', 0) for r in rows), default=0),
                    best_val_loss=best['val_loss'] if best else None, best_step=best['step'] if best else None)
         if evals: row.update({k: v for k, v in evals[-1].items() if k.startswith('val_') and _num(v)})
+        tested = [r for r in rows if _num(r.get('test_loss'))]
+        if tested: row.update({k: v for k, v in tested[-1].items() if (k.startswith('test_') or k == 'weights_step') and _num(v)})
         row['tokens_per_s'] = speed[len(speed) // 2] if speed else None
         out.append(row)
     return out
