@@ -321,41 +321,49 @@ class GenerateCommand:
         return 0
 
 # %% ../nbs/12_cli.ipynb #1ad9a396
+def _scalar(v) -> bool: return isinstance(v, (int, float, str, bool)) or v is None
+
 def metrics_lines(metrics:dict) -> list[str]:
-    "The lines of a small two-column table of `metrics` (name, value)."
+    "The lines of a small two-column table of the scalar `metrics` (name, value)."
     def fmt(v):
         if isinstance(v, bool) or v is None: return str(v)
         if isinstance(v, float): return f'{v:.4g}' if v == 0 or 1e-3 <= abs(v) < 1e6 else f'{v:.3e}'
         if isinstance(v, int): return f'{v:,}'
-        return json.dumps(v, default=str) if isinstance(v, (dict, list)) else str(v)
-    rows = [(str(k), fmt(v)) for k, v in metrics.items()]
+        return str(v)
+    rows = [(str(k), fmt(v)) for k, v in metrics.items() if _scalar(v)]
     w = max([len('metric'), *(len(k) for k, _ in rows)])
     return [f"{'metric':<{w}}  value", f"{'-' * w}  {'-' * 5}", *(f"{k:<{w}}  {v}" for k, v in rows)]
 
 class EvalCommand:
     "`nbtrain eval RUN [--data SOURCE] [--split test]`: a run's final model on a data split, its metrics as a table."
     help = COMMANDS['eval'][1]
-    options = '--data, --split, --trust-code, --json'
+    options = '--data, --split, --json'
 
     def add_arguments(self, p):
         p.add_argument('run', metavar='RUN', help='a run folder (or its final/)')
         p.add_argument('--data', metavar='SOURCE', help="data to evaluate on (default: the run's own data source)")
         p.add_argument('--split', default='test', metavar='NAME', help='the split to evaluate (default test)')
-        p.add_argument('--trust-code', action='store_true', help="allow running the run's final/model.py (a file model): read it first")
         p.add_argument('--json', action='store_true', help='print the metrics as one JSON object instead of a table')
 
     def run(self, args, rest) -> int:
+        import inspect
         _no_rest('eval', rest, self.options)
         if not args.split.strip(): raise ConfigError(f"--split={args.split!r}: give a split name, e.g. --split test or --split validation.")
         run = _run_folder(args.run)
         try: from nbtrain.evaluate import evaluate_run
         except ImportError as e: raise NbtrainError(f"nbtrain eval is not available in this installation ({e}).") from None
-        kw = {'trust_code': True} if args.trust_code else {}
-        metrics = evaluate_run(run, data=args.data, split=args.split.strip(), **kw)
-        if args.json: print(json.dumps(metrics, default=str))
-        else:
-            print(f"{run}: {args.split} split" + (f" of {args.data}" if args.data else ''))
-            print('\n'.join(metrics_lines(metrics)))
+        quiet = {'quiet': True} if 'quiet' in inspect.signature(evaluate_run).parameters else {}  # the table is printed here
+        metrics = evaluate_run(str(run), data=args.data, split=args.split.strip(), **quiet)
+        if args.json:
+            print(json.dumps(dict(metrics), default=str))
+            return 0
+        info = getattr(metrics, 'info', None) or {}
+        n = info.get('examples')
+        print(f"{run}: {info.get('split') or args.split} split" + (f" of {args.data}" if args.data else '')
+              + (f", {n:,} examples" if isinstance(n, int) else ''))
+        print('\n'.join(metrics_lines(metrics)))
+        if more := [k for k, v in metrics.items() if not _scalar(v)]: print(f"also measured: {', '.join(map(str, more))} (see --json)")
+        if getattr(metrics, 'path', None): print(f"saved to {metrics.path}")
         return 0
 
 # %% ../nbs/12_cli.ipynb #62530425
