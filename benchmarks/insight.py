@@ -6,9 +6,13 @@ Prints, measured in one run on this machine:
   GPT-2-sized one;
 - the time of one dashboard draw (the live figure with fixed margins, and the saved PNG with constrained layout) for
   runs of 100, 1,000 and 10,000 logged rows; the live plot spends at most 5% of the run on drawing by construction;
-- the cost per logged row of the CSV, TensorBoard and (offline) W&B trackers, as a ratio of the JSONL logger's.
+- the cost per logged row of the CSV, TensorBoard and (offline) W&B trackers, as a ratio of the JSONL logger's;
+- the samples decoded at every evaluation (`nbtrain.samples`, `eval.*` at their defaults) as a share of the training
+  time of the same run, a run of the default preset (or `--preset`) cut to `--sample-steps` optimizer steps, and
+  projected to the preset's whole run (its evaluations over its steps); the target is at most 3%.
 
-    python benchmarks/insight.py [--batch 8] [--seq 256] [--repeat 5]
+    python benchmarks/insight.py [--batch 8] [--seq 256] [--repeat 5] [--preset tiny-cpu] [--sample-steps 200]
+    python benchmarks/insight.py --only samples
 """
 import argparse, math, os, random, tempfile, time
 from types import SimpleNamespace
@@ -71,12 +75,54 @@ def trackers(a):
             cb.on_fit_end(tr)
         for name, c in cost.items(): print(f"  {name:<12} {c * 1e6:8.0f} us  ratio {c / cost['jsonl']:6.1f}")
 
+def _evaluation_steps(n:int, every:int|None, per_epoch:int, at_start:bool) -> list[int]:
+    "The steps a run of `n` steps evaluates at: every `every` steps, at epoch ends, at the start and at the end."
+    steps = {n} | ({0} if at_start else set()) | set(range(per_epoch, n + 1, per_epoch))
+    if every: steps |= set(range(every, n + 1, every))
+    return sorted(steps)
+
+def samples(a):
+    from nbtrain.config import DEFAULT_PRESET, load_config
+    from nbtrain.samples import SampleCallback
+    from nbtrain.trainer import Trainer
+    preset = a.preset or DEFAULT_PRESET
+    whole = load_config(preset=preset)
+    n = a.sample_steps or whole.train.max_steps
+    with tempfile.TemporaryDirectory() as d:
+        cfg = load_config(preset=preset, overrides={'output_dir': d, 'name': 'samples', 'train.max_steps': n, 'train.progress_bar': False})
+        sc = SampleCallback(cfg, print_samples=False)  # the trainer's own, with the run's eval settings
+        tr = Trainer(cfg, callbacks=[sc])
+        res = tr.fit()
+        per_epoch, dev = tr.steps_per_epoch, tr.fabric.device
+    e, t = cfg.eval, cfg.train
+    m = cfg.model
+    print(f"samples at every evaluation, preset {preset} ({m.name} {m.size}, {len(sc.prompts)} prompts x {e.sample_max_new_tokens} "
+          f"new tokens, {dev.type}{'' if dev.type != 'cpu' else f', {torch.get_num_threads()} threads'}):")
+    if not sc.evaluations: print("  no samples were decoded (not a causal language model?)"); return
+    each = sc.seconds / sc.evaluations
+    share = sc.seconds / res.elapsed_s
+    print(f"  this run: {res.step} steps in {res.elapsed_s:.1f} s, {sc.evaluations} evaluations with samples, {sc.seconds:.2f} s "
+          f"of sampling ({each:.2f} s each): {100 * share:.2f}% of the run")
+    N = whole.train.max_steps or n
+    evals = _evaluation_steps(N, t.eval_every, per_epoch, t.eval_at_start)
+    step_s = (res.elapsed_s - sc.seconds) / max(res.step, 1)  # training, evaluation and the rest, per step
+    projected = len(evals) * each / (N * step_s + len(evals) * each)
+    print(f"  the whole {preset} run ({N} steps, {len(evals)} evaluations), projected: {100 * projected:.2f}% of its time "
+          f"-- target <= 3%: {'met' if max(share, projected) <= 0.03 else 'NOT met'}")
+
+PARTS = dict(metrics=eval_metrics, dashboard=dashboard, trackers=trackers, samples=samples)
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--batch', type=int, default=8)
     ap.add_argument('--seq', type=int, default=256)
     ap.add_argument('--repeat', type=int, default=5)
+    ap.add_argument('--preset', default=None, help='the preset whose run the samples are measured in (default: the default preset)')
+    ap.add_argument('--sample-steps', type=int, default=200, help="optimizer steps of that run (0: the preset's whole run)")
+    ap.add_argument('--only', default=','.join(PARTS), help=f"the parts to run, comma-separated: {', '.join(PARTS)}")
     a = ap.parse_args(argv)
-    eval_metrics(a); dashboard(a); trackers(a)
+    for name in a.only.split(','):
+        if name.strip() not in PARTS: ap.error(f"--only: unknown part {name.strip()!r}; choose from {', '.join(PARTS)}")
+        PARTS[name.strip()](a)
 
 if __name__ == '__main__': main()

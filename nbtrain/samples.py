@@ -47,21 +47,38 @@ def _whole_words(text:str) -> str:
     cut = max(text.rfind(' '), text.rfind('\n'))
     return text[:cut].rstrip() if cut >= len(text) // 2 else text.rstrip()
 
+def _document_starts(dataset, eos:int|None, n:int, max_tokens:int) -> list[list[int]]|None:
+    "A packed dataset's token stream (`dataset.ids`) cut at end-of-text tokens: the starts of `n` documents spread over it."
+    ids = getattr(dataset, 'ids', None)
+    if eos is None or not isinstance(ids, torch.Tensor) or ids.ndim != 1: return None
+    starts = [0] + [int(p) + 1 for p in (ids == eos).nonzero().flatten().tolist()]
+    starts = [s for s in starts if s + max_tokens // 2 <= len(ids)]
+    if len(starts) < 2: return None
+    out = []
+    for s in sorted({starts[j * len(starts) // n] for j in range(n)}):
+        doc = ids[s:s + max_tokens].tolist()
+        out.append(doc[:doc.index(eos)] if eos in doc else doc)
+    return out
+
 def example_prompts(dataset, tokenizer, n:int=3, max_tokens:int=32) -> list[str]:
-    "The starts of `n` examples spread over `dataset` (at most `max_tokens` tokens each), as text."
+    "The starts of `n` examples (documents, for packed text) spread over `dataset`, at most `max_tokens` tokens each, as text."
     if dataset is None or tokenizer is None or not len(dataset): return []
     eos = getattr(tokenizer, 'eos_id', None)
+    docs = _document_starts(dataset, eos, n, max_tokens)
+    if docs is None:
+        docs = []
+        for i in sorted({j * len(dataset) // n for j in range(n)}):
+            ex = dataset[i]
+            if not isinstance(ex, dict) or 'input_ids' not in ex: return []
+            docs.append(_prompt_ids(ex, _tokens(ex), eos, max_tokens))
     out = []
-    for i in sorted({j * len(dataset) // n for j in range(n)}):
-        ex = dataset[i]
-        if not isinstance(ex, dict) or 'input_ids' not in ex: return []
-        ids = _prompt_ids(ex, _tokens(ex), eos, max_tokens)
+    for ids in docs:
         text = tokenizer.decode(ids)
         if len(ids) >= max_tokens: text = _whole_words(text)
         if text.strip(): out.append(text)
     return out
 
-# %% ../nbs/13e_samples.ipynb #61d36c0b
+# %% ../nbs/13e_samples.ipynb #163f7e78
 def read_samples(run_dir) -> list[dict]:
     "The rows of a run's `samples.jsonl`: `{step, prompt, text}`; [] when it has none."
     return [r for r in read_metrics(run_dir, SAMPLES_FILE) if 'text' in r]
@@ -76,7 +93,10 @@ def latest_samples(run_dir_or_rows) -> list[dict]:
 def samples_markdown(rows:list[dict]) -> str:
     "Rows as Markdown (TensorBoard's text tab renders it): the prompt in bold, the model's continuation after it."
     esc = lambda s: str(s).replace('\\', '\\\\').replace('*', '\\*').replace('_', '\\_').replace('\n', '  \n')
-    return '\n\n'.join(f"**{esc(r['prompt'])}**{esc(r['text'])}" for r in rows)
+    def bold(p):  # Markdown bolds `**x**` only without spaces inside the stars: those go outside
+        core = p.strip()
+        return esc(p[:len(p) - len(p.lstrip())]) + (f'**{esc(core)}**' if core else '') + esc(p[len(p.rstrip()):])
+    return '\n\n'.join(bold(str(r['prompt'])) + esc(r['text']) for r in rows)
 
 def samples_html(rows:list[dict], title:bool=True) -> str:
     "Rows as HTML: the prompt in bold, the continuation after it, grouped by step (newest first)."
@@ -89,7 +109,7 @@ def samples_html(rows:list[dict], title:bool=True) -> str:
         out.append((f'<div style="color:#555;font-size:0.9em">samples at step {s}</div>' if title else '') + items)
     return ''.join(out)
 
-# %% ../nbs/13e_samples.ipynb #d18351d1
+# %% ../nbs/13e_samples.ipynb #c8f5cb71
 def fire_samples(trainer, rows:list[dict]):
     "Call `on_samples(trainer, rows)` on every callback of `trainer` that has it, with `CallbackList`'s error isolation."
     cbs = trainer.callbacks
@@ -102,7 +122,7 @@ def fire_samples(trainer, rows:list[dict]):
             if cb.critical: raise CallbackError(f"Critical callback {cb.name} failed in on_samples: {type(e).__name__}: {e}") from e
             cbs._disable(cb, 'on_samples', e)
 
-# %% ../nbs/13e_samples.ipynb #db9cdc88
+# %% ../nbs/13e_samples.ipynb #d6654a3d
 class SampleCallback(Callback):
     "Decode `eval.sample_prompts` (or the starts of a few validation examples) at every evaluation: samples.jsonl and `on_samples`."
     order = -15  # before the loggers (JSONLLogger is -10): the rows are written when the evaluation's metrics are

@@ -48,7 +48,7 @@ def test_wandb_offline_run_has_metrics_at_steps_and_no_secrets(wandb_env):
         for k, v in r.items():
             if k not in ('step', 'time') and isinstance(v, float): assert hist[r['step']][k] == pytest.approx(v, rel=1e-12), (r['step'], k)
     assert run['config']['train']['max_steps'] == 12 and run['config']['run']['run_dir'] == str(res.run_dir)
-    assert [(a['type'], sorted(a['aliases'])) for a in run['artifacts']] == [
+    assert [(a['type'], sorted(a['aliases'])) for a in run['artifacts'] if a['type'] != 'run_table'] == [  # tables: samples
         ('checkpoint', ['latest', 'step-6']), ('checkpoint', ['latest', 'step-12']), ('model', ['latest', 'step-12'])]
     assert not wb.uploads.failures and len(wb.uploads.done) == 3
 
@@ -179,3 +179,28 @@ def test_backends_from_config_build_the_trackers(wandb_env):
     res = tr.fit()
     assert (res.run_dir/'metrics.csv').exists() and (res.run_dir/'tensorboard').is_dir()
     assert read_offline_run(res.run_dir/'wandb')['history']
+
+
+def test_samples_reach_tensorboard_and_wandb_across_a_resume(wandb_env):
+    "TensorBoard text and a W&B table at every evaluation; the resumed run's table holds the first session's samples too."
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from nbtrain.samples import SampleCallback, read_samples
+    over = {'eval.num_samples': 2, 'eval.sample_max_new_tokens': 8}
+    cfg = quick_cfg(wandb_env, 'samples', **over)
+    first = WandbTracker(cfg, log_artifacts='none', settings=FAST)
+    Trainer(cfg, callbacks=[first, TensorBoardTracker(cfg), SampleCallback(cfg)]).fit()
+    assert [r[0] for r in first.sample_rows] == [0, 0, 6, 6, 12, 12]
+    cfg = quick_cfg(wandb_env, 'samples', **{**over, 'train.max_steps': 18})
+    second = WandbTracker(cfg, log_artifacts='none', settings=FAST)
+    res = Trainer(cfg, callbacks=[second, TensorBoardTracker(cfg), SampleCallback(cfg)]).fit()
+    assert [r[0] for r in second.sample_rows] == [0, 0, 6, 6, 12, 12, 18, 18]  # the earlier ones read back from samples.jsonl
+    assert [[r['step'], r['prompt'], r['text']] for r in read_samples(res.run_dir)] == second.sample_rows
+
+    ea = EventAccumulator(str(res.run_dir/'tensorboard'), size_guidance={'tensors': 0}); ea.Reload()
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in ea.Tensors('samples/text_summary')}
+    assert sorted(texts) == [0, 6, 12, 18]
+    last = [r for r in read_samples(res.run_dir) if r['step'] == 18]
+    assert all(f"**{r['prompt'].strip()}" in texts[18] for r in last), texts[18]
+    runs = sorted((res.run_dir/'wandb').glob('offline-run-*'))
+    tables = [[h['_step'] for h in read_offline_run(r)['history'] if h.get('samples/_type') == 'table-file'] for r in runs]
+    assert tables == [[0, 6, 12], [18]] and [h.get('samples/nrows') for h in read_offline_run(runs[1])['history'] if 'samples/nrows' in h] == [8]

@@ -29,6 +29,7 @@ r = form.wait(120)
 assert r.stop_reason.startswith('interrupted by the Stop button'), r.stop_reason
 assert 12 <= r.step < 2000 and (r.run_dir/'checkpoints'/f'step-{r.step:09d}'/'manifest.json').exists()
 assert len(form.image.value) > 1000, 'the live dashboard draws into the form'
+assert 'samples at step' in form.samples.value, 'the newest samples, shown in the form as training goes'
 assert 'Done: interrupted by the Stop button' in form.status.value
 assert not form.running and not form.train_button.disabled and form.stop_button.disabled
 log = form.logbuf.text()
