@@ -1,5 +1,6 @@
 """Distributed training through Lightning Fabric on 2 CPU processes (gloo): DDP and FSDP reach the weights of one
-process with the same global batch, the run folder is written once, and checkpoints resume across strategies."""
+process with the same global batch, evaluate to the same metrics (validation and test, torchmetrics' included), the
+run folder is written once, and checkpoints resume across strategies."""
 import json, os, shutil, subprocess, sys
 import pytest, torch
 from safetensors.torch import load_file
@@ -8,7 +9,7 @@ COMMON = ['--data.corpus_size', '80', '--data.seq_len', '32', '--train.max_steps
           '--train.eval_every', '3', '--train.eval_batches', '2', '--train.progress_bar', 'false',
           '--train.deterministic', 'true', '--checkpoint.every_steps', '3', '--checkpoint.keep_last_n', '5',
           '--checkpoint.keep_best_k', '0', '--train.accelerator', 'cpu', '--optim.lr', '1e-2',
-          '--monitor.every_steps', '1', '--monitor.log_layer_norms', 'true']
+          '--monitor.every_steps', '1', '--monitor.log_layer_norms', 'true', '--data.test_fraction', '0.15']
 ONE = ['--train.micro_batch_size', '8', '--train.grad_accum', '2', '--train.devices', '1']
 DDP = ['--train.micro_batch_size', '8', '--train.grad_accum', '1', '--train.devices', '2', '--train.strategy', 'ddp']
 FSDP = ['--train.micro_batch_size', '8', '--train.grad_accum', '1', '--train.devices', '2', '--train.strategy', 'fsdp']
@@ -29,6 +30,22 @@ def max_diff(a, b):
 
 def logged(out, name):
     return [r for r in (json.loads(l) for l in (out/name/'metrics.jsonl').read_text().splitlines()) if 'loss' in r]
+
+def evaluated(out, name):
+    "The evaluation rows (validation and the test split at the end), by step and kind."
+    rows = [json.loads(l) for l in (out/name/'metrics.jsonl').read_text().splitlines()]
+    return {(r['step'], 'test' if 'test_loss' in r else 'val'): r for r in rows if 'val_loss' in r or 'test_loss' in r}
+
+def same_metrics(a, b, tol=1e-5):
+    "Every evaluation metric of one process equals that of several (numbers, and the confusion matrix)."
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    for key, ra in a.items():
+        rb = b[key]
+        names = [k for k in ra if k.startswith(('val_', 'test_'))]
+        assert len(names) >= 8 and names == [k for k in rb if k.startswith(('val_', 'test_'))], (key, names)
+        for k in names:
+            if isinstance(ra[k], list): assert ra[k] == rb[k], (key, k)
+            else: assert abs(ra[k] - rb[k]) <= tol * max(1, abs(ra[k])), (key, k, ra[k], rb[k])
 
 def checkpoints(out, name): return sorted(p.name for p in (out/name/'checkpoints').iterdir())
 
@@ -51,6 +68,10 @@ def test_ddp_two_processes_match_one_process_same_global_batch(runs):
     assert [x['step'] for x in logged(runs, 'ddp')] == [2, 4, 6]
     assert checkpoints(runs, 'ddp') == ['step-000000003', 'step-000000006']
     assert r.stdout.count('validation loss at end') == 1  # only rank 0 speaks
+    # evaluation: the same examples, each once, so the same numbers (validation at 0, 3, 6 and the test split)
+    one, ddp = evaluated(runs, 'single'), evaluated(runs, 'ddp')
+    assert sorted(one) == [(0, 'val'), (3, 'val'), (6, 'test'), (6, 'val')]
+    same_metrics(one, ddp)
 
 def test_fsdp_two_processes_match_one_process_same_global_batch(runs):
     r = nbtrain(runs, 'fsdp', *FSDP)
@@ -67,6 +88,7 @@ def test_fsdp_two_processes_match_one_process_same_global_batch(runs):
     assert man['aliases'] == {'lm_head.weight': 'tok_emb.weight'}  # gathered weights re-tied: stored once
     assert 'lm_head.weight' not in load_file(runs/'fsdp'/'checkpoints'/'step-000000006'/'model.safetensors')
     assert r.stdout.count('validation loss at end') == 1
+    same_metrics(evaluated(runs, 'single'), evaluated(runs, 'fsdp'))
 
 def test_checkpoints_resume_across_fsdp_and_one_process(runs):
     if not (runs/'fsdp'/'final').exists(): nbtrain(runs, 'fsdp', *FSDP)
