@@ -147,6 +147,7 @@ class EvalStats:
             s['scalars'] += torch.stack([wi.sum(), (top_p[:, 0] * wi).sum(), (top_p.sum(-1) * wi).sum(), (ent * wi).sum()])
             s['pred_mass'] += (wi.to(p.dtype) @ p).to(dt)  # the predicted distributions, summed over targets
             zk, yk = z[ki], y[i:i+rows][ki]  # the targets that count (a boolean index: one host sync per chunk)
+            if not len(yk): continue  # none here (padding): torchmetrics takes no empty batch
             for name, m in self.tm.items():
                 if name == 'ppl': m.update(zk[None], yk[None])
                 elif name == 'ece': m.update(p[ki], yk)
