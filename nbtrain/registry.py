@@ -90,7 +90,7 @@ TRACKERS.add_lazy('tensorboard', 'nbtrain.tracking:TensorBoardTracker')
 TRACKERS.add_lazy('eval_metrics', 'nbtrain.metrics:TaskMetrics')
 TRACKERS.add_lazy('dashboard', 'nbtrain.dashboard:LiveDashboard')
 for _n, _t in dict(gpt='GPT', encoder_classifier='EncoderClassifier', vit='ViT').items(): MODELS.add_lazy(_n, f'nbtrain.models:{_t}')
-MODELS.add_lazy('encoder_decoder', 'nbtrain.seq2seq_model:EncoderDecoder')
+MODELS.add_lazy('encoder_decoder', 'nbtrain.seq2seq_model:EncoderDecoder', tasks=('seq2seq',))
 for _n, _t in dict(causal_lm='CausalLM', masked_lm='MaskedLM', sequence_classification='SequenceClassification',
                    token_classification='TokenClassification', image_classification='ImageClassification', seq2seq='Seq2Seq').items():
     TASKS.add_lazy(_n, f'nbtrain.tasks:{_t}')
