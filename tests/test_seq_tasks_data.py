@@ -142,3 +142,22 @@ def test_bad_data_says_where_and_what_works(tmp_path, task, records, kw, message
     with pytest.raises(DataError) as e:
         build_data(settings(tmp_path, **kw), task, 0, source=records)
     assert message in str(e.value), str(e.value)
+
+
+def test_seq2seq_with_a_t5_style_tokenizer(tmp_path):
+    "A SentencePiece-style (Unigram) tokenizer that ends every sequence with </s>, as T5's: the source keeps its </s>, the target ends with one."
+    transformers = pytest.importorskip('transformers')
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, processors, decoders
+    uni = Tokenizer(models.Unigram())
+    uni.pre_tokenizer, uni.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    uni.train_from_iterator(['translate English to German: the cat', 'die Katze', 'the dog', 'der Hund'] * 20,
+                            trainers.UnigramTrainer(vocab_size=60, special_tokens=['<pad>', '</s>', '<unk>'], unk_token='<unk>'))
+    uni.post_processor = processors.TemplateProcessing(single='$A </s>', special_tokens=[('</s>', 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=uni, pad_token='<pad>', eos_token='</s>', unk_token='<unk>').save_pretrained(tmp_path/'t5')
+    rows = [{'source': 'translate English to German: the cat', 'target': 'die Katze'}, {'source': 'the dog', 'target': 'der Hund'}] * 6
+    b = build_data(settings(tmp_path, seq_len=32, tokenizer=str(tmp_path/'t5')), 'seq2seq', 0, source=rows)
+    hf = b.tokenizer.tok
+    x = b.train[0]
+    assert x['input_ids'][-1].item() == hf.eos_token_id == x['labels'][-1].item()  # one </s> each, not two
+    assert int((x['labels'] == hf.eos_token_id).sum()) == 1 and b.info['decoder_start_token_id'] == hf.pad_token_id == 0
+    assert hf.decode(x['labels'], skip_special_tokens=True) in ('die Katze', 'der Hund')
