@@ -161,3 +161,28 @@ def test_seq2seq_with_a_t5_style_tokenizer(tmp_path):
     assert x['input_ids'][-1].item() == hf.eos_token_id == x['labels'][-1].item()  # one </s> each, not two
     assert int((x['labels'] == hf.eos_token_id).sum()) == 1 and b.info['decoder_start_token_id'] == hf.pad_token_id == 0
     assert hf.decode(x['labels'], skip_special_tokens=True) in ('die Katze', 'der Hund')
+
+
+@pytest.mark.slow
+def test_a_hugging_face_t5_trains_on_pairs_with_its_own_tokenizer(tmp_path):
+    "model.name hf: a tiny T5 (random weights) saved here with a Unigram tokenizer; the pairs are tokenized with it and it learns."
+    transformers = pytest.importorskip('transformers')
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, processors, decoders
+    from nbtrain.trainer import train
+    texts = [f'{a} {b} {c}' for a in range(10) for b in range(10) for c in range(3)]
+    uni = Tokenizer(models.Unigram())
+    uni.pre_tokenizer, uni.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    uni.train_from_iterator(texts * 2, trainers.UnigramTrainer(vocab_size=40, special_tokens=['<pad>', '</s>', '<unk>'], unk_token='<unk>'))
+    uni.post_processor = processors.TemplateProcessing(single='$A </s>', special_tokens=[('</s>', 1)])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=uni, pad_token='<pad>', eos_token='</s>', unk_token='<unk>')
+    tok.save_pretrained(tmp_path/'t5')
+    cfg = transformers.T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path/'t5')
+    (tmp_path/'pairs.jsonl').write_text('\n'.join(json.dumps({'source': t, 'target': ' '.join(reversed(t.split()))}) for t in texts))
+    r = train(preset='tiny-cpu', overrides={
+        'task.name': 'seq2seq', 'model.name': 'hf', 'model.path': str(tmp_path/'t5'), 'data.source': str(tmp_path/'pairs.jsonl'),
+        'data.seq_len': 16, 'train.max_steps': 30, 'train.micro_batch_size': 16, 'train.eval_every': 15, 'train.eval_batches': 2,
+        'train.progress_bar': False, 'checkpoint.every_steps': None, 'output_dir': str(tmp_path/'runs'), 'optim.lr': 3e-3})
+    assert r.last_eval['val_loss'] < r.first_eval['val_loss'] / 2, (r.first_eval, r.last_eval)
+    assert json.loads((r.run_dir/'data.json').read_text())['tokenizer'] == str(tmp_path/'t5')
