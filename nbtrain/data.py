@@ -428,11 +428,11 @@ def _text(table, col, i, what) -> str:
 @DATA_FORMATS.register('prompt_response')
 def prompt_response_examples(table:Table, c) -> tuple[list[list[dict]], dict]:
     """Conversations of one exchange from a prompt column and a response column (Alpaca: `instruction` and `input`
-    joined by a blank line, then `output`; a `system` column becomes the system message). Also TRL's conversational
+    joined by a blank line, then `output`; Dolly: `instruction` and `context`, then `response`; a `system` column becomes the system message). Also TRL's conversational
     shape, where the prompt and the completion are lists of messages."""
     pc = _chat_column(table, 'prompt', c.prompt_column, 'prompt_response')
     rc = _chat_column(table, 'response', c.response_column, 'prompt_response')
-    extra = 'input' if pc == 'instruction' and 'input' in table.columns and c.prompt_column is None else None
+    extra = next((x for x in ('input', 'context') if x in table.columns), None) if pc == 'instruction' and c.prompt_column is None else None
     system = 'system' if 'system' in table.columns and 'system' not in (pc, rc) else None
     out = []
     for i in range(len(table)):
