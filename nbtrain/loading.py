@@ -371,7 +371,7 @@ def _with_sdpa(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 HUB_ID = re.compile(r'[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*')
-HUB_FILES = ('*.json', '*.safetensors', '*.model', '*.tiktoken', '*.txt')  # config, weights, tokenizer: no other formats' copies
+HUB_FILES = ('*.json', '*.safetensors', '*.model', '*.tiktoken', '*.txt', '*.jinja')  # config, weights, tokenizer: no other formats' copies
 TOKEN_ENV_VARS = ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN')
 
 def is_hub_id(s) -> bool:

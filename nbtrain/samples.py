@@ -10,8 +10,7 @@ import html, json, time, warnings
 from pathlib import Path
 import torch
 from .callbacks import STOPPED, Callback, read_metrics
-from .errors import CallbackError
-from .files import DiskFullError, atomic_write, disk_full_error, is_disk_full
+from .files import atomic_write, disk_full_error, is_disk_full
 from .models import unwrap_model
 from .repro import rng_state, set_rng_state
 
@@ -111,16 +110,8 @@ def samples_html(rows:list[dict], title:bool=True) -> str:
 
 # %% ../nbs/13e_samples.ipynb #c8f5cb71
 def fire_samples(trainer, rows:list[dict]):
-    "Call `on_samples(trainer, rows)` on every callback of `trainer` that has it, with `CallbackList`'s error isolation."
-    cbs = trainer.callbacks
-    for cb in [c for c in cbs if callable(getattr(c, 'on_samples', None))]:
-        try: cb.on_samples(trainer, rows)
-        except Exception as e:
-            if isinstance(e, DiskFullError): raise
-            if is_disk_full(e):
-                raise disk_full_error(getattr(e, 'filename', None) or f"the files of callback {cb.name}", None, e, STOPPED) from None
-            if cb.critical: raise CallbackError(f"Critical callback {cb.name} failed in on_samples: {type(e).__name__}: {e}") from e
-            cbs._disable(cb, 'on_samples', e)
+    "Call `on_samples(trainer, rows)` on the callbacks of `trainer`, with `CallbackList`'s error isolation."
+    trainer.callbacks.fire('on_samples', trainer, rows)
 
 # %% ../nbs/13e_samples.ipynb #d6654a3d
 class SampleCallback(Callback):
