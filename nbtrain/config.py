@@ -224,7 +224,7 @@ class Registered:
 @dataclass
 class ModelConfig(Section):
     _name = 'model'
-    name: str = opt('gpt', "A registered reference model ('gpt', 'encoder_classifier', 'vit'), 'file' for a model.py + config.json export, or 'hf' for a Hugging Face config", choices=Registered(MODELS, 'file', 'hf'))
+    name: str = opt('gpt', "A registered reference model ('gpt', 'encoder_classifier', 'vit', 'encoder_decoder'), 'file' for a model.py + config.json export, or 'hf' for a Hugging Face config", choices=Registered(MODELS, 'file', 'hf'))
     size: str = opt('tiny', "Size preset of a reference model (tiny, mini, small, gpt2-small)")
     path: str|None = opt(None, "model.py / export folder for name='file'; a Hub id (org/name), model type, config or checkpoint folder for name='hf'")
     trust_code: bool = opt(False, "Allow executing the model.py given in `path`")
@@ -288,8 +288,8 @@ class DataConfig(Section):
     train_split: str|None = opt(None, "The source's training split name (None: train)")
     val_split: str|None = opt(None, "The source's validation split name (None: validation, valid, val or dev)")
     test_split: str|None = opt(None, "The source's test split name (None: test)")
-    text_column: str|None = opt(None, "Column holding the text (auto-detected when None)")
-    label_column: str|None = opt(None, "Column holding the label (auto-detected when None)")
+    text_column: str|None = opt(None, "Column holding the text; seq2seq: the source; token_classification: the words (auto-detected when None)")
+    label_column: str|None = opt(None, "Column holding the label; seq2seq: the target text; token_classification: the tags (auto-detected when None)")
     label_names: list[str]|None = opt(None, "Class names in id order")
     image_column: str|None = opt(None, "Column holding the images (auto-detected when None)")
     image_size: int|None = opt(None, "Resize images to N x N (None: keep; all images must agree)", ge=1)
