@@ -88,3 +88,23 @@ def test_compare_runs_from_their_folders(tmp_path):
     assert save_dashboard(dirs[0]) == dirs[0]/'dashboard.png'
     with pytest.raises(FileNotFoundError, match='no metrics.jsonl'): plot_runs([tmp_path/'nope'])
     with pytest.raises(ValueError, match='none of the metrics'): plot_runs(dirs, ['nothing'])
+
+
+def test_test_metrics_in_the_dashboard_and_the_comparison(tmp_path):
+    "A run with a test split: the star on the loss panel at the step of the weights tested, the test confusion matrix, compare_runs."
+    from nbtrain.dashboard import plot_dashboard
+    from nbtrain.callbacks import read_metrics
+    cfg = quick_cfg(tmp_path, 'tested', **{'task.name': 'image_classification', 'model.name': 'vit', 'data.source': 'digits',
+                                           'data.test_fraction': 0.1, 'train.max_steps': 20, 'train.eval_every': 10,
+                                           'train.eval_batches': 2, 'checkpoint.at_end': True})
+    res = Trainer(cfg).fit()
+    rows = read_metrics(res.run_dir)
+    test = next(r for r in rows if 'test_loss' in r)
+    assert (res.run_dir/'confusion_matrix_test.png').read_bytes()[:8] == PNG
+    fig = plot_dashboard(rows)
+    star = next(l for l in fig.axes[0].lines if l.get_label() == 'test_loss')
+    assert list(star.get_xdata()) == [test['weights_step']] and list(star.get_ydata()) == [test['test_loss']]
+    acc = next(ax for ax in fig.axes if ax.get_title() == 'accuracy')
+    assert {'test_acc', 'test_f1_macro'} <= {l.get_label() for l in acc.lines}
+    row = compare_runs([res.run_dir])[0]
+    assert row['test_loss'] == test['test_loss'] and row['weights_step'] == test['weights_step']
