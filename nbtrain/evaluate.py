@@ -21,7 +21,8 @@ from .trainer import LM_TASKS
 from .files import write_json
 
 # %% auto #0
-__all__ = ['SPLITS', 'find_run', 'eval_data', 'evaluate_dataset', 'EvalResult', 'evaluate_run', 'format_metrics']
+__all__ = ['SPLITS', 'find_run', 'eval_data', 'evaluate_dataset', 'EvalResult', 'evaluate_run', 'format_metrics',
+           'evaluate_generation']
 
 # %% ../nbs/13f_evaluate.ipynb #85ec08f4
 def _read_yaml(p:Path) -> dict:
@@ -168,3 +169,24 @@ def format_metrics(res) -> str:
     lines = [head] + [f"  {k:<24} {v:.4f}" for k, v in res.items() if isinstance(v, float)]
     if getattr(res, 'path', None): lines.append(f"saved to {res.path}")
     return '\n'.join(lines)
+
+# %% ../nbs/13f_evaluate.ipynb #db0be0bb
+def evaluate_generation(run, prompts:list[str], references:list[str], *, max_new_tokens:int=64, temperature:float=0.0,
+                        save:bool=True, quiet:bool=False, name:str='generation', **sampling) -> EvalResult:
+    "BLEU, chrF and ROUGE-L of the texts the run's final model (or a model source) generates after `prompts`, against `references`."
+    from nbtrain.generate import generate
+    from nbtrain.metrics import text_scores
+    if len(prompts) != len(references):
+        raise ConfigError(f"{len(prompts)} prompts and {len(references)} references: give one reference per prompt")
+    found = find_run(run)
+    texts = generate(found.final if found.final is not None else found.model, list(prompts), max_new_tokens=max_new_tokens,
+                     temperature=temperature, **sampling)
+    res = EvalResult(text_scores(texts, references))
+    nb = final_config(found.final)[0] if found.final is not None else {}
+    res.info = dict(model=str(found.final or found.model), weights_step=(nb.get('weights') or {}).get('step'),
+                    split='generation', data=f'{len(prompts)} prompts', examples=len(prompts), time=round(time.time(), 3),
+                    samples=[dict(prompt=p, text=t, reference=r) for p, t, r in zip(prompts, texts, references)])
+    where = found.run_dir or (found.final.parent if found.final is not None else None)
+    if save and where is not None: res.path = write_json(Path(where)/f'eval-{name}.json', dict(res.info, metrics=dict(res)))
+    if not quiet: print(format_metrics(res))
+    return res
