@@ -96,3 +96,21 @@ def test_evaluate_run_on_other_data_and_a_classifier(tmp_path):
     assert other.path.name == 'eval-reviews-test.json' and other.info['examples'] == 40
     assert sum(map(sum, other['test_confusion'])) == 40 and 0 <= other['test_acc'] <= 1
     assert other['test_acc'] == pytest.approx(sum(other['test_confusion'][c][c] for c in range(len(names))) / 40)
+
+
+def test_token_classification_entity_scores_in_validation_test_and_evaluate_run(tmp_path):
+    import random
+    rng, lines = random.Random(0), []
+    for _ in range(200):
+        lines += [f"{rng.choice(['Anna', 'Bo', 'Cleo'])} NNP B-PER", 'went VBD O', 'to IN O', f"{rng.choice(['Oslo', 'Rome', 'Lima'])} NNP B-LOC", '']
+    (tmp_path/'ner.conll').write_text('-DOCSTART- -X- O\n\n' + '\n'.join(lines))
+    res = Trainer(cfg(tmp_path, 'ner', **{'task.name': 'token_classification', 'model.name': 'encoder_classifier',
+                                          'data.source': str(tmp_path/'ner.conll'), 'train.micro_batch_size': 16,
+                                          'train.max_steps': 30, 'train.eval_every': 15, 'optim.lr': 3e-3,
+                                          'data.test_fraction': 0.2})).fit()
+    ev = evals(res.run_dir)
+    assert 0 <= ev[0]['val_entity_f1'] < ev[30]['val_entity_f1'] and ev[30]['val_entity_f1'] > 0.8, ev
+    test = next(r for r in read_metrics(res.run_dir) if 'test_loss' in r)
+    assert {'test_entity_precision', 'test_entity_recall', 'test_entity_f1', 'test_f1_macro'} <= set(test)
+    again = evaluate_run(res.run_dir, quiet=True)
+    for k in ('test_entity_precision', 'test_entity_recall', 'test_entity_f1', 'test_acc'): assert again[k] == pytest.approx(test[k]), k
