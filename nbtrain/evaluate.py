@@ -128,7 +128,7 @@ def _slug(data) -> str:
     return re.sub(r'[^A-Za-z0-9._-]+', '-', s).strip('-')[:40] or 'data'
 
 def evaluate_run(run, data=None, split:str='test', *, batch_size:int|None=None, device=None, max_batches:int|None=None,
-                 save:bool=True, quiet:bool=False, **overrides) -> EvalResult:
+                 save:bool=True, quiet:bool=False, generate:bool|None=None, max_generate:int=200, **overrides) -> EvalResult:
     """Evaluate a run folder, a final folder or a model source on `data` (None: the run's own data and `split`); print
     the metrics, save them as JSON in the run folder (`eval-<split>.json`) and return them."""
     found = find_run(run, overrides)
@@ -146,6 +146,8 @@ def evaluate_run(run, data=None, split:str='test', *, batch_size:int|None=None, 
     m = evaluate_dataset(lm.module, ds, task, collate=bundle.collate, batch_size=batch_size or cfg.train.micro_batch_size,
                          prefix=prefix, bundle=bundle, device=device, top_k=cfg.tracking.top_k,
                          drift=data is None, max_batches=max_batches)
+    if generate or (generate is None and cfg.task.name == 'seq2seq' and found.final is not None):
+        m.update(_generated_scores(found, ds, bundle.tokenizer, prefix, max_generate))
     nb = final_config(found.final)[0] if found.final is not None else {}
     info = dict(model=str(found.final or found.model), run=str(found.run_dir) if found.run_dir else None,
                 weights_step=(nb.get('weights') or {}).get('step'), task=cfg.task.name, split=role if role != 'val' else 'validation',
@@ -190,3 +192,15 @@ def evaluate_generation(run, prompts:list[str], references:list[str], *, max_new
     if save and where is not None: res.path = write_json(Path(where)/f'eval-{name}.json', dict(res.info, metrics=dict(res)))
     if not quiet: print(format_metrics(res))
     return res
+
+def _generated_scores(found, ds, tok, prefix:str, limit:int) -> dict:
+    "BLEU, chrF and ROUGE-L of greedy generations for the first `limit` examples of a seq2seq dataset (sources decoded back to text)."
+    from nbtrain.generate import generate
+    from nbtrain.metrics import text_scores
+    if tok is None: return {}
+    ex = [ds[i] for i in range(min(len(ds), limit))]
+    text = lambda ids: tok.decode([int(t) for t in ids if int(t) >= 0])
+    prompts, refs = [text(e['input_ids']) for e in ex], [text(e['labels']) for e in ex]
+    longest = max(len(e['labels']) for e in ex) if ex else 1
+    outs = generate(found.final if found.final is not None else found.model, prompts, max_new_tokens=longest + 2, temperature=0.0)
+    return {f'{prefix}{k}': v for k, v in text_scores(outs, refs).items()}

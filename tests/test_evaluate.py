@@ -114,3 +114,15 @@ def test_token_classification_entity_scores_in_validation_test_and_evaluate_run(
     assert {'test_entity_precision', 'test_entity_recall', 'test_entity_f1', 'test_f1_macro'} <= set(test)
     again = evaluate_run(res.run_dir, quiet=True)
     for k in ('test_entity_precision', 'test_entity_recall', 'test_entity_f1', 'test_acc'): assert again[k] == pytest.approx(test[k]), k
+
+
+def test_seq2seq_run_gets_bleu_chrf_and_rouge_from_its_generations(tmp_path):
+    rows = [{'source': f'{a} {b} {c}', 'target': f'{c} {b} {a}'} for a in range(10) for b in range(10) for c in range(3)]
+    (tmp_path/'pairs.jsonl').write_text('\n'.join(json.dumps(r) for r in rows))
+    res = Trainer(cfg(tmp_path, 's2s', **{'task.name': 'seq2seq', 'model.name': 'encoder_decoder', 'data.source': str(tmp_path/'pairs.jsonl'),
+                                          'data.seq_len': 16, 'train.micro_batch_size': 16, 'train.max_steps': 10,
+                                          'optim.lr': 3e-3})).fit()
+    ev = evaluate_run(res.run_dir, quiet=True, max_generate=8)
+    assert {'test_loss', 'test_acc', 'test_bleu', 'test_chrf', 'test_rougeL'} <= set(ev)
+    assert 0 <= ev['test_bleu'] <= 100 and 0 <= ev['test_chrf'] <= 100 and 0 <= ev['test_rougeL'] <= 1
+    assert 'test_bleu' not in evaluate_run(res.run_dir, quiet=True, generate=False, save=False)
