@@ -121,3 +121,26 @@ def test_clock_decisions_agree_across_processes(tmp_path):
         ck = [p for p in (tmp_path/strategy/'checkpoints').iterdir() if p.name.startswith('step-')]
         steps = sorted(int(p.name.split('-')[1]) for p in ck)
         assert steps and all(s % 3 == 0 for s in steps[:-1]), steps  # decided at logging steps (the last one: at the end)
+
+def test_fsdp_final_gets_the_best_checkpoint_weights(tmp_path):
+    "Under FSDP the best checkpoint's gathered weights go back into the shards: final/ and the test split get them."
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+    r = subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(tmp_path), '--name', 'best',
+                        '--data.corpus_size', '80', '--data.seq_len', '32', '--train.micro_batch_size', '8', '--train.devices', '2',
+                        '--train.strategy', 'fsdp', '--train.accelerator', 'cpu', '--train.progress_bar', 'false',
+                        '--train.deterministic', 'true', '--train.log_every', '3', '--train.max_steps', '9', '--train.eval_every', '3',
+                        '--train.eval_batches', '2', '--optim.lr', '0.3', '--data.test_fraction', '0.1', '--checkpoint.keep_last_n', '1'],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    run = tmp_path/'best'
+    rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
+    val = {x['step']: x['val_loss'] for x in rows if 'val_loss' in x and x['step'] > 0}
+    best = min(val, key=val.get)
+    assert best != 9, val  # a learning rate this high makes the last evaluation worse than an earlier one
+    w = json.loads((run/'final'/'nbtrain.json').read_text())['weights']
+    assert (w['step'], w['reason'], w['checkpoint']) == (best, 'best', f'step-{best:09d}')
+    final, ck = weights(tmp_path, 'best'), load_file(run/'checkpoints'/f'step-{best:09d}'/'model.safetensors')
+    same = [k for k in ck if k in final]
+    assert len(same) >= len(ck) - 1 and all(torch.equal(final[k], ck[k]) for k in same)
+    assert [x['weights_step'] for x in rows if 'test_loss' in x] == [best]
+    assert r.stdout.count(f'final/: the weights of step {best}') == 1
