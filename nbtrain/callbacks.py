@@ -17,7 +17,7 @@ __all__ = ['EVENTS', 'STOPPED', 'Callback', 'CallbackList', 'JSONLLogger', 'read
            'plot_loss_curve', 'LossCurve']
 
 # %% ../nbs/10_callbacks.ipynb #f1480563
-EVENTS = ('on_fit_start', 'on_step_end', 'on_log', 'on_eval_batch', 'on_eval_metrics', 'on_eval_end', 'on_samples', 'on_epoch_end',
+EVENTS = ('on_fit_start', 'on_step_end', 'on_log', 'on_eval_batch', 'on_eval_metrics', 'on_eval_end', 'on_samples', 'on_test_end', 'on_epoch_end',
           'on_checkpoint', 'on_alert', 'on_fit_end', 'on_exception')
 
 class Callback:
@@ -32,6 +32,7 @@ class Callback:
     def on_eval_metrics(self, trainer, metrics:dict): pass      # add evaluation metrics to `metrics` in place
     def on_eval_end(self, trainer, metrics:dict): pass          # the evaluation's metrics, complete
     def on_samples(self, trainer, rows:list[dict]): pass        # a language model's samples at an evaluation ({step, prompt, text})
+    def on_test_end(self, trainer, metrics:dict): pass          # the test split's metrics (test_*), once, at the end
     def on_epoch_end(self, trainer): pass
     def on_checkpoint(self, trainer, path): pass                # a checkpoint finished writing at `path`
     def on_alert(self, trainer, title:str, text:str, level:str): pass  # something a person should know ('info', 'warn', 'error')
@@ -123,6 +124,7 @@ class JSONLLogger(Callback):
 
     def on_log(self, trainer, metrics): self.write(trainer, metrics)
     def on_eval_end(self, trainer, metrics): self.write(trainer, metrics)
+    def on_test_end(self, trainer, metrics): self.write(trainer, metrics)
     def on_fit_end(self, trainer): self._close()
     def on_exception(self, trainer, exc): self._close()
     def _close(self):

@@ -25,9 +25,10 @@ from .tokenizer import load_tokenizer
 # %% auto #0
 __all__ = ['EVAL_PREFIX', 'PIPELINE_TAGS', 'TASK_NAMES', 'MODEL_NOUNS', 'METRIC_NAMES', 'HEADLINE', 'HUB_URL', 'WHAT',
            'TRAINING_FILES', 'MERGED_DIR', 'ADAPTER_FILES', 'TRANSIENT_STATUS', 'HubError', 'PushError', 'RunSummary',
-           'read_run', 'FinalModel', 'load_final', 'metric_name', 'headline_metrics', 'metrics_table', 'install_extra',
-           'base_model', 'repo_layout', 'card_metadata', 'model_card', 'find_secrets', 'stage_repo', 'is_transient',
-           'retry', 'PushResult', 'upload_commands', 'hub_client', 'push_run', 'load_from_hub', 'PushCommand']
+           'read_run', 'FinalModel', 'load_final', 'metric_name', 'test_metrics', 'headline_metrics', 'metrics_table',
+           'install_extra', 'base_model', 'repo_layout', 'card_metadata', 'model_card', 'find_secrets', 'stage_repo',
+           'is_transient', 'retry', 'PushResult', 'upload_commands', 'hub_client', 'push_run', 'load_from_hub',
+           'PushCommand']
 
 # %% ../nbs/15_hub.ipynb #eb340bfe
 class HubError(NbtrainError, RuntimeError):
@@ -66,8 +67,15 @@ class RunSummary:
         return [r for r in self.metrics if any(k.startswith(EVAL_PREFIX) for k in r)]
     @property
     def last_eval(self) -> dict:
-        "The metrics of the last evaluation (`val_*` keys), or {}."
-        return {k: v for k, v in (self.evals[-1] if self.evals else {}).items() if k.startswith(EVAL_PREFIX)}
+        "The evaluation of the weights in final/ (`val_*` keys): the best checkpoint's step when final/ holds it, else the last; or {}."
+        step = (self.final.get('weights') or {}).get('step')
+        row = next((r for r in reversed(self.evals) if r.get('step') == step), None) if step is not None else None
+        return {k: v for k, v in (row or (self.evals[-1] if self.evals else {})).items() if k.startswith(EVAL_PREFIX)}
+    @property
+    def test_eval(self) -> dict:
+        "The test split's metrics (`test_*` keys) from the end of training, or {}."
+        rows = [r for r in self.metrics if any(k.startswith('test_') for k in r)]
+        return {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith('test_')}
     @property
     def steps(self) -> int: return max((r.get('step', 0) for r in self.metrics), default=0)
     @property
@@ -129,6 +137,11 @@ def metric_name(key:str) -> str:
     if key in METRIC_NAMES: return METRIC_NAMES[key]
     if m := re.fullmatch(r'val_top(\d+)_acc', key): return f"Validation top-{m[1]} accuracy"
     return key
+
+def test_metrics(run:RunSummary) -> dict:
+    "The test split's quality metrics (test_loss, test_acc ...), when the run evaluated one."
+    return {k: v for k, v in run.test_eval.items() if HEADLINE.fullmatch('val_' + k[len('test_'):]) and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
 
 def headline_metrics(run:RunSummary) -> dict:
     "The last evaluation's quality metrics (loss, perplexity, accuracy, F1 ...), without diagnostics such as entropy."
@@ -315,12 +328,15 @@ def card_metadata(run:RunSummary, repo_id:str|None=None, license:str|None=None, 
     lora = ['lora', 'peft'] if adapter else ['lora'] if info.get('lora') else []
     meta['tags'] = list(dict.fromkeys(['nbtrain', 'pytorch', 'safetensors', task.replace('_', '-'), *lora, *tags]))
     metrics = [{'type': k[len(EVAL_PREFIX):], 'value': float(v), 'name': metric_name(k)} for k, v in last.items()]
-    if metrics:
+    tested = [{'type': k[len('test_'):], 'value': float(v), 'name': metric_name('val_' + k[len('test_'):]).replace('Validation', 'Test')}
+              for k, v in test_metrics(run).items()]
+    if metrics or tested:
         source = run.run_config.get('data', {}).get('source', 'unknown')
-        meta['model-index'] = [{'name': (repo_id or run.name).split('/')[-1], 'results': [{
-            'task': {'type': PIPELINE_TAGS.get(task, task), 'name': TASK_NAMES.get(task, task)},
-            'dataset': {'name': Path(str(source)).name, 'type': Path(str(source)).name, 'split': 'validation'},
-            'metrics': metrics}]}]
+        result = lambda split, ms: {'task': {'type': PIPELINE_TAGS.get(task, task), 'name': TASK_NAMES.get(task, task)},
+                                    'dataset': {'name': Path(str(source)).name, 'type': Path(str(source)).name, 'split': split},
+                                    'metrics': ms}
+        meta['model-index'] = [{'name': (repo_id or run.name).split('/')[-1],
+                                'results': [result(s, ms) for s, ms in (('validation', metrics), ('test', tested)) if ms]}]
     return meta
 
 def model_card(run:RunSummary, repo_id:str|None=None, *, revision:str|None=None, files:dict|None=None,
@@ -347,6 +363,9 @@ def model_card(run:RunSummary, repo_id:str|None=None, *, revision:str|None=None,
                     f"{_fmt(lo.get('trainable_params'))} parameters, {_share(lo)} of the base's {_fmt(lo.get('base_params'))}. {holds}")
     if headline_metrics(run):
         head.append("Final evaluation: " + ', '.join(f"{metric_name(k).lower()} {_fmt(v)}" for k, v in headline_metrics(run).items()) + '.')
+    if test_metrics(run):
+        head.append("On the held-out test split: " + ', '.join(f"{metric_name('val_' + k[5:]).lower().replace('validation ', '')} {_fmt(v)}"
+                                                               for k, v in test_metrics(run).items()) + '.')
     how = (_peft_snippet(repo_id, revision, task, info, run.final.get('model_config'), layout, 'tokenizer_config.json' in (files or {}))
            if layout in ('adapter', 'both')
            else _load_snippet(repo_id, revision, info.get('kind', ''), task, info, data.get('tokenizer')))

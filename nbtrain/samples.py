@@ -174,6 +174,7 @@ class SampleCallback(Callback):
 
     def on_eval_metrics(self, trainer, metrics):
         if not (self.active and trainer.is_global_zero) or self._done_step == trainer.step: return
+        if getattr(trainer, 'eval_prefix', 'val_') != 'val_': return  # samples belong to the validations, not the test
         self._done_step = trainer.step  # once per step (a later evaluation at the same step adds none)
         t0 = time.perf_counter()
         texts = self.decode(trainer)

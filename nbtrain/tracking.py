@@ -272,6 +272,7 @@ class WandbTracker(Callback):
 
     def on_log(self, trainer, metrics): self._log(trainer, metrics)
     def on_eval_end(self, trainer, metrics): self._log(trainer, metrics)
+    def on_test_end(self, trainer, metrics): self._log(trainer, metrics)
 
     def on_samples(self, trainer, rows):
         "The samples so far as one table, `samples`, at this step (a logged W&B table cannot be added to: each one holds them all)."
@@ -388,6 +389,7 @@ class TensorBoardTracker(Callback):
 
     def on_log(self, trainer, metrics): self._log(trainer, metrics)
     def on_eval_end(self, trainer, metrics): self._log(trainer, metrics); self.writer and self.writer.flush()
+    def on_test_end(self, trainer, metrics): self._log(trainer, metrics); self.writer and self.writer.flush()
 
     def on_samples(self, trainer, rows):
         if self.writer is not None: self.writer.add_text('samples', samples_markdown(rows), trainer.step)

@@ -778,12 +778,7 @@ def test(self:Trainer, dataset=None) -> dict:
     if not m: return {}
     m['weights_step'] = (self.final_from or {}).get('step', self.step)
     self.test_eval = m
-    for c in self.callbacks:
-        if isinstance(c, JSONLLogger): c.write(self, m)
-    for c in list(self.callbacks):  # an event of its own: on_eval_end would make early stopping or a search read it as a validation
-        if (fn := getattr(c, 'on_test_end', None)) is None: continue
-        try: fn(self, m)
-        except Exception as e: warnings.warn(f"Callback {c.name} failed in on_test_end ({type(e).__name__}: {e}); the test metrics are in metrics.jsonl", RuntimeWarning)
+    self.callbacks.fire('on_test_end', self, m)  # an event of its own: on_eval_end would make early stopping or a search read it as a validation
     shown = '  '.join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k.count('_') == 1)
     self._say(f"test split ({len(ds)} examples), weights of step {m['weights_step']}: {shown}")
     return m
