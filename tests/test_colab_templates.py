@@ -10,7 +10,7 @@ from nbtrain.checkpoint import verify_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT/'colab_templates'
-NOTEBOOKS = ('language_model', 'text_classification', 'image_classification', 'finetune_pretrained')
+NOTEBOOKS = ('language_model', 'text_classification', 'image_classification', 'finetune_pretrained', 'ner')
 FAKE_TOKEN = 'hf_notarealtoken0123456789'  # setup_notebook finds it; it must not reach a run folder or the notebook
 PNG = b'\x89PNG\r\n\x1a\n'
 TINY = dict(preset='tiny-cpu', size='tiny', use_drive=False, use_wandb=False)
