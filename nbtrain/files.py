@@ -14,7 +14,7 @@ from .errors import NbtrainError
 
 # %% auto #0
 __all__ = ['DISK_FULL', 'MANIFEST', 'DiskFullError', 'is_disk_full', 'human_bytes', 'free_space', 'disk_full_error', 'disk_guard',
-           'atomic_write', 'write_json', 'sha256_file', 'fsync_path', 'file_entries', 'read_manifest',
+           'atomic_write', 'append_whole', 'write_json', 'sha256_file', 'fsync_path', 'file_entries', 'read_manifest',
            'verify_manifest', 'write_manifest', 'write_folder']
 
 # %% ../nbs/03a_files.ipynb #bdaed705
@@ -104,6 +104,23 @@ def atomic_write(path, data:str|bytes, *, encoding:str='utf-8', then:str='') -> 
             f.write(b); f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    return path
+
+def append_whole(path, data:str|bytes, *, encoding:str='utf-8', then:str='') -> Path:
+    """Append `data` to `path` (a log of rows) whole or not at all: a write that fails takes the half row back out,
+    and a full disk raises `DiskFullError`."""
+    path = Path(path)
+    b = data.encode(encoding) if isinstance(data, str) else bytes(data)
+    with open(path, 'ab', buffering=0) as f:
+        end = f.seek(0, 2)
+        try:
+            view = memoryview(b)
+            while view: view = view[f.write(view):]
+        except OSError as e:
+            try: f.truncate(end)  # no half row left behind
+            except OSError: pass
+            if is_disk_full(e): raise disk_full_error(path, len(b), e, then) from None
+            raise
     return path
 
 def write_json(path, obj, *, indent:int|None=2, then:str='') -> Path:

@@ -17,7 +17,7 @@ from .models import unwrap_model, call_model, _forward_names
 from .loading import max_positions
 
 # %% auto #0
-__all__ = ['LM_TASKS', 'Sampling', 'next_token', 'TextSoFar', 'model_kind', 'load_for_generation', 'stream', 'generate']
+__all__ = ['LM_TASKS', 'Sampling', 'next_token', 'model_kind', 'load_for_generation', 'stream', 'generate']
 
 # %% ../nbs/07a_generate.ipynb #0ff55556
 @dataclass
@@ -74,32 +74,7 @@ def next_token(logits:Tensor, s:Sampling, context:Tensor|None=None, generator:to
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 # %% ../nbs/07a_generate.ipynb #09c50961
-class TextSoFar:
-    "The completion of one prompt as its tokens come: decoded, cut at the first stop string, released in final pieces."
-    def __init__(self, tokenizer, stop:Sequence[str]=()):
-        self.tokenizer, self.stop, self.ids, self.text, self.sent, self.done = tokenizer, list(stop), [], '', 0, False
-
-    def add(self, token:int) -> str:
-        "Take one more token; the text that is now final (may be '')."
-        self.ids.append(int(token))
-        full = self.tokenizer.decode(self.ids)
-        cut = min((i for s in self.stop if (i := full.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.done = full[:cut], True
-            return self.flush()
-        self.text, safe = full, len(full)
-        while safe > self.sent and full[safe - 1] == '\ufffd': safe -= 1  # an unfinished character
-        hold = max((k for s in self.stop for k in range(1, len(s)) if full[:safe].endswith(s[:k])), default=0)
-        return self._release(safe - hold)
-
-    def _release(self, upto:int) -> str:
-        piece = self.text[self.sent:upto] if upto > self.sent else ''
-        self.sent = max(self.sent, upto)
-        return piece
-
-    def flush(self) -> str:
-        "The rest of the text, at the end."
-        return self._release(len(self.text))
+from .serve import TextSoFar  # the serving bundle streams with this same class (serve.py needs no torch): one copy
 
 # %% ../nbs/07a_generate.ipynb #484b0b21
 def model_kind(model:nn.Module) -> str:
@@ -278,7 +253,7 @@ def _stream_one(model, tok, prompt:str, s:Sampling, use_cache:bool=True) -> Iter
         try:
             for t in steps:
                 if t == eos: break
-                if piece := text.add(t): yield piece
+                if piece := text.add(int(t)): yield piece
                 if text.done: break
         finally:
             halt.set()

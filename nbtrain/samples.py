@@ -10,7 +10,7 @@ import html, json, time, warnings
 from pathlib import Path
 import torch
 from .callbacks import STOPPED, Callback, read_metrics
-from .files import atomic_write, disk_full_error, is_disk_full
+from .files import append_whole, atomic_write
 from .models import unwrap_model
 from .repro import rng_state, set_rng_state
 
@@ -187,17 +187,7 @@ class SampleCallback(Callback):
 
     def _write(self, rows:list[dict]):
         if self.path is None: return
-        data = ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows).encode('utf-8')
-        with open(self.path, 'ab', buffering=0) as f:
-            end = f.seek(0, 2)
-            try:
-                view = memoryview(data)
-                while view: view = view[f.write(view):]
-            except OSError as e:
-                try: f.truncate(end)  # no half row left behind
-                except OSError: pass
-                if is_disk_full(e): raise disk_full_error(self.path, len(data), e, STOPPED) from None
-                raise
+        append_whole(self.path, ''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in rows), then=STOPPED)
 
     def _print(self, trainer):
         one = lambda s, n: (s := ' '.join(str(s).split()))[:n] + ('…' if len(s) > n else '')

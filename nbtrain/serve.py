@@ -346,11 +346,12 @@ def sample_next(logits: np.ndarray, req: dict, context: list[int], rng: np.rando
 
 class TextSoFar:
     "The text of one completion as its tokens come, released once final (no half characters, nothing that may start a stop string)."
-    def __init__(self, tokenizer, stop):
+    def __init__(self, tokenizer, stop=()):
         self.tokenizer, self.stop, self.ids, self.text, self.sent, self.done = tokenizer, list(stop), [], '', 0, False
 
     def add(self, token: int) -> str:
-        self.ids.append(token)
+        "Take one more token; the text that is now final (may be '')."
+        self.ids.append(int(token))
         full = self.tokenizer.decode(self.ids)
         cut = min((i for s in self.stop if (i := full.find(s)) >= 0), default=-1)
         if cut >= 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 from .callbacks import STOPPED, Callback, read_metrics
-from .files import atomic_write, disk_full_error, is_disk_full
+from .files import append_whole, atomic_write
 from .config import redact, redact_argv
 from .errors import ConfigError, did_you_mean
 from .repro import rng_state, set_rng_state
@@ -65,17 +65,7 @@ class CSVLogger(Callback):
 
     def _append(self, text:str):
         "One row, on disk whole or not at all: a full disk takes the half row back out and stops the run in one line."
-        data = text.encode('utf-8')
-        with open(self.path, 'ab', buffering=0) as f:
-            end = f.seek(0, 2)
-            try:
-                view = memoryview(data)
-                while view: view = view[f.write(view):]
-            except OSError as e:
-                try: f.truncate(end)
-                except OSError: pass
-                if is_disk_full(e): raise disk_full_error(self.path, len(data), e, STOPPED) from None
-                raise
+        append_whole(self.path, text, then=STOPPED)
 
     def _rewrite(self, rows):
         atomic_write(self.path, self._text(rows), then=STOPPED)  # a temporary file renamed: no half file, no leftovers
