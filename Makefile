@@ -27,4 +27,4 @@ test: install-dev
 	$(PYTHON) tools/readme.py --check
 	nbdev-test --n-workers 2 --flags slow
 	nbdev-proc-nbs
-	$(PYTHON) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+	$(PYTHON) -m pytest -q --durations=15 tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
