@@ -19,7 +19,7 @@ from .registry import COLLATORS, TOKENIZERS, Registry
 from .repro import seed_worker
 from .embedded import (embedded_corpus, embedded_sentiment, SENTIMENT_LABELS, digits_images, save_image_folder,
                               synthetic_data, SYNTHETIC_VOCAB, SYNTHETIC_LABELS, SYNTHETIC_TASKS)
-from .sources import (Table, LazyColumn, open_source, pick_splits, find_column, text_values, encode_labels,
+from .sources import (Table, LazyColumn, open_source, pick_splits, find_column, given_column, text_values, encode_labels,
                              read_file, read_folder, memory_tables, read_utf8, split_documents, FILE_TYPES, NAMED_SOURCES)
 from .tokenizer import (Tokenizer, CharTokenizer, ByteTokenizer, BPETokenizer, HFTokenizer, build_tokenizer,
                                load_tokenizer, SPECIALS, ChatFormat, normalize_messages)
@@ -408,10 +408,7 @@ CHAT_COLUMNS = {'prompt': ('prompt', 'instruction', 'question', 'query'),
 def _chat_column(table:Table, role:str, given:str|None, fmt:str) -> str:
     "The column of `table` holding `role` ('prompt', 'response', 'messages'): `given`, else the first usual name it has."
     field = f'data.{role}_column'
-    if given is not None:
-        if given in table.columns: return given
-        raise DataError(f"{field}={given!r} is not a column of {table.origin}.{did_you_mean(given, table.names)} "
-                        f"Its columns: {format_choices(table.names)}.")
+    if given is not None: return given_column(table, field, given)
     found = next((c for c in CHAT_COLUMNS[role] if c in table.columns), None)
     if found is None:
         raise DataError(f"data.format={fmt!r} needs a column of {role.rstrip('s')}s, but {table.origin} has none named "

@@ -19,7 +19,7 @@ __all__ = ['FILE_READERS', 'FILE_TYPES', 'IMAGE_SUFFIXES', 'SPLIT_ALIASES', 'DRI
            'read_json', 'read_csv', 'read_parquet', 'read_conll', 'read_file', 'canonical_split', 'read_class_folders',
            'read_folder', 'extract_zip', 'LazyColumn', 'hf_tables', 'load_saved_dataset', 'hf_offline', 'hub_endpoint',
            'hub_reachable', 'load_hub_dataset', 'memory_tables', 'drive_root', 'mount_drive', 'resolve_path',
-           'colab_upload', 'open_source', 'pick_splits', 'find_column', 'text_values', 'encode_labels']
+           'colab_upload', 'open_source', 'pick_splits', 'given_column', 'find_column', 'text_values', 'encode_labels']
 
 # %% ../nbs/08b_sources.ipynb #0b4ae3b1
 @dataclass
@@ -498,13 +498,16 @@ def _looks_like(role:str, col) -> bool:
     if role == 'text': return all(isinstance(v, str) and not v.lower().endswith(IMAGE_SUFFIXES) for v in sample)
     return False  # labels are never guessed from the values
 
+def given_column(table:Table, field:str, given:str) -> str:
+    "`given`, the column the setting `field` names, when `table` has it; else a `DataError` with the columns it has."
+    if given in table.columns: return given
+    raise DataError(f"{field}={given!r} is not a column of {table.origin}.{did_you_mean(given, table.names)} "
+                    f"Its columns: {format_choices(table.names)}.")
+
 def find_column(table:Table, role:str, given:str|None=None, exclude:Sequence[str]=()) -> str:
     "The column of `table` for `role` ('text', 'label', 'image'): `given`, else the usual name, else the only candidate."
     field = f'data.{role}_column'
-    if given is not None:
-        if given in table.columns: return given
-        raise DataError(f"{field}={given!r} is not a column of {table.origin}.{did_you_mean(given, table.names)} "
-                        f"Its columns: {format_choices(table.names)}.")
+    if given is not None: return given_column(table, field, given)
     cols = [c for c in table.names if c not in exclude]
     named = [c for c in COLUMN_NAMES[role] if c in cols]
     if len(named) == 1: return named[0]
