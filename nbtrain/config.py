@@ -18,8 +18,9 @@ from .registry import MODELS, TASKS, OPTIMIZERS, SCHEDULERS, TRACKERS
 __all__ = ['SECRET_ENV_VARS', 'REDACTED', 'ALIASES', 'PRESETS', 'DEFAULT_PRESET', 'SHORTCUTS', 'remember_secrets',
            'secret_values', 'secrets_in', 'redact', 'redact_argv', 'opt', 'Section', 'Registered', 'ModelConfig',
            'TaskConfig', 'DataConfig', 'OptimConfig', 'ScheduleConfig', 'TrainConfig', 'CheckpointConfig',
-           'TrackingConfig', 'MonitorConfig', 'LoraConfig', 'EvalConfig', 'RunConfig', 'deep_merge', 'read_config_file',
-           'parse_overrides', 'dotted_to_nested', 'nested_to_dotted', 'load_config', 'save_config', 'describe_fields']
+           'TrackingConfig', 'MonitorConfig', 'LoraConfig', 'EvalConfig', 'AlertsConfig', 'RunConfig', 'deep_merge',
+           'read_config_file', 'parse_overrides', 'dotted_to_nested', 'nested_to_dotted', 'load_config', 'save_config',
+           'describe_fields']
 
 # %% ../nbs/02_config.ipynb #4bbaac75
 SECRET_ENV_VARS = ('WANDB_API_KEY', 'HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HUGGINGFACE_TOKEN', 'HF_API_TOKEN',
@@ -307,6 +308,13 @@ class DataConfig(Section):
     cache: bool = opt(True, "Cache tokenization and trained tokenizers between runs")
     cache_dir: str|None = opt(None, "Cache folder (None: $NBTRAIN_CACHE_DIR, else output_dir/.cache on Drive, else ~/.cache/nbtrain)")
     num_workers: int = opt(0, "DataLoader worker processes", ge=0)
+    memory_map: bool|str = opt('auto', "Language modelling on text: tokenise once into memory-mapped token shards in the data cache and read windows from them, so RAM does not grow with the corpus (auto: a prepared token folder, or text files of at least data.memory_map_min_mb)", choices=[True, False, 'auto'])
+    memory_map_min_mb: int = opt(256, "data.memory_map auto: the size of text from which a corpus is memory-mapped", ge=0)
+    prepare_workers: int|None = opt(None, "Processes that tokenise a corpus into shards (None: the CPU cores, at most 8)", ge=1)
+    local_copy: bool|str = opt('auto', "Copy memory-mapped shards to local disk before training (auto: when they are on Google Drive, whose reads are slow)", choices=[True, False, 'auto'])
+    streaming: bool = opt(False, "Read, tokenise and pack examples on the fly (hf: datasets and large local files): nothing is held in memory, progress is counted in tokens")
+    shuffle_buffer: int = opt(10000, "Streaming: examples held in the shuffle buffer (1: no shuffling)", ge=1)
+    stream_val_examples: int = opt(1000, "Streaming without a validation split: the first N examples of the stream are held out for validation and never trained on", ge=0)
     max_samples: int|None = opt(None, "Use at most this many examples (quick experiments)", ge=1)
     corpus_size: int = opt(2000, "Stories in the generated corpus (source='embedded')", ge=10)
 
@@ -344,6 +352,7 @@ class TrainConfig(Section):
     max_steps: int|None = opt(None, "Stop after this many optimizer steps", ge=1)
     max_epochs: float|None = opt(None, "Stop after this many passes over the training data", gt=0)
     max_time: float|None = opt(None, "Stop after this many minutes of training", gt=0)
+    max_tokens: int|None = opt(None, "Stop after this many training tokens (a streamed corpus, whose length is unknown, counts its progress in tokens)", ge=1)
     eval_every: int|None = opt(100, "Evaluate every N optimizer steps (and at the end of every epoch)", ge=1)
     eval_batches: int|None = opt(None, "Evaluate on at most this many validation batches", ge=1)
     eval_at_start: bool = opt(True, "Evaluate once before the first step, so the run shows where it started")
@@ -462,10 +471,16 @@ class EvalConfig(Section):
     sample_seed: int = opt(0, "Seed of the sampling, so that samples at different steps compare", ge=0)
     test_at_end: bool = opt(True, "Evaluate the test split (when there is one) with the final weights at the end: test_* metrics")
 
+@dataclass
+class AlertsConfig(Section):
+    _name = 'alerts'
+    rules: list[str]|None = opt(None, "Rules on the logged metrics, each firing once through the alert path (W&B, the notebook, the log), e.g. 'val_loss > 2.5 after 500', 'val_acc drop 5% from best', 'no improvement for 1000 steps', 'tokens_per_s < 50% of median'; end a rule with 'then stop' to also stop the run with a checkpoint")
+    stop: bool = opt(False, "Every rule that fires also stops the run (with a checkpoint), as if it ended with 'then stop'")
+
 # %% ../nbs/02_config.ipynb #21276b30
 _SECTIONS = dict(model=ModelConfig, task=TaskConfig, data=DataConfig, optim=OptimConfig, schedule=ScheduleConfig,
                  train=TrainConfig, checkpoint=CheckpointConfig, monitor=MonitorConfig, tracking=TrackingConfig,
-                 lora=LoraConfig, eval=EvalConfig)
+                 lora=LoraConfig, eval=EvalConfig, alerts=AlertsConfig)
 
 @dataclass
 class RunConfig:
@@ -481,6 +496,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     output_dir: str = 'runs'
     name: str|None = None
     preset: str|None = None
@@ -491,8 +507,8 @@ class RunConfig:
             if isinstance(v, dict): setattr(self, k, cls.from_dict(v))
             elif not isinstance(v, cls): raise ConfigError(f"{k} must be a {cls.__name__} or a dict, got {type(v).__name__}")
         t = self.train
-        if not (t.max_steps or t.max_epochs or t.max_time):
-            raise ConfigError("No stopping rule: set at least one of train.max_steps, train.max_epochs or train.max_time")
+        if not (t.max_steps or t.max_epochs or t.max_time or t.max_tokens):
+            raise ConfigError("No stopping rule: set at least one of train.max_steps, train.max_epochs, train.max_time or train.max_tokens")
 
     @classmethod
     def from_dict(cls, d:dict|None) -> 'RunConfig':
@@ -606,7 +622,7 @@ def nested_to_dotted(d:dict) -> dict:
     return out
 
 # %% ../nbs/02_config.ipynb #b0bf94ae
-_STOP_KEYS = ('max_steps', 'max_epochs', 'max_time')
+_STOP_KEYS = ('max_steps', 'max_epochs', 'max_time', 'max_tokens')
 
 def load_config(file=None, preset:str|None=None, overrides:dict|list[str]|None=None) -> RunConfig:
     "Resolve a `RunConfig` from defaults < `preset` < `file` < `overrides` (a dict, dotted dict or CLI list); `model.trust_code` only from `overrides`."
