@@ -723,14 +723,22 @@ class EpochSampler(Sampler):
 
     def order(self, epoch:int) -> list[int]:
         "The indices of `epoch`, in order."
-        if not self.shuffle: return list(range(self.n))
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch))).tolist()
+        return self._order(epoch).tolist()
+
+    def _order(self, epoch:int) -> torch.Tensor:
+        # a tensor, not a list: the windows of a memory-mapped corpus run to millions, and a list of Python ints
+        # (or of (index, epoch) tuples) would take hundreds of MB of a run's RAM where this takes 8 bytes an index
+        if not self.shuffle: return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
 
     def __iter__(self):
         if self._done: self.epoch, self.start = self.epoch + 1, 0  # the previous pass is over: next epoch
         self._done = True
-        e = self.epoch
-        return iter([(i, e) for i in self.order(e)[self.start:]])
+        return self._keys(self._order(self.epoch)[self.start:], self.epoch)
+
+    @staticmethod
+    def _keys(order:torch.Tensor, e:int):
+        for block in order.split(1 << 16): yield from ((i, e) for i in block.tolist())  # a block of ints at a time
     def __len__(self): return self.n - self.start  # of the pass in progress (or the next one)
 
     def state_dict(self) -> dict:

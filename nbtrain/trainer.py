@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/trainer.html.md"""
 
 # %% ../nbs/11_trainer.ipynb #1d77f6f1
 from __future__ import annotations
-import json, math, os, shutil, signal, sys, threading, time, traceback, warnings
+import itertools, json, math, os, shutil, signal, socket, sys, threading, time, traceback, warnings
 import yaml
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,15 +31,15 @@ from .data import resolve_data, make_loader, set_epoch, loader_sampler, default_
 from .loading import check_vocab
 from .optim import build_optimizer, build_scheduler, LRSchedule
 from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
-from torch.utils.data import Dataset as _Dataset
+from torch.utils.data import Dataset as _Dataset, IterableDataset as _IterableDataset
 from .distributed import (check_strategy, is_sharded_strategy, fsdp_strategy, tied_names, full_model_state,
                                  full_optimizer_state, load_full_state, save_weights)
 from .checkpoint import CheckpointManager, CheckpointInfo, CheckpointError, MANIFEST, RunLock, RunLockedError, nbytes
 from .files import DiskFullError, disk_guard, atomic_write, write_json, write_folder
 
 # %% auto #0
-__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'NOT_THE_RUN', 'CLOCK', 'RESUME_MODES', 'MERGE_UNDER', 'FitResult',
-           'Trainer', 'EvalShard', 'run_differences', 'train']
+__all__ = ['LM_TASKS', 'compile_options', 'SAME_RUN_KEYS', 'NOT_THE_RUN', 'STATUS', 'CLOCK', 'RESUME_MODES', 'MERGE_UNDER',
+           'FitResult', 'Trainer', 'EvalShard', 'run_differences', 'train']
 
 # %% ../nbs/11_trainer.ipynb #11a756d8
 @dataclass
@@ -93,7 +93,7 @@ class Trainer:
         self._say_tokenizer()
         self.task = task if task is not None else build_task(cfg.task)
         if pre is None:
-            tok, sample = self.data.tokenizer, self.data.train[0]
+            tok, sample = self.data.tokenizer, self._sample()
             image_shape = tuple(sample['pixel_values'].shape) if 'pixel_values' in sample else None
             loaded = build_model(cfg.model, vocab_size=self.data.vocab_size, num_labels=cfg.task.num_labels or self.data.num_labels,
                                  max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len, task=cfg.task.name,
@@ -127,7 +127,7 @@ class Trainer:
         self.effective_batch = t.micro_batch_size * t.grad_accum  # per process; kept when the micro-batch changes
         self._build_loaders()
         self.total_steps = self._total_steps()
-        self.step_capped = bool(t.max_steps or t.max_epochs)  # else only max_time (or a callback) ends the run
+        self.step_capped = bool(t.max_steps or t.max_epochs or t.max_tokens)  # else only max_time (or a callback) ends the run
         self._check_early_stopping()
         self._check_final()
 
@@ -150,11 +150,15 @@ class Trainer:
         self.step, self.should_stop, self.stop_reason, self._stop_signal = 0, False, '', None
         self._forward_ok, self._aux_said = False, False
         self._write_run_files()
-        self.callbacks = CallbackList(self._default_callbacks(callbacks) + list(callbacks))
-        c = cfg.checkpoint
-        self.ckpt = CheckpointManager(self.run_dir/'checkpoints', keep_last_n=c.keep_last_n, keep_best_k=c.keep_best_k,
-                                      monitor=c.monitor, mode=c.mode, mirror=Path(c.mirror)/self.run_dir.name if c.mirror else None,
-                                      mirror_slots=c.mirror_slots, async_save=c.async_save, on_error=c.on_error)
+        try:
+            self.callbacks = CallbackList(self._default_callbacks(callbacks) + list(callbacks))
+            c = cfg.checkpoint
+            self.ckpt = CheckpointManager(self.run_dir/'checkpoints', keep_last_n=c.keep_last_n, keep_best_k=c.keep_best_k,
+                                          monitor=c.monitor, mode=c.mode, mirror=Path(c.mirror)/self.run_dir.name if c.mirror else None,
+                                          mirror_slots=c.mirror_slots, async_save=c.async_save, on_error=c.on_error)
+        except BaseException as e:
+            self.write_status('failed', e)  # the folder exists now: the runs index lists it as failed, with why
+            raise
         self.resume = c.resume if resume is None else resume
         self.first_eval = self.last_eval = self.last_log = None
         self._last_eval_step, self._elapsed_before, self._last_ckpt_step, self._ckpt_eval_step = -1, 0.0, -1, -1
@@ -165,8 +169,26 @@ class Trainer:
 
     @property
     def epoch(self) -> float:
-        "Epochs completed, as a fraction: a view of the optimizer step."
+        "Epochs completed, as a fraction: a view of the optimizer step (a stream, whose length is unknown: passes completed)."
+        if self.steps_per_epoch is None: return float(self.train_loader.epoch)
         return self.step / self.steps_per_epoch
+
+    @property
+    def streaming(self) -> bool:
+        "Whether the training data is a stream of unknown length (`data.streaming`): progress is counted in tokens."
+        return isinstance(self.data.train, _IterableDataset)
+
+    @property
+    def tokens_per_step(self) -> int|None:
+        "Training tokens (sequence positions) per optimizer step over all processes, for sequence tasks; else None."
+        if self.task.name not in LM_TASKS or not self.cfg.data.seq_len: return None
+        return self.effective_batch * self.fabric.world_size * self.cfg.data.seq_len
+
+    def _sample(self) -> dict:
+        "One training example (of a stream: the first validation example), to size the model."
+        d = self.data
+        if self.streaming: return d.val[0] if d.val is not None and len(d.val) else next(iter(d.train))
+        return d.train[0]
 
 # %% ../nbs/11_trainer.ipynb #9a82240d
 @patch
@@ -264,8 +286,9 @@ def _loaders(self:Trainer):
     t, d, f = self.cfg.train, self.data, self.fabric
     kw = dict(batch_size=t.micro_batch_size, seed=t.seed, collate=d.collate, num_workers=self.cfg.data.num_workers,
               pin_memory=f.device.type == 'cuda')
-    train = make_loader(d.train, shuffle=True, drop_last=True, **kw)
     val = self.eval_loader(d.val, t.eval_batches)
+    if self.streaming: return self._stream_loader(), val  # each process reads its own shards of the stream
+    train = make_loader(d.train, shuffle=True, drop_last=True, **kw)
     if f.world_size == 1: return train, val  # batches are moved by `_to_device`, the order stays ours
     # several processes: Fabric shards the training loader with a distributed sampler wrapped around ours
     return f.setup_dataloaders(train, use_distributed_sampler=True, move_to_device=False), val
@@ -311,9 +334,31 @@ def _epoch_batches(self:Trainer, epoch:int, skip:int=0):
     return (self._to_device(b) for b in loader)
 
 @patch
+def _stream_batches(self:Trainer):
+    "The training micro-batches of a stream, from where it stands, for ever: a pass that ends begins the next one."
+    return (self._to_device(b) for b in self.train_loader)
+
+@patch
+def _epoch_ended(self:Trainer) -> bool:
+    "Whether the step just taken ended a pass over the training data."
+    if self.steps_per_epoch is not None: return self.step % self.steps_per_epoch == 0
+    e = self.train_loader.epoch  # passes the stream has completed, as of the last batch it handed out
+    ended, self._passes_seen = e > self._passes_seen, e
+    return ended
+
+@patch
 def _total_steps(self:Trainer) -> int:
     t = self.cfg.train
     caps = [t.max_steps] if t.max_steps else []
+    if t.max_tokens:
+        if self.tokens_per_step is None:
+            raise ConfigError(f"train.max_tokens={t.max_tokens:,} counts tokens of sequence data; task {self.task.name!r} has no "
+                              f"sequence length to count: use train.max_steps or train.max_epochs")
+        caps.append(max(1, math.ceil(t.max_tokens / self.tokens_per_step)))
+    if self.steps_per_epoch is None and (t.max_epochs or not caps):  # a stream: its length is unknown until it ends
+        raise ConfigError(f"data.streaming=true: the stream's length is unknown, so {'train.max_epochs' if t.max_epochs else 'train.max_time alone'} "
+                          f"cannot fix the number of steps (nor the learning-rate schedule). Set train.max_tokens (e.g. "
+                          f"{self.tokens_per_step * 1000:,} = 1,000 steps of {self.tokens_per_step:,} tokens) or train.max_steps")
     if t.max_epochs: caps.append(max(1, math.ceil(t.max_epochs * self.steps_per_epoch)))
     if caps: return min(caps)
     # only a time limit: the schedule still needs a length
@@ -324,7 +369,12 @@ def _total_steps(self:Trainer) -> int:
 @patch
 def _build_loaders(self:Trainer):
     t = self.cfg.train
+    before = getattr(self, 'train_loader', None)
     self.train_loader, self.val_loader = self._loaders()
+    if self.streaming:  # no length: passes are counted as they end
+        if before is not None: self.train_loader.load_state_dict(before.state_dict())  # a new micro-batch size, the same place
+        self.steps_per_epoch = None
+        return
     self.steps_per_epoch = len(self.train_loader) // t.grad_accum
     if self.steps_per_epoch == 0:
         raise DataError(f"The training set gives {len(self.train_loader)} micro-batches of {t.micro_batch_size} per "
@@ -375,7 +425,8 @@ def _set_micro_batch(self:Trainer, size:int):
 
 @patch
 def _try_step(self:Trainer, size:int):
-    batch = self.data.collate([self.data.train[i] for i in range(min(size, len(self.data.train)))])
+    d = self.data
+    batch = d.collate([self._sample()] * size if self.streaming else [d.train[i] for i in range(min(size, len(d.train)))])
     batch = self._to_device(batch)
     try:
         loss = self.task.loss(self.task.forward(self.model, batch), batch)
@@ -552,6 +603,7 @@ def _write_run_files(self:Trainer):
         write_env(d)
         write_json(d/'model.json', self.model_info, then=_AGAIN)
         write_json(d/'data.json', redact(self.data.info), indent=1, then=_AGAIN)
+        self.write_status('running')
     except BaseException:
         self.lock.release()  # nothing trains here: the next attempt must not wait for this lock
         raise
@@ -784,11 +836,37 @@ def test(self:Trainer, dataset=None) -> dict:
     return m
 
 # %% ../nbs/11_trainer.ipynb #aa63c567
+STATUS = 'status.json'
+
+@patch
+def write_status(self:Trainer, state:str, error:BaseException|None=None):
+    """`status.json` of the run folder: `state` (running, finished, interrupted, failed), when it started (first) and
+    was last updated, the step, why it stopped, and the error that failed it. The runs index reads it; nothing else
+    depends on it, so a write that fails (a full disk) only warns."""
+    if not self.is_global_zero: return
+    p = Path(self.run_dir)/STATUS
+    try: old = json.loads(p.read_text(encoding='utf-8'))
+    except (OSError, ValueError): old = {}
+    now = datetime.now().astimezone().isoformat(timespec='seconds')
+    err = dict(type=type(error).__name__, message=redact(str(error))[:2000]) if error is not None else None
+    st = dict(state=state, started=old.get('started') or now, updated=now, ended=None if state == 'running' else now,
+              step=int(getattr(self, 'step', 0)), stop_reason=getattr(self, 'stop_reason', '') or '', error=err,
+              host=socket.gethostname(), pid=os.getpid())
+    try: write_json(p, st)
+    except Exception as e: warnings.warn(f"Could not write {p} ({type(e).__name__}: {e})")
+
 @patch
 def fit(self:Trainer) -> FitResult:
     "Train until a stopping rule fires (resuming from a checkpoint first, if there is one); returns a `FitResult`."
     if not self._lock_taken: self._lock_run(write=True)  # a second `fit` of this trainer
-    try: return self._fit()
+    try:
+        self.write_status('running')
+        r = self._fit()
+        self.write_status('interrupted' if r.stop_reason.startswith('interrupted') else 'finished')
+        return r
+    except BaseException as e:
+        self.write_status('interrupted' if isinstance(e, KeyboardInterrupt) else 'failed', e)
+        raise
     finally:
         self.lock.release()  # also when evaluation, a checkpoint or final/ fails after the loop
         self._lock_taken = False
@@ -798,6 +876,7 @@ def _fit(self:Trainer) -> FitResult:
     t, cb = self.cfg.train, self.callbacks
     self._t0 = time.monotonic()
     resumed = self._resume()
+    self._passes_seen = self.train_loader.epoch if self.streaming else 0
     self._deadline = self._t0 + t.max_time * 60 - self._elapsed_before if t.max_time else None
     self._last_ckpt_t, self._in_step = time.monotonic(), False
     self._new_window()
@@ -811,9 +890,11 @@ def _fit(self:Trainer) -> FitResult:
             first = True
             while not self._stopping():
                 A = t.grad_accum  # read again: a micro-batch change (out of memory) changes it
-                epoch, pos = divmod(self.step, self.steps_per_epoch)
-                it = self._epoch_batches(epoch, skip=pos * A)
-                for _ in range(pos, self.steps_per_epoch):
+                if self.streaming: it, steps = self._stream_batches(), itertools.count()  # one endless iterator
+                else:
+                    epoch, pos = divmod(self.step, self.steps_per_epoch)
+                    it, steps = self._epoch_batches(epoch, skip=pos * A), range(pos, self.steps_per_epoch)
+                for _ in steps:
                     batches = [next(it) for _ in range(A)]
                     if first: self._validate_batch(batches[0]); first = False
                     self._in_step = True
@@ -826,7 +907,7 @@ def _fit(self:Trainer) -> FitResult:
                     self._count(batches)
                     cb.fire('on_step_end', self)
                     if self.step % t.log_every == 0 or self.step == self.total_steps: self._log(norm)
-                    epoch_end = self.step % self.steps_per_epoch == 0
+                    epoch_end = self._epoch_ended()
                     if epoch_end: cb.fire('on_epoch_end', self)
                     if epoch_end or (t.eval_every and self.step % t.eval_every == 0): self._evaluate()
                     if why := self._checkpoint_due(epoch_end) or ('best' if self._best_unsaved else ''): self.save_checkpoint(why)
@@ -968,7 +1049,6 @@ def _model_optimizer_state(self:Trainer) -> tuple[dict, dict]:
 def state_parts(self:Trainer, window:dict|None=None) -> dict:
     "Everything a checkpoint holds, as tensors and plain values (`torch.load(weights_only=True)` can read it)."
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
-    epoch, pos = divmod(self.step, self.steps_per_epoch)
     model, optimizer = self._model_optimizer_state()
     lora = self.model_info.get('lora')
     if lora: model = trainable_state(self.raw_model, model)  # adapters only: the base is named by its hash
@@ -976,8 +1056,7 @@ def state_parts(self:Trainer, window:dict|None=None) -> dict:
                 lora=dict(base_sha256=lora['base_sha256'], base=self.model_info.get('hub_id') or self.model_info.get('source'),
                           revision=self.model_info.get('revision')) if lora else {},
                 scaler=scaler.state_dict() if scaler is not None else {}, rng=rng_state(),
-                sampler=dict(epoch=epoch, position=pos, micro_batches_done=pos * self.cfg.train.grad_accum, seed=self.cfg.train.seed,
-                             order=loader_sampler(self.train_loader)[0].state_dict()),
+                sampler=self._sampler_state(),
                 callbacks=self.callbacks.state_dict(),
                 monitor=self.monitor.state_dict() if self.monitor is not None else {},
                 trainer=dict(step=self.step, elapsed_s=self.elapsed_s, first_eval=self.first_eval or {},
@@ -1024,6 +1103,24 @@ def _checkpoint_due(self:Trainer, epoch_end:bool) -> str:
     if c.every_minutes and self._clock()['save']: return 'every_minutes'
     if c.on_epoch_end and epoch_end: return 'epoch_end'
     return ''
+
+@patch
+def _sampler_state(self:Trainer) -> dict:
+    """Where the training data stands. A map-style dataset: the epoch, the position in it and the sampler's order
+    (its length and seed, so changed data is refused on resume). A stream: every process's reader state (its source
+    position, shuffle buffer and packing leftovers), gathered, so each process resumes at its own next example."""
+    if self.streaming:
+        st = self.train_loader.state_dict()
+        f = self.fabric
+        if f.world_size > 1:
+            import torch.distributed as dist
+            states = [None] * f.world_size
+            dist.all_gather_object(states, st)
+        else: states = [st]
+        return dict(stream=states, epoch=self.train_loader.epoch, seed=self.cfg.train.seed)
+    epoch, pos = divmod(self.step, self.steps_per_epoch)
+    return dict(epoch=epoch, position=pos, micro_batches_done=pos * self.cfg.train.grad_accum, seed=self.cfg.train.seed,
+                order=loader_sampler(self.train_loader)[0].state_dict())
 
 # %% ../nbs/11_trainer.ipynb #e3b505d0
 import contextlib
@@ -1078,6 +1175,25 @@ def _find_resume(self:Trainer) -> dict|None:
     return found
 
 @patch
+def _load_sampler_state(self:Trainer, st:dict):
+    "Put the training data where a checkpoint left it; data that changed (or a stream saved for another process count) is refused."
+    if self.streaming:
+        states = st.get('stream')
+        if not states:
+            raise DataError("The checkpoint was written by a run on map-style data, but data.streaming=true now: resuming would "
+                            "not continue at the same batch. Set data.streaming as the run had it, or start a new run")
+        if len(states) != self.fabric.world_size:
+            raise DataError(f"The checkpoint's stream was read by {len(states)} processes, this run has {self.fabric.world_size}: "
+                            f"each process resumes its own shards of the stream, so the process count must stay the same")
+        self.train_loader.load_state_dict(states[self.fabric.global_rank])
+        return
+    if st.get('stream'):
+        raise DataError("The checkpoint was written by a run on a stream (data.streaming=true); this data is not streamed, so "
+                        "resuming would not continue at the same batch. Set data.streaming=true again, or start a new run")
+    s = loader_sampler(self.train_loader)[0]
+    if st.get('order') and s is not None: s.load_state_dict(st['order'])  # refuses changed data
+
+@patch
 def _resume(self:Trainer) -> bool:
     self._resumed_window = None
     ck = self._find_resume()
@@ -1091,8 +1207,7 @@ def _resume(self:Trainer) -> bool:
     self.scheduler.load_state_dict(st['scheduler'])  # an LRSchedule's settings come back too
     scaler = getattr(self.fabric.strategy.precision, 'scaler', None)
     if scaler is not None and st.get('scaler'): scaler.load_state_dict(st['scaler'])
-    s = loader_sampler(self.train_loader)[0]
-    if st['sampler'].get('order') and s is not None: s.load_state_dict(st['sampler']['order'])  # refuses changed data
+    self._load_sampler_state(st['sampler'])
     set_rng_state(st['rng'])
     if self.monitor is not None and st.get('monitor'): self.monitor.load_state_dict(st['monitor'])
     self.callbacks.load_state_dict(st['callbacks'])
