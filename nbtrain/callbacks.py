@@ -149,15 +149,19 @@ def read_metrics(run_dir, filename:str='metrics.jsonl') -> list[dict]:
 class ProgressBar(Callback):
     "A tqdm progress bar over optimizer steps: step, loss, tokens/s, ETA; evaluations printed above it."
     order = 10
-    def __init__(self, print_evals:bool=True): self.print_evals, self.bar = print_evals, None
+    def __init__(self, print_evals:bool=True): self.print_evals, self.bar, self.per = print_evals, None, 1
 
     def on_fit_start(self, trainer):
         if not trainer.is_global_zero: return
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc='train', unit='step', dynamic_ncols=True)
+        # a stream has no length: the bar counts tokens, towards the train.max_tokens (or max_steps) that ends the run
+        self.per = trainer.tokens_per_step if getattr(trainer, 'streaming', False) and trainer.tokens_per_step else 1
+        self.bar = tqdm(total=trainer.total_steps * self.per, initial=trainer.step * self.per, dynamic_ncols=True,
+                        desc='train (tokens, stream)' if self.per > 1 else 'train', unit='tok' if self.per > 1 else 'step',
+                        unit_scale=self.per > 1)
 
     def on_step_end(self, trainer):
-        if self.bar is not None: self.bar.update(trainer.step - self.bar.n)
+        if self.bar is not None: self.bar.update(trainer.step * self.per - self.bar.n)
 
     def on_log(self, trainer, metrics):
         if self.bar is None: return

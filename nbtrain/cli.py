@@ -25,6 +25,11 @@ COMMANDS = {  # name: ('module:object', help)
     'push': ('nbtrain.hub:PushCommand', "publish a run's model to the Hugging Face Hub with a model card"),
     'generate': ('nbtrain.cli:GenerateCommand', "generate text from a run's language model, printed as it comes"),
     'eval': ('nbtrain.cli:EvalCommand', "evaluate a run's final model on a data split and print its metrics"),
+    'prepare': ('nbtrain.tokens:PrepareCommand', 'tokenise a corpus once into memory-mapped token shards that training reads from disk'),
+    'runs': ('nbtrain.runs:RunsCommand', 'list, show and compare runs'),
+    'queue': ('nbtrain.queue:QueueCommand', 'a queue of runs that survives disconnects: add, list, cancel, run, slurm'),
+    'drift': ('nbtrain.drift:DriftCommand', "compare new data with a run's data profile and its model's metrics; exit status 1 on drift"),
+    'watch': ('nbtrain.drift:WatchCommand', 'check new data for drift on a schedule and queue a retraining past the thresholds'),
 }
 
 def _command(name:str):
