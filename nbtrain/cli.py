@@ -64,10 +64,12 @@ def cmd_train(cfg) -> int:
     say = print if tr.is_global_zero else (lambda *a, **k: None)
     n = tr.model_info.get('n_params', 0)
     say(f"nbtrain {__version__} | run folder: {tr.run_dir}")
+    train = 'a stream of unknown length' if tr.streaming else f"{len(tr.data.train):,} train"
     say(f"model: {cfg.model.name} ({n/1e6:.2f}M parameters) | task: {cfg.task.name} | data: {cfg.data.source} "
-        f"({len(tr.data.train):,} train / {len(tr.data.val or ()):,} val examples)")
+        f"({train} / {len(tr.data.val or ()):,} val examples)")
+    per = f" ({tr.tokens_per_step:,} tokens each, {tr.total_steps * tr.tokens_per_step:,} in all)" if tr.streaming else ''
     say(f"device: {tr.fabric.device} | {tr.precision_note} | {tr.total_steps} optimizer steps of "
-        f"{cfg.train.micro_batch_size * cfg.train.grad_accum * tr.fabric.world_size} examples")
+        f"{cfg.train.micro_batch_size * cfg.train.grad_accum * tr.fabric.world_size} examples{per}")
     if getattr(tr, 'memory_note', None): say(f"memory: {tr.memory_note}")  # before the first step: on a GPU, the advice if it will not fit
     res = tr.fit()
     first, last = (res.first_eval or {}).get('val_loss'), (res.last_eval or {}).get('val_loss')
