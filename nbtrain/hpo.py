@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/hpo.html.md"""
 
 # %% ../nbs/14_hpo.ipynb #4ab1f22d
 from __future__ import annotations
-import copy, csv, gc, math, os, shutil, socket, sys, time, warnings
+import copy, csv, gc, math, os, re, shutil, socket, sys, threading, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,9 +25,10 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['optuna', 'PARAM_TYPES', 'CLASSIFICATION_TASKS', 'PRUNERS', 'SAMPLERS', 'PLOTS', 'Param', 'default_space',
-           'parse_space', 'SearchSpec', 'make_pruner', 'make_sampler', 'SearchError', 'ReportToOptuna', 'worker_id',
-           'process_gone', 'retry_trial', 'recover_trials', 'finished_trials', 'Search', 'trials_table',
-           'write_trials_csv', 'best_trial', 'plot_search', 'SearchResult', 'search', 'SearchCommand']
+           'parse_space', 'mask_password', 'storage_kind', 'open_storage', 'SearchSpec', 'make_pruner', 'make_sampler',
+           'SearchError', 'ReportToOptuna', 'worker_id', 'process_gone', 'retry_trial', 'recover_trials',
+           'finished_trials', 'running_trials', 'Search', 'trials_table', 'write_trials_csv', 'best_trial',
+           'plot_search', 'SearchResult', 'search', 'SearchCommand']
 
 # %% ../nbs/14_hpo.ipynb #f89e41ad
 PARAM_TYPES = ('float', 'int', 'categorical')
@@ -159,6 +160,70 @@ def parse_space(space:dict, cfg:RunConfig) -> dict[str, Param]:
         out[key] = p
     return out
 
+# %% ../nbs/14_hpo.ipynb #2286ff26
+_RDB_DIALECTS = ('postgresql', 'mysql', 'mariadb', 'mssql', 'oracle', 'cockroachdb')
+_SQLITE_SUFFIXES, _JOURNAL_SUFFIXES = ('.db', '.sqlite', '.sqlite3'), ('.log', '.journal')
+_STORAGE_FORMS = ("leave it out for study_dir/study.db (SQLite; or name another file: study.db, sqlite:///path/study.db), "
+                  "a database URL such as postgresql://user:password@host/db or mysql+pymysql://user:password@host/db, "
+                  "or a journal file for a shared file system: a path ending in .log or .journal, e.g. /mnt/shared/study.log")
+
+def mask_password(url:str) -> str:
+    "`url` with the password of its user (if any) replaced by ***."
+    return re.sub(r'^([A-Za-z0-9+._-]+://[^:/@]*:)[^@]*@', r'\1***@', url) if isinstance(url, str) else url
+
+def storage_kind(storage) -> tuple[str, str]|None:
+    "('sqlite'|'rdb'|'journal', the URL or file path) for a `search.storage` value; None for the default."
+    if storage is None: return None
+    bad = lambda why='': ConfigError(f"search.storage={mask_password(storage)!r} is not a storage Optuna can share{why}. "
+                                     f"Accepted forms: {_STORAGE_FORMS}")
+    if not isinstance(storage, str) or not storage.strip(): raise bad()
+    s = storage.strip()
+    if s.startswith('journal:') and not s.startswith('journal://'):
+        if not s[len('journal:'):]: raise bad(': journal: needs a file path after it')
+        return 'journal', s[len('journal:'):]
+    if '://' in s:
+        scheme = s.split('://', 1)[0].lower()
+        dialect = scheme.split('+', 1)[0]
+        if dialect == 'sqlite':
+            if not s.startswith('sqlite:///') or len(s) <= len('sqlite:///'): raise bad(': write sqlite:///path/study.db')
+            return 'sqlite', s
+        if dialect == 'postgres': raise bad(": write postgresql://, the name SQLAlchemy knows")
+        if dialect in _RDB_DIALECTS: return 'rdb', s
+        raise bad(f": {scheme}:// is not a database URL")
+    suffix = Path(s).suffix.lower()
+    if suffix in _SQLITE_SUFFIXES: return 'sqlite', f'sqlite:///{Path(s).expanduser().resolve()}'
+    if suffix in _JOURNAL_SUFFIXES: return 'journal', s
+    raise bad(': a file path must end in .log or .journal (a journal) or .db (SQLite)')
+
+_DRIVERS = dict(psycopg2='psycopg2-binary', psycopg='"psycopg[binary]"', MySQLdb='mysqlclient (or PyMySQL with a mysql+pymysql:// URL)',
+                pymysql='PyMySQL', mysql='mysql-connector-python', cx_Oracle='cx_Oracle', oracledb='oracledb', pyodbc='pyodbc')
+
+def open_storage(storage, default_path, heartbeat_s:int=60, on_stale=None):
+    "The Optuna storage for a `search.storage` value (`default_path`: the SQLite file when it is None)."
+    kind, where = storage_kind(storage) or ('sqlite', f'sqlite:///{Path(default_path).resolve()}')
+    if kind == 'journal':
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+        path = Path(where).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the open lock (a lock file made with O_EXCL) works where symbolic links do not, such as NFS
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    import inspect
+    params = inspect.signature(optuna.storages.RDBStorage).parameters
+    cb = 'heartbeat_stale_trial_callback' if 'heartbeat_stale_trial_callback' in params else 'failed_trial_callback'
+    kw = dict(engine_kwargs={'connect_args': {'timeout': 60}}) if kind == 'sqlite' else {}
+    try: return optuna.storages.RDBStorage(where, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s, **{cb: on_stale}, **kw)
+    except ImportError as e:
+        mod = getattr(e.__cause__, 'name', None) or getattr(e, 'name', None) or ''
+        pkg = _DRIVERS.get(mod.split('.')[0], 'the database driver SQLAlchemy names for this URL')
+        raise ConfigError(f"search.storage={mask_password(where)!r} needs a database driver that is not installed "
+                          f"({mod or e}): pip install {pkg}") from None
+    except Exception as e:
+        if kind == 'sqlite' or type(e).__module__.split('.')[0] not in ('sqlalchemy', 'optuna'): raise
+        msg = mask_password(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise ConfigError(f"search.storage={mask_password(where)!r}: cannot open the database ({type(e).__name__}: {msg}). "
+                          f"Check that the server is up and reachable from this machine, and the user, password and "
+                          f"database name") from None
+
 # %% ../nbs/14_hpo.ipynb #f3d26919
 _MAXIMIZE_WORDS = ('acc', 'f1', 'auc', 'precision', 'recall', 'score')
 
@@ -178,6 +243,7 @@ class SearchSpec:
     heartbeat_s: int = 60
     timeout: float|None = None
     name: str|None = None
+    storage: str|None = None
 
     def __post_init__(self):
         if not isinstance(self.metric, str) or not self.metric: raise ConfigError(f"search.metric={self.metric!r}: name an evaluation metric such as val_loss")
@@ -198,6 +264,7 @@ class SearchSpec:
         if self.enqueue is not None and not (isinstance(self.enqueue, list) and all(isinstance(p, dict) for p in self.enqueue)):
             raise ConfigError(f"search.enqueue must be a list of mappings {{field: value}}, got {self.enqueue!r}")
         make_pruner(self.pruner)  # fail now, not after the first trial
+        storage_kind(self.storage)
 
     @classmethod
     def from_dict(cls, d:dict|None) -> 'SearchSpec':
@@ -308,8 +375,19 @@ def process_gone(worker:str) -> bool|None:
 def _attempt(t) -> int: return int(t.user_attrs.get('attempt', 1))
 
 def _cut_off(t) -> bool:
-    "A failed trial that did not raise: killed, disconnected, interrupted."
-    return t.state == optuna.trial.TrialState.FAIL and 'error' not in t.user_attrs
+    "A failed trial that did not raise: killed, disconnected, interrupted (a duplicate retry is none of these)."
+    return t.state == optuna.trial.TrialState.FAIL and 'error' not in t.user_attrs and 'duplicate_of' not in t.user_attrs
+
+def _last_beat(t) -> float:
+    "When the running trial `t` last wrote its heartbeat (a time.time() value); its start when it wrote none."
+    hb = t.user_attrs.get('heartbeat')
+    return float(hb) if isinstance(hb, (int, float)) else (t.datetime_start.timestamp() if t.datetime_start else 0.0)
+
+def _claim_failed(study, number:int) -> bool:
+    "Mark a running trial failed; False when another worker finished or failed it first (the storage decides)."
+    try: study.tell(number, state=optuna.trial.TrialState.FAIL)
+    except RuntimeError: return False  # UpdateFinishedTrialError, or already finished
+    return True
 
 def retry_trial(study, trial, max_retries:int=3) -> bool:
     "Queue a cut-off `trial` again with the same parameters and run folder; False when its retries are used up."
@@ -318,10 +396,14 @@ def retry_trial(study, trial, max_retries:int=3) -> bool:
     study.enqueue_trial(trial.params, user_attrs=dict(retry_of=trial.number, attempt=_attempt(trial) + 1, run_name=run_name))
     return True
 
-def recover_trials(study, max_retries:int=3) -> list[int]:
-    "Fail the RUNNING trials whose process is gone and queue a retry of every cut-off trial not yet retried."
+def recover_trials(study, max_retries:int=3, stale_s:float|None=None) -> list[int]:
+    """Fail the RUNNING trials whose process is gone (or, with `stale_s`, whose heartbeat is older than that) and
+    queue a retry of every cut-off trial not yet retried."""
+    now = time.time()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if process_gone(t.user_attrs.get('worker')): study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        gone = process_gone(t.user_attrs.get('worker'))
+        if not gone and stale_s is not None: gone = now - _last_beat(t) > stale_s
+        if gone: _claim_failed(study, t.number)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get('retry_of') for t in trials}
     return [t.number for t in trials if _cut_off(t) and t.number not in retried and retry_trial(study, t, max_retries)]
@@ -329,8 +411,41 @@ def recover_trials(study, max_retries:int=3) -> list[int]:
 def finished_trials(study, max_retries:int=3) -> int:
     "Trials that count towards the search's total: completed, pruned, raised, or cut off past `max_retries`."
     return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-               or (t.state == optuna.trial.TrialState.FAIL and ('error' in t.user_attrs or _attempt(t) > max_retries))
+               or (t.state == optuna.trial.TrialState.FAIL and 'duplicate_of' not in t.user_attrs
+                   and ('error' in t.user_attrs or _attempt(t) > max_retries))
                for t in study.get_trials(deepcopy=False))
+
+def running_trials(study) -> int:
+    "Trials running now, on any worker of the study."
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+
+class _DuplicateRetry(Exception):
+    "A second retry of the same cut-off trial, queued by two workers at once: it ends at once and counts for nothing."
+
+def _drop_duplicate_retry(trial):
+    "Two workers that recover the same cut-off trial at once both queue a retry: the lower-numbered one runs."
+    a = trial.user_attrs
+    twins = [t.number for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number and 'duplicate_of' not in t.user_attrs
+             and t.user_attrs.get('retry_of') == a['retry_of'] and _attempt(t) == int(a.get('attempt', 1))]
+    if twins:
+        trial.set_user_attr('duplicate_of', twins[0])
+        raise _DuplicateRetry(f"trial {trial.number} repeats the retry {twins[0]} of trial {a['retry_of']}")
+
+@contextmanager
+def _heartbeat(trial, every:float|None):
+    "While the block runs, set the trial's `heartbeat` attribute every `every` seconds (None: do nothing)."
+    if not every: yield; return
+    stop = threading.Event()
+    def beat():
+        while True:
+            try: trial.set_user_attr('heartbeat', time.time())
+            except Exception: pass  # the storage is briefly unreachable: the next beat tries again
+            if stop.wait(every): return
+    th = threading.Thread(target=beat, name='nbtrain-heartbeat', daemon=True)
+    th.start()
+    try: yield
+    finally:
+        stop.set(); th.join(timeout=10)
 
 # %% ../nbs/14_hpo.ipynb #3df5d915
 def _read_search_source(config) -> tuple[dict, dict, str|None]:
@@ -357,7 +472,7 @@ class Search:
     "A resumable Optuna search over nbtrain runs, stored in `study_dir` (the arguments are those of `search`)."
     def __init__(self, config=None, *, spec:dict|None=None, preset:str|None=None, overrides:dict|list|None=None,
                  study_dir=None, name:str|None=None, trials:int|None=None, timeout:float|None=None, callbacks=(),
-                 model_factory=None, data=None):
+                 model_factory=None, data=None, storage:str|None=None):
         if model_factory is not None and not callable(model_factory):
             raise ConfigError(f"model_factory={model_factory!r} is not callable: give a function (or class) that returns a "
                               f"new nn.Module for each trial, e.g. model_factory=lambda: MyModel(config)")
@@ -374,7 +489,11 @@ class Search:
         search_d = deep_merge(search_d, spec or {})
         if trials is not None: search_d['trials'] = trials
         if timeout is not None: search_d['timeout'] = timeout
+        if storage is not None: search_d['storage'] = storage
         self.spec = SearchSpec.from_dict(search_d)
+        if isinstance(self.spec.storage, str) and '***' in self.spec.storage:
+            raise ConfigError(f"search.storage={self.spec.storage!r}: the study's search.yaml keeps this URL without its password; "
+                              f"pass it again in full (--storage, or storage= in Python) to resume the search")
         self.preset = over.pop('preset', None) or preset or file_d.pop('preset', None)
         file_d.pop('preset', None)
         self.file_d, self.overrides, self.callbacks = file_d, over, list(callbacks)
@@ -424,7 +543,7 @@ def config_for(self:Search, params:dict, run_name:str|None=None) -> RunConfig:
 # %% ../nbs/14_hpo.ipynb #82429d2b
 def _not_an_interrupt(record) -> bool:
     "A logging filter: Optuna's report of a trial that failed, when the failure is an interrupt the search already explained."
-    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+    return not (record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, _DuplicateRetry)))
 
 @contextmanager
 def _optuna_quiet():
@@ -440,20 +559,29 @@ def _optuna_quiet():
         optuna.logging.set_verbosity(level)
         log.removeFilter(_not_an_interrupt)
 
-def _storage(path:Path, heartbeat_s:int, on_stale) -> optuna.storages.RDBStorage:
-    import inspect
-    params = inspect.signature(optuna.storages.RDBStorage).parameters
-    cb = 'heartbeat_stale_trial_callback' if 'heartbeat_stale_trial_callback' in params else 'failed_trial_callback'
-    return optuna.storages.RDBStorage(f'sqlite:///{Path(path).resolve()}', engine_kwargs={'connect_args': {'timeout': 60}},
-                                      heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s, **{cb: on_stale})
+def _seeded_per_trial(name:str, seed:int) -> optuna.samplers.BaseSampler:
+    """A `name` sampler seeded anew for each trial with `seed` + the trial's number: the storage hands out the
+    numbers, so workers that start together sample different points, and one worker's search is reproducible."""
+    class SeededPerTrial(optuna.samplers.BaseSampler):
+        def __init__(self): self.inner = make_sampler(name, seed)
+        def before_trial(self, study, trial):
+            self.inner = make_sampler(name, seed + trial.number)
+            self.inner.before_trial(study, trial)
+        def infer_relative_search_space(self, study, trial): return self.inner.infer_relative_search_space(study, trial)
+        def sample_relative(self, study, trial, space): return self.inner.sample_relative(study, trial, space)
+        def sample_independent(self, study, trial, pname, dist): return self.inner.sample_independent(study, trial, pname, dist)
+        def after_trial(self, study, trial, state, values): self.inner.after_trial(study, trial, state, values)
+    return SeededPerTrial()
 
 @patch
 def open_study(self:Search) -> optuna.Study:
-    "Create the study in `study_dir/study.db`, or load it to resume."
+    "Create the study in its storage (`study_dir/study.db` unless `search.storage` names one), or load it to resume."
     s = self.spec
     self.study_dir.mkdir(parents=True, exist_ok=True)
-    storage = _storage(self.study_dir/'study.db', s.heartbeat_s, lambda study, t: retry_trial(study, t, s.max_retries))
-    others = [n for n in optuna.get_all_study_names(storage) if n != self.name]
+    kind = (storage_kind(s.storage) or ('sqlite',))[0]
+    storage = open_storage(s.storage, self.study_dir/'study.db', s.heartbeat_s, lambda study, t: retry_trial(study, t, s.max_retries))
+    self._own_heartbeat = kind == 'journal'  # Optuna's heartbeat covers the RDB storages only
+    others = [n for n in optuna.get_all_study_names(storage) if n != self.name] if s.storage is None else []
     if others: raise ConfigError(f"{self.study_dir} holds the study {others[0]!r}, not {self.name!r}: pass --name {others[0]} to resume "
                                  f"it, or use another --study-dir")
     make = lambda: optuna.create_study(storage=storage, study_name=self.name, direction=s.direction, load_if_exists=True,
@@ -467,7 +595,7 @@ def open_study(self:Search) -> optuna.Study:
         optuna.delete_study(study_name=self.name, storage=storage)  # nothing was measured yet: start it afresh
         study = make()
     study.set_user_attr('metric', s.metric)
-    study.sampler = make_sampler(s.sampler, s.seed + len(study.trials))
+    study.sampler = _seeded_per_trial(s.sampler, s.seed)
     if not study.trials:
         for point in s.enqueue or []:
             unknown = [k for k in point if k not in self.space]
@@ -478,7 +606,7 @@ def open_study(self:Search) -> optuna.Study:
 @patch
 def _save_spec(self:Search):
     "Write search.yaml: the search as started, to resume it from the folder alone (and to see what was searched)."
-    d = dict(search={**{f.name: getattr(self.spec, f.name) for f in fields(self.spec)},
+    d = dict(search={**{f.name: getattr(self.spec, f.name) for f in fields(self.spec)}, 'storage': mask_password(self.spec.storage),
                      'space': {k: p.to_dict() for k, p in self.space.items()}},
              config=self.file_d, preset=self.preset, overrides=self.overrides)
     for arg in ('model_factory', 'data'):
@@ -500,9 +628,16 @@ def _write_text(path:Path, text:str):
 @patch
 def _objective(self:Search, trial) -> float:
     a = trial.user_attrs
+    if 'retry_of' in a: _drop_duplicate_retry(trial)
     run_name = a.get('run_name') or f'trial-{trial.number:03d}'
     trial.set_user_attr('run_name', run_name)
     trial.set_user_attr('worker', worker_id())
+    with _heartbeat(trial, self.spec.heartbeat_s if getattr(self, '_own_heartbeat', False) else None):
+        return self._run_trial(trial, run_name)
+
+@patch
+def _run_trial(self:Search, trial, run_name:str) -> float:
+    a = trial.user_attrs
     params = {k: p.suggest(trial) for k, p in self.space.items()}
     rep, tr = ReportToOptuna(trial, self.spec.metric), None
     t0 = time.monotonic()
@@ -576,16 +711,25 @@ def run(self:Search) -> 'SearchResult':
         study = self.open_study()
         self._save_spec()
         deadline = time.monotonic() + s.timeout if s.timeout else None
-        failures = 0
+        failures, waiting = 0, False
+        stale_s = 2 * s.heartbeat_s if getattr(self, '_own_heartbeat', False) else None
         try:
             while True:
-                for n in recover_trials(study, s.max_retries): print(f"trial {n} was cut off: retrying it with the same parameters", flush=True)
+                for n in recover_trials(study, s.max_retries, stale_s): print(f"trial {n} was cut off: retrying it with the same parameters", flush=True)
                 done = finished_trials(study, s.max_retries)
                 if done >= s.trials: break
                 if deadline is not None and time.monotonic() >= deadline:
                     print(f"search.timeout reached after {done} of {s.trials} trials: run the search again to go on", flush=True)
                     break
+                if done + (running := running_trials(study)) >= s.trials:  # the rest run on other workers
+                    if not waiting: print(f"{done} of {s.trials} trials finished, {running} running on other workers: waiting for them", flush=True)
+                    waiting = True
+                    optuna.storages.fail_stale_trials(study)  # a silent worker's trial is failed and retried
+                    time.sleep(min(1.0, s.heartbeat_s))
+                    continue
+                waiting = False
                 try: study.optimize(self._objective, n_trials=1)
+                except _DuplicateRetry: pass
                 except (SearchError, KeyboardInterrupt): raise
                 except Exception as e:
                     failures += 1
@@ -617,7 +761,7 @@ def trials_table(study, metric:str='value') -> list[dict]:
         r = dict(number=t.number, state=t.state.name, **{metric: t.value if t.state == optuna.trial.TrialState.COMPLETE else None},
                  steps=a.get('steps'), resumed_step=a.get('resumed_step'), duration_s=a.get('duration_s'),
                  attempt=_attempt(t), retry_of=a.get('retry_of'), run_dir=a.get('run_dir'),
-                 error=a.get('error') or a.get('diverged'))
+                 error=a.get('error') or a.get('diverged') or (f"duplicate of trial {a['duplicate_of']}" if 'duplicate_of' in a else None))
         r.update(t.params)
         rows.append(r)
     return rows
@@ -719,10 +863,11 @@ def write_results(self:Search, study, plots:bool=True) -> SearchResult:
 # %% ../nbs/14_hpo.ipynb #07fe40ee
 def search(config=None, *, spec:dict|None=None, preset:str|None=None, overrides:dict|list|None=None, study_dir=None,
            name:str|None=None, trials:int|None=None, timeout:float|None=None, callbacks=(), model_factory=None,
-           data=None) -> SearchResult:
+           data=None, storage:str|None=None) -> SearchResult:
     "Run or resume a hyperparameter search; every trial is an nbtrain run in `study_dir/trials/`."
     return Search(config, spec=spec, preset=preset, overrides=overrides, study_dir=study_dir, name=name,
-                  trials=trials, timeout=timeout, callbacks=callbacks, model_factory=model_factory, data=data).run()
+                  trials=trials, timeout=timeout, callbacks=callbacks, model_factory=model_factory, data=data,
+                  storage=storage).run()
 
 # %% ../nbs/14_hpo.ipynb #b438164a
 class SearchCommand:
@@ -736,13 +881,16 @@ class SearchCommand:
         p.add_argument('--study-dir', metavar='DIR', help='the study folder (default OUTPUT_DIR/NAME); the same folder resumes')
         p.add_argument('--name', metavar='NAME', help="the study's name (default: search.name, the config's name, or the file's)")
         p.add_argument('--timeout', type=float, metavar='SECONDS', help='start no new trial after this many seconds')
+        p.add_argument('--storage', metavar='URL_OR_FILE', help="where the study lives, shared by every worker started with it: "
+                       "postgresql://user:password@host/db (pip install psycopg2-binary), a journal file (PATH.log) on a "
+                       "shared file system, or an SQLite file (default: STUDY_DIR/study.db)")
         p.epilog = ("Any config field can be overridden for every trial as --section.key VALUE. Run it again to resume: "
                     "finished trials are kept and a trial cut off by a disconnect is retried.")
 
     def run(self, args, overrides:list) -> int:
         try:
             res = search(args.config, preset=args.preset, overrides=overrides, study_dir=args.study_dir, name=args.name,
-                         trials=args.trials, timeout=args.timeout)
+                         trials=args.trials, timeout=args.timeout, storage=args.storage)
         except KeyboardInterrupt:
             print("nbtrain search: interrupted; run the same command again to resume", file=sys.stderr)
             return 130
