@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/drift.html.md"""
 
 # %% ../nbs/20b_drift.ipynb #61b111b1
 from __future__ import annotations
-import dataclasses, hashlib, json, math, re, sys, time, warnings
+import dataclasses, hashlib, json, math, os, re, sys, time, warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -488,13 +488,17 @@ def plan_retraining(run, data, retrain_config=None, *, stamp:str|None=None) -> R
 # %% ../nbs/20b_drift.ipynb #46bf9b46
 WATCH_STATE, WATCH_LOG = 'watch.json', 'watch.jsonl'
 
-def queue_enqueue(root=None, url=None) -> Callable:
-    "`enqueue(config_path, name) -> job` that adds the job to `nbtrain.queue.JobQueue`."
+def queue_enqueue(url=None, root=None) -> Callable:
+    """`enqueue(config_path, name) -> Job` that adds the job to the job queue `nbtrain.queue.JobQueue(url, root)`
+    (`url` None: $NBTRAIN_QUEUE, else `root/queue.db`). `watch` uses the folder holding the run as `root`, where
+    `nbtrain queue run --root` finds the job."""
     def enqueue(config_path, name):
         try: from nbtrain.queue import JobQueue
         except ImportError as e:
             raise NbtrainError(f"the job queue is not available in this installation ({e}): use --dry-run to see the job") from None
-        return JobQueue(url=url, root=root).add(str(config_path), name=name)
+        q = JobQueue(url=url or os.environ.get('NBTRAIN_QUEUE') or None, root=root if root is not None else 'runs')
+        try: return q.add(str(config_path), name=name)
+        finally: q.close()
     return enqueue
 
 def _job_id(job) -> str:
@@ -529,7 +533,7 @@ def check_and_queue(run, data, retrain_config=None, *, dry_run:bool=False, enque
                 say(f"dry run: nothing queued; would queue {plan}")
                 return entry
             path = plan.write()
-            job = (enqueue or queue_enqueue())(path, plan.name)
+            job = (enqueue or queue_enqueue(root=rd.parent))(path, plan.name)
             entry.update(action='queued', job=_job_id(job), config=str(path))
             state.setdefault('queued', {})[key] = dict(job=_job_id(job), name=plan.name, config=str(path), time=entry['time'],
                                                         drifted=report.drifted)
@@ -618,7 +622,8 @@ class WatchCommand:
         p.add_argument('--once', action='store_true', help='check once and stop')
         p.add_argument('--threshold', action='append', metavar='NAME=VALUE', help=f"change a limit (names: {', '.join(THRESHOLDS)})")
         p.add_argument('--max-examples', type=int, metavar='N', help='profile at most N examples')
-        p.add_argument('--queue', metavar='DIR', help='the job queue folder (default: the queue\'s own)')
+        p.add_argument('--queue', metavar='URL', help='the job queue: a SQLite file or a database URL (default: $NBTRAIN_QUEUE, '
+                       'else queue.db in the folder holding the run, where nbtrain queue run finds it with --root)')
 
     def run(self, args, rest) -> int:
         _no_extra('watch', rest)

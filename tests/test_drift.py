@@ -64,16 +64,20 @@ def test_drift_command_exits_1_naming_the_features_and_0_without_drift(run, caps
     assert unk['value'] > 0.2 and unk['threshold'] == 0.01
 
 
-def test_watch_queues_one_retraining_per_drifted_data_set(run, capsys):
-    jobs = []
-    enqueue = lambda config_path, name: jobs.append((Path(config_path), name)) or f'job-{len(jobs)}'
+def test_watch_queues_one_retraining_per_drifted_data_set(run, capsys, tmp_path):
+    from nbtrain.queue import JobQueue
     assert main(['watch', str(run['dir']), '--data', str(run['shifted']), '--once', '--dry-run']) == 1
     out = capsys.readouterr().out
     assert 'dry run: nothing queued; would queue job reviews-retrain-' in out and not (run['dir']/'retrain').exists(), out
     assert not (run['dir']/WATCH_LOG).exists()
-    done = watch(run['dir'], str(run['shifted']), once=True, enqueue=enqueue, say=lambda s: None)
-    assert [d['action'] for d in done] == ['queued'] and len(jobs) == 1
-    cfg = load_config(jobs[0][0])
+    db = tmp_path/'queue.db'
+    assert main(['watch', str(run['dir']), '--data', str(run['shifted']), '--once', '--queue', str(db)]) == 1
+    assert 'queued retraining job 1 (reviews-retrain-' in capsys.readouterr().out
+    with JobQueue(url=str(db)) as q: jobs = q.list()
+    assert len(jobs) == 1 and jobs[0].state == 'queued' and jobs[0].name.startswith('reviews-retrain-')
+    path = next((run['dir']/'retrain').glob('*/config.yaml'))
+    cfg = load_config(path)
+    assert cfg.to_dict()['model'] == jobs[0].config['model'] and jobs[0].config['data']['source'] == cfg.data.source
     assert Path(cfg.model.path) == run['dir']/'final' and cfg.model.name == 'file'
     assert cfg.data.tokenizer == str(run['dir']/'tokenizer') and cfg.data.label_names == list(SENTIMENT_LABELS)
     folder = Path(cfg.data.source)
@@ -82,9 +86,11 @@ def test_watch_queues_one_retraining_per_drifted_data_set(run, capsys):
     assert (n_old, n_new) == (600, len(run['shifted'].read_text().splitlines()))
     b = build_data(cfg.data, cfg.task, cfg.train.seed)  # the job's data: both sources, the run's tokenizer and classes
     assert b.info['n_train'] + b.info['n_val'] == n_old + n_new and b.label_names == list(SENTIMENT_LABELS)
+    more = []
+    enqueue = lambda config_path, name: more.append(name) or 'job-x'
     again = watch(run['dir'], str(run['shifted']), once=True, enqueue=enqueue, say=lambda s: None)
-    assert again[0]['action'] == 'already queued' and len(jobs) == 1  # the same data is queued once
+    assert again[0]['action'] == 'already queued' and again[0]['job'] == '1' and more == []  # the same data is queued once
     quiet = watch(run['dir'], str(run['same']), once=True, enqueue=enqueue, say=lambda s: None)
-    assert quiet[0]['drift'] is False and len(jobs) == 1
+    assert quiet[0]['drift'] is False and quiet[0]['action'] == 'none' and more == []
     log = [json.loads(l) for l in (run['dir']/WATCH_LOG).read_text().splitlines()]
     assert [e['action'] for e in log] == ['queued', 'already queued', 'none']
