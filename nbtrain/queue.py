@@ -378,6 +378,16 @@ def parse_until(value, now:datetime|None=None) -> float|None:
 # %% ../nbs/20a_queue.ipynb #0ba15254
 _INTERRUPTED = ' received: stopping after step'  # what nbtrain's trainer says when SIGINT or SIGTERM stops a run
 
+def _run_status(run_dir, pid:int|None, since:float) -> str|None:
+    """The state the run's `status.json` gives (finished, interrupted, failed) when process `pid` wrote it (or, with `pid`
+    None, as when `srun` starts it, when it was written at `since` or later), else None."""
+    try:
+        st = json.loads((Path(run_dir)/'status.json').read_text(encoding='utf-8'))
+        if pid is not None: ok = st.get('pid') == pid and st.get('host') == socket.gethostname()
+        else: ok = datetime.fromisoformat(st['updated']).timestamp() >= math.floor(since)
+        return st.get('state') if ok else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError): return None
+
 def _parent_death_signal():
     "A `preexec_fn` for the job's process (Linux): SIGTERM when the worker dies. The C function is found before the fork."
     if not sys.platform.startswith('linux'): return None
@@ -533,13 +543,14 @@ def run_job(self:Worker, job:Job) -> str|None:
         f.write(f"\n==== nbtrain queue: job {job.id} ({job.name}) started: attempt {job.attempts}, worker {self.id}, "
                 f"{datetime.now():%Y-%m-%d %H:%M:%S}\n")
     self.say(f"job {job.id} ({job.name}): {'resuming' if job.attempts > 1 else 'starting'}, attempt {job.attempts}; log {log}")
-    next_beat, why, rc = [time.monotonic() + self.heartbeat_s], None, None
+    next_beat, why, rc, pid, t0 = [time.monotonic() + self.heartbeat_s], None, None, None, time.time()
     why = self._wait_for_folder(job, next_beat)
     if why is None:
         env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'NBTRAIN_QUEUE_JOB': str(job.id)}
         with open(log, 'ab') as out:
             self.proc = subprocess.Popen(self.command(job, cfg_file), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, preexec_fn=_parent_death_signal())
+        pid, t0 = None if self.launcher else self.proc.pid, time.time()
         try:
             while True:
                 try: rc = self.proc.wait(timeout=0.2); break
@@ -556,11 +567,12 @@ def run_job(self:Worker, job:Job) -> str|None:
             raise
         finally: self.proc = None
     text = log.read_bytes()[start:].decode('utf-8', errors='replace')
-    interrupted = _INTERRUPTED in text
+    status = _run_status(job.run_dir, pid, t0)  # what the run says of itself, else what it printed
+    interrupted = status == 'interrupted' or (status is None and _INTERRUPTED in text)
     error = None
     if why == 'lost': state = None
     elif why == 'cancel': state = 'cancelled'
-    elif why in ('stop', 'until'): state = 'queued' if rc is None or rc != 0 or interrupted else 'done'
+    elif why in ('stop', 'until'): state = 'done' if rc == 0 and not interrupted else 'queued'
     elif rc == 0: state = 'queued' if interrupted else 'done'  # a run stopped by a signal sent to it alone resumes later
     else: state, error = 'failed', _error_text(text, rc)
     with open(log, 'a', encoding='utf-8') as f:
@@ -579,7 +591,7 @@ def run_worker(queue, *, max_jobs:int|None=None, until=None, worker_id:str|None=
     return Worker(queue, max_jobs=max_jobs, until=until, worker_id=worker_id, poll_s=poll_s, heartbeat_s=heartbeat_s,
                   stale_s=stale_s, wait=wait, say=say).run()
 
-# %% ../nbs/20a_queue.ipynb #e5f412d1
+# %% ../nbs/20a_queue.ipynb #63d5cf58
 def slurm_resources(config:dict, default_time:str|None=None) -> dict:
     "SLURM resources of a job's `config`: nodes, GPUs per node and a time limit (`train.max_time` in minutes, plus a 10% + 15 min margin)."
     t = config.get('train') or {}
@@ -653,7 +665,7 @@ def slurm_scripts(queue, out='nbtrain-queue.sh', *, states=('queued',), **kw) ->
         paths.append(p)
     return paths
 
-# %% ../nbs/20a_queue.ipynb #0e1c7b76
+# %% ../nbs/20a_queue.ipynb #bbc936fe
 class QueueCommand:
     "`nbtrain queue`: add runs to a queue, list and cancel them, and train them with workers or SLURM array tasks."
     help = 'a queue of runs that survives disconnects: add, list, cancel, run, slurm'
@@ -763,5 +775,5 @@ def main(argv:list[str]|None=None) -> int:
         print(redact(f"nbtrain queue: error: {e}"), file=sys.stderr)
         return 2
 
-# %% ../nbs/20a_queue.ipynb #63d5cf58
+# %% ../nbs/20a_queue.ipynb #f7b2ef1d
 if __name__ == '__main__': sys.exit(main())
