@@ -16,6 +16,12 @@ exactly what left the machine:
 | `list_repo_tree` / `list_repo_files` | `GET /api/models/{repo}/tree/{rev}[/{path}]` |
 | `list_repo_refs` | `GET /api/models/{repo}/refs` |
 | `hf_hub_download` | `HEAD` and `GET /{repo}/resolve/{rev}/{path}` |
+| `dataset_info` (datasets' `load_dataset`) | `GET /api/datasets/{repo}[/revision/{rev}]` |
+| `list_repo_tree` of a dataset (`HfFileSystem`) | `GET /api/datasets/{repo}/tree/{rev}[/{path}]` |
+| `get_paths_info` of a dataset | `POST /api/datasets/{repo}/paths-info/{rev}` |
+| reading a dataset file (`hf://datasets/...`) | `HEAD` and `GET /datasets/{repo}/resolve/{rev}/{path}`, with `Range` |
+
+Dataset repositories are read-only: a test puts one in place with `state.add_dataset(repo_id, files)`.
 
 Authentication is `Authorization: Bearer <token>` against the `tokens` the server is given; private repositories
 answer 404 to anyone else, as the Hub does. `fail(kind, times, status)` makes the next `times` requests of one kind
@@ -93,6 +99,18 @@ class HubState:
                 if self.failures.get(k): return self.failures[k].pop(0)
         return None
 
+    def add_dataset(self, repo_id: str, files: dict[str, bytes | str], private: bool = False) -> Repo:
+        "A dataset repository holding `files` (path -> content) on its main branch, for datasets' streaming to read."
+        with self.lock:
+            if not hasattr(self, 'dataset_repos'): self.dataset_repos = {}
+            repo = Repo(repo_id, private=private)
+            oid = self._commit_oid(repo_id.encode())
+            repo.commits[oid] = {'files': {p: b.encode() if isinstance(b, str) else b for p, b in files.items()},
+                                 'parent': None, 'message': 'add dataset'}
+            repo.branches['main'] = oid
+            self.dataset_repos[repo_id] = repo
+            return repo
+
     def uploaded_bytes(self) -> bytes:
         "The bodies of every request sent to the server, joined: what left the client."
         return b''.join(r.body for r in self.requests)
@@ -119,6 +137,14 @@ def _route(method: str, path: str) -> tuple[str, dict]:
     if m: return 'info', dict(repo=m[1], rev=unquote(m[2] or 'main'))
     m = re.fullmatch(r'/([^/]+/[^/]+)/resolve/([^/]+)/(.+)', p)
     if m: return 'resolve', dict(repo=m[1], rev=unquote(m[2]), path=unquote(m[3]))
+    m = re.fullmatch(r'/api/datasets/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?', p)
+    if m: return 'dataset_tree', dict(repo=m[1], rev=unquote(m[2]), path=unquote(m[3] or ''))
+    m = re.fullmatch(r'/api/datasets/([^/]+/[^/]+)/paths-info/([^/]+)', p)
+    if m: return 'dataset_paths_info', dict(repo=m[1], rev=unquote(m[2]))
+    m = re.fullmatch(r'/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?', p)
+    if m: return 'dataset_info', dict(repo=m[1], rev=unquote(m[2] or 'main'))
+    m = re.fullmatch(r'/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)', p)
+    if m: return 'dataset_resolve', dict(repo=m[1], rev=unquote(m[2]), path=unquote(m[3]))
     return 'unknown', {}
 
 
@@ -323,6 +349,80 @@ class Handler(BaseHTTPRequestHandler):
         etag = git_blob_sha(data)
         self._send(200, headers={'X-Repo-Commit': oid, 'ETag': f'"{etag}"', 'Content-Type': 'application/octet-stream'},
                    body=data)
+
+    # ---- dataset repositories (read-only), as datasets' streaming reads them
+    def _dataset(self, repo_id: str, rev: str):
+        "The dataset repository and the commit `rev` names, if this caller may see them; else answers the error."
+        repo = getattr(self.state, 'dataset_repos', {}).get(repo_id)
+        user = self._user()
+        if repo is None or (repo.private and (user is None or repo_id.split('/')[0] not in [user] + self.state.orgs.get(user, []))):
+            self._error(404, f'Repository Not Found for url: {self.path}.', 'RepoNotFound')
+            return None, None
+        oid = self._resolved(repo, rev)
+        return (repo, oid) if oid is not None else (None, None)
+
+    def do_dataset_info(self, body, query, repo, rev):
+        r, oid = self._dataset(repo, rev)
+        if r is None: return
+        files = r.commits[oid]['files']
+        self._send(200, {'_id': repo, 'id': repo, 'author': repo.split('/')[0], 'sha': oid, 'private': r.private,
+                         'disabled': False, 'gated': False, 'downloads': 0, 'likes': 0, 'tags': [], 'cardData': {},
+                         'createdAt': '2024-01-01T00:00:00.000Z', 'lastModified': '2024-01-01T00:00:00.000Z',
+                         'siblings': [{'rfilename': p, 'size': len(b)} for p, b in sorted(files.items())]})
+
+    def _entries(self, files: dict, prefix: str, recursive: bool) -> list:
+        entries, dirs = [], set()
+        for p, b in sorted(files.items()):
+            if not p.startswith(prefix): continue
+            rest = p[len(prefix):]
+            if '/' in rest and not recursive:
+                dirs.add(prefix + rest.split('/')[0]); continue
+            if recursive:
+                parts = rest.split('/')[:-1]
+                dirs.update(prefix + '/'.join(parts[:i + 1]) for i in range(len(parts)))
+            entries.append({'type': 'file', 'path': p, 'size': len(b), 'oid': git_blob_sha(b)})
+        return entries + [{'type': 'directory', 'path': d, 'size': 0, 'oid': git_blob_sha(d.encode())} for d in sorted(dirs)]
+
+    def do_dataset_tree(self, body, query, repo, rev, path):
+        r, oid = self._dataset(repo, rev)
+        if r is None: return
+        recursive = query.get('recursive', ['false'])[0].lower() in ('1', 'true')
+        prefix = path.rstrip('/') + '/' if path else ''
+        entries = self._entries(r.commits[oid]['files'], prefix, recursive)
+        if prefix and not entries: return self._error(404, f'Path not found: {path}', 'EntryNotFound')
+        self._send(200, entries)
+
+    def do_dataset_paths_info(self, body, query, repo, rev):
+        r, oid = self._dataset(repo, rev)
+        if r is None: return
+        files = r.commits[oid]['files']
+        ctype = self.headers.get('Content-Type', '')
+        d = json.loads(body or b'{}') if 'json' in ctype else {k: v for k, v in parse_qs(body.decode()).items()}
+        paths = d.get('paths') or []
+        paths = [paths] if isinstance(paths, str) else paths
+        out = []
+        for p in paths:
+            p = p.strip('/')
+            if p in files: out.append({'type': 'file', 'path': p, 'size': len(files[p]), 'oid': git_blob_sha(files[p])})
+            elif p == '' or any(f.startswith(p + '/') for f in files):
+                out.append({'type': 'directory', 'path': p, 'size': 0, 'oid': git_blob_sha(p.encode())})
+        self._send(200, out)
+
+    def do_dataset_resolve(self, body, query, repo, rev, path):
+        r, oid = self._dataset(repo, rev)
+        if r is None: return
+        data = r.commits[oid]['files'].get(path)
+        if data is None: return self._error(404, f'Entry not found: {path}', 'EntryNotFound')
+        headers = {'X-Repo-Commit': oid, 'ETag': f'"{git_blob_sha(data)}"', 'Content-Type': 'application/octet-stream',
+                   'Accept-Ranges': 'bytes'}
+        m = re.fullmatch(r'bytes=(\d*)-(\d*)', self.headers.get('Range', '').strip())
+        if m and (m[1] or m[2]):
+            n = len(data)
+            start, end = (int(m[1]), min(int(m[2]) if m[2] else n - 1, n - 1)) if m[1] else (max(0, n - int(m[2])), n - 1)
+            if start >= n: return self._send(416, headers={'Content-Range': f'bytes */{n}'}, body=b'')
+            headers['Content-Range'] = f'bytes {start}-{end}/{n}'
+            return self._send(206, headers=headers, body=data[start:end + 1])
+        self._send(200, headers=headers, body=data)
 
 
 class HubServer:
