@@ -238,14 +238,22 @@ def test_benchmark_compares_with_a_local_baseline_and_clamps_its_vocabulary(tmp_
     assert any('random weights' in n for n in res['notes']) and any('clamped to 4' in n for n in res['notes'])
     assert model.training  # the mode it came in with
 
-def test_benchmark_refuses_an_unknown_baseline_offline():
+@pytest.fixture
+def offline(monkeypatch):
+    """The Hugging Face libraries in offline mode, as on a machine without network. Without it, transformers' look-up of
+    an adapter config ignores local_files_only and retries an unreachable huggingface.co for ~25 s before giving up."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+
+def test_benchmark_refuses_an_unknown_baseline_offline(offline):
     with pytest.raises(LegacyArgumentError, match="baseline_model_name='surely-not-a-model' is not in the local Hugging Face cache"):
         test_benchmark_comparison(gpt(), {'vocab_size': VOCAB}, 'surely-not-a-model', n_samples=2)
     with pytest.raises(LegacyArgumentError, match='test_data holds|test_data\\[0\\] holds token id 50'):
         test_benchmark_comparison(gpt(), {'vocab_size': VOCAB}, test_data=[torch.tensor([1, 50])], n_samples=1)
 
 @pytest.mark.slow
-def test_benchmark_default_baseline_is_distilgpt2_built_from_its_config():
+def test_benchmark_default_baseline_is_distilgpt2_built_from_its_config(offline):
     with pytest.warns(DeprecationWarning, match="test_benchmark_comparison is deprecated"):
         res = test_benchmark_comparison(gpt(), {'vocab_size': VOCAB}, n_samples=3)
     assert res['baseline_model'] == 'distilgpt2' and res['parameter_count']['baseline'] == 81_912_576
