@@ -21,8 +21,8 @@ from .tokenizer import Tokenizer, ByteTokenizer, build_tokenizer
 from .processing import IGNORE_INDEX, PackedLMDataset, collate_stack
 
 # %% auto #0
-__all__ = ['STREAM_BUILDERS', 'STATE_FORMAT', 'StreamSource', 'stream_source', 'stream_seed', 'TokenStream', 'StreamLoader',
-           'stream_validation', 'stream_tokenizer']
+__all__ = ['STREAM_BUILDERS', 'STATE_FORMAT', 'STREAM_TASKS', 'StreamSource', 'stream_source', 'stream_seed', 'TokenStream',
+           'StreamLoader', 'stream_validation', 'stream_tokenizer', 'StreamData', 'stream_data']
 
 # %% ../nbs/08h_stream.ipynb #9534bada
 STREAM_BUILDERS = {'.txt': 'text', '.jsonl': 'json', '.ndjson': 'json', '.json': 'json', '.csv': 'csv', '.tsv': 'csv',
@@ -86,8 +86,11 @@ class StreamSource:
             try:
                 if self.hub is not None:
                     ds = datasets.load_dataset(self.hub[0], self.hub[1], split=split, streaming=True)
-                else: ds = datasets.load_dataset(self.builder, data_files={split: self.files[split]}, split=split,
-                                                 streaming=True, **self.kwargs)
+                else:  # local files: no download-count request to the network (datasets pings one per packaged builder)
+                    counts, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS, False
+                    try: ds = datasets.load_dataset(self.builder, data_files={split: self.files[split]}, split=split,
+                                                    streaming=True, **self.kwargs)
+                    finally: datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
             except DataError: raise
             except Exception as e:
                 raise DataError(f"Could not stream split {split!r} of {self.origin}: {type(e).__name__}: {_first_line(e)}") from None
@@ -584,3 +587,57 @@ def stream_tokenizer(spec, source=None, sample_examples:int=1000, vocab_size:int
         if not texts: raise DataError(f"The first {sample_examples} examples of {src.origin} hold no text to build a {name} tokenizer from")
         return build_tokenizer(name, texts, vocab_size=vocab_size)
     return build_tokenizer(str(spec), (), vocab_size=vocab_size)
+
+# %% ../nbs/08h_stream.ipynb #089838b4
+@dataclass
+class StreamData:
+    "What a run trains on when its data streams: the loader of this process, validation blocks, tokenizer, collate, facts."
+    loader: StreamLoader
+    val: PackedLMDataset|None
+    tokenizer: Tokenizer
+    collate: Callable
+    vocab_size: int
+    info: dict
+
+STREAM_TASKS = ('causal_lm', 'masked_lm')
+
+def stream_data(data_cfg, task='causal_lm', seed:int=0, *, rank:int=0, world_size:int=1, micro_batch_size:int=8,
+                prefetch:int=2, run_dir=None, source=None, seq_len:int|None=None, tokenizer_sample:int=2000) -> StreamData:
+    "The streamed training data of process `rank` for `task` from the `data` section of a run config (a `DataConfig` or dict)."
+    get = (lambda k, v=None: data_cfg.get(k, v)) if isinstance(data_cfg, dict) else (lambda k, v=None: getattr(data_cfg, k, v))
+    name = task if isinstance(task, str) else getattr(task, 'name', 'causal_lm')
+    if name not in STREAM_TASKS:
+        raise DataError(f"data.streaming=true streams text for language modelling ({', '.join(STREAM_TASKS)}); task "
+                        f"{name!r} reads its data whole: set data.streaming=false")
+    if get('pack', True) is False:
+        raise DataError("data.streaming=true packs documents into blocks; data.pack=false (one document per row) needs "
+                        "data.streaming=false")
+    src = stream_source(get('source') if source is None else source)
+    L = int(seq_len or get('seq_len') or get('default_seq_len', 128))
+    saved = Path(run_dir) / 'tokenizer' if run_dir else None
+    if saved is not None and (saved / 'tokenizer.json').is_file():
+        from nbtrain.tokenizer import load_tokenizer
+        tok, reused = load_tokenizer(saved), True
+    else:
+        tok, reused = stream_tokenizer(get('tokenizer', 'auto'), src, tokenizer_sample, get('vocab_size'),
+                                       get('text_column'), get('train_split')), False
+        if saved is not None and rank == 0: tok.save(saved)
+    causal = name == 'causal_lm'
+    val = stream_validation(src, tok, L, int(get('stream_val_examples', 1000) or 0), causal, get('text_column'),
+                            get('val_split'), get('train_split'))
+    skip = val.skip_examples if val is not None else 0
+    stream = TokenStream(src, tok, L, causal, int(get('shuffle_buffer', 10000)), seed, rank, world_size,
+                         get('text_column'), skip, get('train_split'))
+    if causal: collate = collate_stack
+    else:
+        from nbtrain.processing import MLMCollator
+        p = getattr(task, 'mlm_probability', None) or 0.15
+        collate = MLMCollator(tok.mask_id, tok.vocab_size, tok.pad_id, tok.special_ids, p)
+    info = dict(source=src.spec, streaming=True, task=name, seed=seed, seq_len=L, split=stream.split, text_column=stream.column,
+                shuffle_buffer=stream.shuffle_buffer, tokenizer=str(get('tokenizer', 'auto')), tokenizer_type=tok.type,
+                tokenizer_fingerprint=tok.fingerprint(), tokenizer_reused=reused, vocab_size=tok.vocab_size,
+                val_split=val.split if val is not None else None, val_examples=val.examples if val is not None else 0,
+                val_tokens=val.num_tokens if val is not None else 0, held_out_examples=skip,
+                rank=rank, world_size=world_size)
+    return StreamData(StreamLoader(stream, micro_batch_size, collate, prefetch), val, tok, collate, tok.vocab_size, info)
+
