@@ -87,8 +87,7 @@ def _read_checkpoints(d:Path, prev=None) -> dict:
                           metrics={k: v for k, v in (m.get('metrics') or {}).items() if _val(v) is not None}))
     return dict(items=items)
 
-# %% ../nbs/20_runs.ipynb #2a117c7d
-_EVAL_MARKS = (b'"val_', b'"test_')
+# %% ../nbs/20_runs.ipynb #8e1bed94
 _SKIP = ('step', 'epoch', 'time')
 
 def _better(a:float, b:float|None, mode:str) -> bool:
@@ -118,10 +117,10 @@ def _read_metrics(d:Path, prev:dict|None=None, monitor:str='val_loss', mode:str=
         try: r = json.loads(ln)
         except ValueError: return None
         return r if isinstance(r, dict) else None
-    plain = None
+    is_eval = lambda ln: b'"val_' in ln or b'"test_' in ln
+    plain = next((ln for ln in reversed(lines) if not is_eval(ln)), None)
     for ln in lines:
-        if not any(m in ln for m in _EVAL_MARKS): plain = ln; continue
-        if (r := parse(ln)) is None: continue
+        if not is_eval(ln) or (r := parse(ln)) is None: continue
         s['evals'] += 1
         vals = {k: v for k, v in ((k, _val(v)) for k, v in r.items() if k.startswith(('val_', 'test_'))) if v is not None}
         s['last'].update(vals)
@@ -270,7 +269,7 @@ def _update(d:Path, sigs:dict, old:dict) -> tuple[dict, bool]:
         o = o if isinstance(o, dict) and isinstance(o.get('data'), dict) else None
         if k == 'metrics':  # the monitor decides which evaluation is best: another monitor, another reading
             mon = list(_monitor(entry['config']['data'].get('config') or {}))
-            if o is not None and o['sig'] == sig and (sig is None or o['data'].get('monitor') == mon): entry[k] = o; continue
+            if o is not None and o.get('sig') == sig and (sig is None or o['data'].get('monitor') == mon): entry[k] = o; continue
             data = _read_metrics(d, o and o['data'], *mon) if sig is not None else {}
         else:
             if o is not None and o.get('sig') == sig: entry[k] = o; continue
@@ -296,10 +295,14 @@ def scan_runs(root='runs', *, index:bool=True) -> list[tuple[str, Path, dict, di
     for name, d, sigs in found:
         old = cache.get(name)
         entry, changed = _update(d, sigs, old if isinstance(old, dict) else {})
+        parts = {k: entry[k]['data'] for k in _PARTS} | {'_mtime': (sigs['config'] or sigs['status'])[0] / 1e9}
+        if not changed:  # all from the index: one that does not make a row (written by another version?) is read again
+            try: summarize(name, d, parts)
+            except Exception:
+                entry, changed = _update(d, sigs, {})
+                parts = {k: entry[k]['data'] for k in _PARTS} | {'_mtime': parts['_mtime']}
         dirty |= changed
         runs[name] = entry
-        parts = {k: entry[k]['data'] for k in _PARTS}
-        parts['_mtime'] = (sigs['config'] or sigs['status'])[0] / 1e9
         out.append((name, d, parts, lock_holder(d) if sigs.get('lock') else None))
     if index and dirty:
         try: atomic_write(root/INDEX, json.dumps(dict(format=INDEX_FORMAT, runs=runs), separators=(',', ':'), default=str))
@@ -349,16 +352,17 @@ def resolve_field(field:str, rows:list[dict], configs:list[dict]) -> str:
 def _get(row:dict, cfg:dict, key:str):
     return row[key] if key in row else cfg.get(key)
 
+def _isnum(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
+
 def _compare(a, op:str, b) -> bool:
-    if a is None or b is None: return _OPS[op](a, b) if op in ('==', '=', '!=') else False
-    if isinstance(a, bool) or isinstance(b, bool): return op in ('==', '=', '!=') and _OPS[op](bool(a), bool(b)) if \
-        isinstance(a, bool) and isinstance(b, bool) else (op == '!=')
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return not (a != a) and _OPS[op](a, b)  # NaN passes no comparison
-    if isinstance(a, (int, float)) != isinstance(b, (int, float)):
-        try: a, b = (float(a), b) if isinstance(b, (int, float)) else (a, float(b))
+    "`a OP b` for a run's value `a`: numbers as numbers (NaN passes nothing), text as text, a missing value only `!=`."
+    eq = op in ('==', '=', '!=')
+    if a is None or b is None: return _OPS[op](a, b) if eq else False
+    if _isnum(a) and _isnum(b): return a == a and _OPS[op](a, b)
+    if isinstance(a, bool) or isinstance(b, bool): return _OPS[op](str(a).lower(), str(b).lower()) if eq else False
+    if _isnum(a) or _isnum(b):  # '3' against 2: as numbers when the text is one
+        try: return _OPS[op](float(a), float(b))
         except (TypeError, ValueError): return op == '!='
-        return _OPS[op](a, b)
     return _OPS[op](str(a), str(b))
 
 # %% ../nbs/20_runs.ipynb #5d405238
@@ -396,21 +400,26 @@ def _select(root, where=None, sort=None, desc:bool=False, limit:int|None=None, m
             if key not in rows[i]: rows[i][key] = cfgs[i].get(key)
     else: keep = sorted(keep, key=lambda i: rows[i]['started'] or '', reverse=not desc)
     if limit is not None: keep = keep[:max(0, int(limit))]
-    return [rows[i] for i in keep], [cfgs[i] for i in keep]
+    return [rows[i] for i in keep], [cfgs[i] for i in keep], len(rows)
 
 def varying_settings(configs:list[dict]) -> list[str]:
     "The config fields whose values differ between these runs (where runs are kept and what they are named left out)."
-    keys = sorted({k for c in configs for k in c})
-    seen = lambda k: {json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}
-    return [k for k in keys if k not in _NOT_SETTINGS and len(seen(k)) > 1]
+    keys, none = sorted({k for c in configs for k in c}), object()
+    def varies(k):
+        first = configs[0].get(k, none)
+        return any(type(v) is not type(first) or v != first for v in (c.get(k, none) for c in configs))
+    return [k for k in keys if k not in _NOT_SETTINGS and varies(k)]
 
 def list_runs(root='runs', where=None, sort=None, desc:bool=False, limit:int|None=None, *, model=None, data=None,
               status=None, name=None, config=None, index:bool=True) -> list[dict]:
     "The runs under `root` as rows (dicts), filtered by `where` (a filter or a list of them) and the column matches, sorted."
-    rows, cfgs = _select(root, where, sort, desc, limit, model, data, status, name, index)
+    return _list(root, where, sort, desc, limit, model, data, status, name, config, index)[0]
+
+def _list(root, where, sort, desc, limit, model, data, status, name, config, index) -> tuple[list[dict], int]:
+    rows, cfgs, total = _select(root, where, sort, desc, limit, model, data, status, name, index)
     keys = varying_settings(cfgs) if config == 'varying' else sorted({k for c in cfgs for k in c}) if config == 'all' else list(config or [])
     for r, c in zip(rows, cfgs): r.update({k: c.get(k) for k in keys if k not in r})
-    return rows
+    return rows, total
 
 def runs_table(root='runs', where=None, sort=None, desc:bool=False, limit:int|None=None, *, model=None, data=None,
                status=None, name=None, config='varying', index:bool=True):
@@ -464,6 +473,10 @@ def show_run(run, root='runs', *, index:bool=True) -> dict:
                 final=parts['final'] or None, checkpoints=parts['checkpoints'].get('items') or [], env=parts['env'],
                 config=cfg, config_error=parts['config'].get('error'), config_changes=changes, preset=cfg.get('preset'))
 
+def _metric_order(monitor):
+    "Sort key of metric names: the monitored one, the validation metrics, the test split's, then the training ones."
+    return lambda k: (k != monitor, not k.startswith('val_'), not k.startswith('test_'), k)
+
 def diff_runs(a, b, root='runs', *, index:bool=True) -> dict:
     "Two runs side by side: the settings that differ, and each metric of both with the change from `a` to `b`."
     ra, rb = show_run(a, root, index=index), show_run(b, root, index=index)
@@ -473,7 +486,7 @@ def diff_runs(a, b, root='runs', *, index:bool=True) -> dict:
     metrics = []
     for kind in ('best', 'last'):
         ma, mb = ra['metrics'][kind], rb['metrics'][kind]
-        for k in sorted(set(ma) | set(mb), key=lambda k: (not k.startswith('val_'), not k.startswith('test_'), k)):
+        for k in sorted(set(ma) | set(mb), key=_metric_order(ra['metrics']['monitor'])):
             x, y = ma.get(k), mb.get(k)
             delta = y - x if x is not None and y is not None else None
             metrics.append(dict(metric=f'{kind}_{k}', a=x, b=y, delta=delta,
@@ -556,7 +569,7 @@ def format_show(info:dict, full_config:bool=False) -> str:
                 ('data', ' '.join(x for x in (str(d.get('source') or ''), f"({splits})" if splits else '') if x)),
                 ('config', i.get('config_error'))])
     me = i['metrics']
-    keys = sorted(set(me['best']) | set(me['last']), key=lambda k: (not k.startswith('val_'), not k.startswith('test_'), k))
+    keys = sorted(set(me['best']) | set(me['last']), key=_metric_order(me.get('monitor')))
     if keys:
         mode = (me.get('mode') or 'min')
         at = (f"best: the evaluation at step {me['best_step']}, where {me['monitor']} was {'lowest' if mode == 'min' else 'highest'}"
@@ -651,14 +664,13 @@ class RunsCommand:
         root = words[0] if words else root
         extra = [x.strip() for x in (args.columns or '').split(',') if x.strip()]
         fields = [parse_where(w)[0] for w in args.where] + ([args.sort] if args.sort else []) + extra
-        rows = list_runs(root, args.where, args.sort, args.desc, args.limit, model=args.model, data=args.data,
-                         status=args.status, name=args.name, config=[f for f in fields if '.' in f], index=index)
+        rows, total = _list(root, args.where, args.sort, args.desc, args.limit, args.model, args.data, args.status, args.name,
+                            [f for f in fields if '.' in f], index)
         if args.json:
             print(json.dumps(rows, default=str))
             return 0
-        total = scan_runs(root, index=index)
         if not rows:
-            print(f"no runs in {root}" if not total else f"none of the {len(total)} runs in {root} matches")
+            print(f"no runs in {root}" if not total else f"none of the {total} runs in {root} matches")
             return 0
         cols = []
         for f in fields:
@@ -666,7 +678,7 @@ class RunsCommand:
             cols.append(k)
         print(format_runs(rows, args.metric, cols))
         counts = {s: sum(r['status'] == s for r in rows) for s in STATES}
-        print(f"\n{len(rows)} of {len(total)} runs in {root}: " + ', '.join(f"{n} {s}" for s, n in counts.items() if n))
+        print(f"\n{len(rows)} of {total} runs in {root}: " + ', '.join(f"{n} {s}" for s, n in counts.items() if n))
         for r in rows:
             if r['status'] == 'failed' and r.get('error'):  # the start of the error says what it is
                 line = f"  {r['name']} failed: {' '.join(r['error'].split())}"

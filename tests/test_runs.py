@@ -1,6 +1,6 @@
 """The runs index on real run folders: runs the trainer wrote (finished, failed at its first step, killed during setup),
 listed by `nbtrain runs` in another process, and the index rebuilt by two processes at once."""
-import json, os, signal, subprocess, sys, time
+import json, os, signal, subprocess, sys, threading, time
 from pathlib import Path
 import pytest
 import yaml
@@ -24,14 +24,41 @@ def nbtrain_runs(*args, timeout=120):
                           cwd=ROOT, timeout=timeout)
 
 
+def start_killed_at_setup(root:Path):
+    """A `nbtrain train` process killed as soon as its run folder is set up (config.yaml and the lock written), in a
+    thread, so it runs beside the in-process runs; returns the thread and what it saw (the row while the run lived)."""
+    cmd = [sys.executable, '-m', 'nbtrain.cli', 'train', *QUICK, '--train.max_steps', '100000', '--checkpoint.every_steps', '100000',
+           '--checkpoint.every_minutes', '1000', '--output_dir', str(root), '--name', 'killed']
+    seen = {}
+    def watch():
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=root)
+        d = root/'killed'
+        try:
+            deadline = time.monotonic() + 240
+            while not ((d/'config.yaml').exists() and (d/'.nbtrain-lock.json').exists()):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    seen['error'] = f'the run never set up its folder: {p.poll()} {p.stderr.read()[-2000:] if p.poll() is not None else ""}'
+                    return
+                time.sleep(0.05)
+            seen['live'] = list_runs(root)[0]
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=60)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t, seen
+
+
 @pytest.fixture(scope='module')
 def real_runs(tmp_path_factory):
-    "A finished run and a run whose model fails on the first batch, both by the trainer, in this process."
+    """A finished run and a run whose model fails on its first batch, both by the trainer in this process, and beside
+    them a run killed during its setup in another process."""
     import torch
     from torch import nn
     from nbtrain.config import load_config
     from nbtrain.trainer import Trainer
-    root = tmp_path_factory.mktemp('runs')
+    root, other = tmp_path_factory.mktemp('runs'), tmp_path_factory.mktemp('killed')
+    killer = start_killed_at_setup(other)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -46,12 +73,12 @@ def real_runs(tmp_path_factory):
         with pytest.raises(Exception):
             Trainer(load_config(None, None, QUICK + ['--output_dir', str(root), '--name', 'bad']), model=Rejects()).fit()
     finally: torch.set_num_threads(n)
-    return root
+    return root, other, killer
 
 
 @pytest.mark.slow
 def test_real_runs_listed_shown_and_compared(real_runs):
-    root = real_runs
+    root = real_runs[0]
     rows = {r['name']: r for r in list_runs(root)}
     assert set(rows) == {'good', 'bad'}
     good, bad = rows['good'], rows['bad']
@@ -86,26 +113,16 @@ def test_real_runs_listed_shown_and_compared(real_runs):
 
 
 @pytest.mark.slow
-def test_running_then_killed_during_setup_is_failed_with_why(tmp_path):
+def test_running_then_killed_during_setup_is_failed_with_why(real_runs):
     "Another process's live lock reads as running; killed before its first step, the run is failed, and the row says why."
-    cmd = [sys.executable, '-m', 'nbtrain.cli', 'train', *QUICK, '--train.max_steps', '100000', '--checkpoint.every_steps', '100000',
-           '--checkpoint.every_minutes', '1000', '--output_dir', str(tmp_path), '--name', 'killed']
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=tmp_path)
-    d = tmp_path/'killed'
-    try:
-        deadline = time.monotonic() + 120
-        while not ((d/'config.yaml').exists() and (d/'.nbtrain-lock.json').exists()):
-            assert p.poll() is None and time.monotonic() < deadline, 'the run never set up its folder'
-            time.sleep(0.05)
-        row = list_runs(tmp_path)[0]
-        assert row['status'] == 'running' and row['host'], row
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
-    row = list_runs(tmp_path)[0]
+    _, root, (thread, seen) = real_runs
+    thread.join(timeout=300)
+    assert 'error' not in seen, seen['error']
+    assert seen['live']['status'] == 'running' and seen['live']['host'], seen
+    row = list_runs(root)[0]
     assert row['status'] == 'failed' and row['step'] == 0, row
-    assert (row['error'] or row['stop_reason']), row
-    if (d/'status.json').exists(): assert 'without recording why' in row['error'], row
+    assert row['error'] or row['stop_reason'], row  # never a row of nothing
+    if (root/'killed'/'status.json').exists(): assert 'without recording why' in row['error'], row
 
 
 def fake_run(root:Path, name:str, i:int):
