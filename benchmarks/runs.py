@@ -3,7 +3,7 @@ few runs still writing rows.
 
 Writes N synthetic run folders shaped as the trainer writes them (the full config.yaml of the default preset,
 metrics.jsonl with a few hundred rows, an evaluation every tenth, status.json, model.json, data.json, env.json, two
-checkpoint manifests, final/manifest.json; no weights: the index never reads them), then times `list_runs` (the
+checkpoint manifests, final/manifest.json; no weights: the index never reads them), then times `runs_records` (the
 rows `nbtrain runs` prints) and `runs_table` (the same as a pandas DataFrame, with the varying settings as columns):
 
 - cold: no `.runs-index.json`, every folder read
@@ -19,7 +19,7 @@ import argparse, json, os, random, shutil, tempfile, time
 from pathlib import Path
 import yaml
 from nbtrain.config import load_config
-from nbtrain.runs import INDEX, list_runs, runs_table
+from nbtrain.runs import INDEX, runs_records, runs_table
 
 
 def write_runs(root:Path, n:int, rows:int, seed:int=0):
@@ -100,19 +100,19 @@ def main(argv=None):
         size = sum(f.stat().st_size for f in root.rglob('*') if f.is_file())
         print(f"{a.runs} run folders, {size / 1e6:.0f} MB, written in {time.perf_counter() - t:.1f} s ({root})")
         drop = lambda: (root/INDEX).unlink(missing_ok=True)
-        cold, rows = best_of(lambda: list_runs(root), a.repeat, before=drop)
-        print(f"cold  list_runs (no index, every folder read): {cold:6.2f} s  ({len(rows)} runs; index {(root/INDEX).stat().st_size / 1e6:.1f} MB)")
-        warm, _ = best_of(lambda: list_runs(root), a.repeat)
-        print(f"warm  list_runs (index, nothing changed):       {warm:6.2f} s")
+        cold, rows = best_of(lambda: runs_records(root), a.repeat, before=drop)
+        print(f"cold  runs_records (no index, every folder read): {cold:6.2f} s  ({len(rows)} runs; index {(root/INDEX).stat().st_size / 1e6:.1f} MB)")
+        warm, _ = best_of(lambda: runs_records(root), a.repeat)
+        print(f"warm  runs_records (index, nothing changed):       {warm:6.2f} s")
         names = sorted(r['name'] for r in rows if (root/r['name']/'metrics.jsonl').exists())[:a.changed]
         def grow():
             for n in names:
                 with open(root/n/'metrics.jsonl', 'a') as f: f.write(json.dumps(dict(step=10**6, time=2e9, loss=1.0)) + '\n')
-        grown, _ = best_of(lambda: list_runs(root), a.repeat, before=grow)
-        print(f"warm  list_runs, {len(names)} runs growing:              {grown:6.2f} s")
+        grown, _ = best_of(lambda: runs_records(root), a.repeat, before=grow)
+        print(f"warm  runs_records, {len(names)} runs growing:              {grown:6.2f} s")
         table, df = best_of(lambda: runs_table(root), a.repeat)
         print(f"warm  runs_table (DataFrame, {df.shape[0]} x {df.shape[1]}):      {table:6.2f} s")
-        query, hits = best_of(lambda: list_runs(root, where='val_loss<3', sort='val_loss', limit=20), a.repeat)
+        query, hits = best_of(lambda: runs_records(root, where='val_loss<3', sort='val_loss', limit=20), a.repeat)
         print(f"warm  --where val_loss<3 --sort val_loss:       {query:6.2f} s  ({len(hits)} shown)")
         print(f"target: warm under 2 s for 1,000 runs: {'met' if max(warm, grown, table) < 2 * a.runs / 1000 else 'NOT met'}")
     finally:

@@ -15,7 +15,7 @@ from .config import nested_to_dotted
 
 # %% auto #0
 __all__ = ['INDEX', 'INDEX_FORMAT', 'STATUS', 'LOCK_FILE', 'LOCK_STALE_S', 'STATES', 'MAX_DEPTH', 'lock_holder', 'lock_live',
-           'summarize', 'scan_runs', 'parse_where', 'resolve_field', 'varying_settings', 'list_runs', 'runs_table',
+           'summarize', 'scan_runs', 'parse_where', 'resolve_field', 'varying_settings', 'runs_records', 'runs_table',
            'show_run', 'diff_runs', 'fmt_value', 'fmt_duration', 'format_table', 'format_runs', 'format_show',
            'format_diff', 'RunsCommand']
 
@@ -410,7 +410,7 @@ def varying_settings(configs:list[dict]) -> list[str]:
         return any(type(v) is not type(first) or v != first for v in (c.get(k, none) for c in configs))
     return [k for k in keys if k not in _NOT_SETTINGS and varies(k)]
 
-def list_runs(root='runs', where=None, sort=None, desc:bool=False, limit:int|None=None, *, model=None, data=None,
+def runs_records(root='runs', where=None, sort=None, desc:bool=False, limit:int|None=None, *, model=None, data=None,
               status=None, name=None, config=None, index:bool=True) -> list[dict]:
     "The runs under `root` as rows (dicts), filtered by `where` (a filter or a list of them) and the column matches, sorted."
     return _list(root, where, sort, desc, limit, model, data, status, name, config, index)[0]
@@ -423,11 +423,11 @@ def _list(root, where, sort, desc, limit, model, data, status, name, config, ind
 
 def runs_table(root='runs', where=None, sort=None, desc:bool=False, limit:int|None=None, *, model=None, data=None,
                status=None, name=None, config='varying', index:bool=True):
-    "`list_runs` as a pandas `DataFrame`, one row per run, indexed by name; the config fields that vary as columns."
+    "`runs_records` as a pandas `DataFrame`, one row per run, indexed by name; the config fields that vary as columns."
     try: import pandas as pd
-    except ImportError: raise NbtrainError("runs_table needs pandas: pip install pandas (or 'nbtrain[dev]'); list_runs "
+    except ImportError: raise NbtrainError("runs_table needs pandas: pip install pandas (or 'nbtrain[dev]'); runs_records "
                                            "gives the same rows without it") from None
-    rows = list_runs(root, where, sort, desc, limit, model=model, data=data, status=status, name=name, config=config, index=index)
+    rows = runs_records(root, where, sort, desc, limit, model=model, data=data, status=status, name=name, config=config, index=index)
     df = pd.DataFrame(rows)
     if df.empty: return pd.DataFrame(columns=['status', 'step', 'model', 'data', 'started', 'duration_s']).rename_axis('name')
     df['started'] = pd.to_datetime(df['started'])

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nbtrain.runs import INDEX, RunsCommand, diff_runs, list_runs, show_run
+from nbtrain.runs import INDEX, RunsCommand, diff_runs, runs_records, show_run
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ['--train.max_steps', '4', '--train.eval_every', '2', '--train.eval_batches', '2', '--train.log_every', '2',
@@ -40,7 +40,7 @@ def start_killed_at_setup(root:Path):
                     seen['error'] = f'the run never set up its folder: {p.poll()} {p.stderr.read()[-2000:] if p.poll() is not None else ""}'
                     return
                 time.sleep(0.05)
-            seen['live'] = list_runs(root)[0]
+            seen['live'] = runs_records(root)[0]
         finally:
             p.send_signal(signal.SIGKILL)
             p.wait(timeout=60)
@@ -79,7 +79,7 @@ def real_runs(tmp_path_factory):
 @pytest.mark.slow
 def test_real_runs_listed_shown_and_compared(real_runs):
     root = real_runs[0]
-    rows = {r['name']: r for r in list_runs(root)}
+    rows = {r['name']: r for r in runs_records(root)}
     assert set(rows) == {'good', 'bad'}
     good, bad = rows['good'], rows['bad']
     assert (good['status'], good['step'], good['max_steps'], good['final'], good['model'], good['data']) == \
@@ -119,7 +119,7 @@ def test_running_then_killed_during_setup_is_failed_with_why(real_runs):
     thread.join(timeout=300)
     assert 'error' not in seen, seen['error']
     assert seen['live']['status'] == 'running' and seen['live']['host'], seen
-    row = list_runs(root)[0]
+    row = runs_records(root)[0]
     assert row['status'] == 'failed' and row['step'] == 0, row
     assert row['error'] or row['stop_reason'], row  # never a row of nothing
     if (root/'killed'/'status.json').exists(): assert 'without recording why' in row['error'], row
@@ -138,12 +138,12 @@ def fake_run(root:Path, name:str, i:int):
 
 def test_two_processes_rebuilding_the_index_leave_a_valid_one(tmp_path):
     for i in range(60): fake_run(tmp_path, f'run-{i:02d}', i)
-    code = ("import sys, json, os\nfrom pathlib import Path\nfrom nbtrain.runs import list_runs, INDEX\n"
+    code = ("import sys, json, os\nfrom pathlib import Path\nfrom nbtrain.runs import runs_records, INDEX\n"
             "root, me = Path(sys.argv[1]), int(sys.argv[2])\n"
             "for k in range(15):\n"
             "    (root/INDEX).unlink(missing_ok=True) if k % 3 == 0 else None\n"
             "    with open(root/f'run-{(me * 15 + k) % 60:02d}'/'metrics.jsonl', 'a') as f: f.write(json.dumps({'step': 101, 'loss': 1.0}) + '\\n')\n"
-            "    assert len(list_runs(root)) == 60\n")
+            "    assert len(runs_records(root)) == 60\n")
     procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path), str(me)], env=ENV, stderr=subprocess.PIPE, text=True)
              for me in range(2)]
     for p in procs:
@@ -152,7 +152,7 @@ def test_two_processes_rebuilding_the_index_leave_a_valid_one(tmp_path):
     idx = json.loads((tmp_path/INDEX).read_text())  # complete JSON: one writer's whole index
     assert len(idx['runs']) == 60
     assert not [p for p in tmp_path.iterdir() if p.name.endswith('.tmp')]  # no temporary file left behind
-    rows = list_runs(tmp_path)  # and it agrees with the folders
+    rows = runs_records(tmp_path)  # and it agrees with the folders
     assert len(rows) == 60 and all(r['status'] == 'finished' and r['step'] == 101 for r in rows
                                     if (tmp_path/r['name']/'metrics.jsonl').read_text().count('\n') > 11)
     assert {r['name']: r['best_val_loss'] for r in rows}['run-07'] == 3 - 7 / 100
