@@ -291,15 +291,20 @@ def _free_cond(self:JobQueue, j:Job, now:float):
     return cond
 
 @patch
+def pending(self:JobQueue) -> list[Job]:
+    "The jobs a worker could take now, in the order `lease` takes them: interrupted ones (queued again, or of a worker that is gone), then by priority, then oldest."
+    now = time.time()
+    jobs = [j for j in self.list(ACTIVE) if j.state == 'queued' or self._free(j, now)]
+    return sorted(jobs, key=lambda j: (not (j.state == 'running' or j.attempts > 0), -j.priority, j.created, j.id))
+
+@patch
 def lease(self:JobQueue, worker_id:str, job_id=None) -> Job|None:
     """Take the next job for `worker_id` (only job `job_id` when given): an interrupted one first, then the highest
     priority, then the oldest. None when there is nothing to take. Atomic: two workers never hold one job."""
     sa, t, c = self._sa, self.t, self.t.c
     now = time.time()
-    jobs = [j for j in self.list(ACTIVE) if job_id is None or j.id == int(job_id)]
-    jobs.sort(key=lambda j: (not (j.state == 'running' or j.attempts > 0), -j.priority, j.created, j.id))
-    for j in jobs:
-        if j.state == 'running' and not self._free(j, now): continue
+    for j in self.pending():
+        if job_id is not None and j.id != int(job_id): continue
         if j.cancel_requested:  # asked to stop while its worker was gone: nothing is left to stop
             self._write(sa.update(t).where(c.id == j.id, c.state.in_(ACTIVE), self._free_cond(j, now))
                         .values(state='cancelled', ended=now, heartbeat=None))
@@ -650,12 +655,13 @@ fi
 exit "$rc"
 """
 
-def slurm_scripts(queue, out='nbtrain-queue.sh', *, states=('queued',), **kw) -> list[Path]:
-    """Write sbatch scripts for the jobs of `queue` in `states`: one job array per group of jobs needing the same resources
-    (`out`, or `out` numbered -1, -2 ... when there are several). The paths written; none when no job is queued."""
+def slurm_scripts(queue, out='nbtrain-queue.sh', *, jobs=None, **kw) -> list[Path]:
+    """Write sbatch scripts for `jobs` (default: those waiting, `JobQueue.pending`: queued, or of a worker that is gone):
+    one job array per group of jobs needing the same resources (`out`, or `out` numbered -1, -2 ... when there are
+    several). The paths written; none when no job waits."""
     q = queue if isinstance(queue, JobQueue) else JobQueue(queue)
     groups = {}
-    for j in q.list(states): groups.setdefault(tuple(sorted(slurm_resources(j.config, kw.get('default_time')).items())), []).append(j)
+    for j in sorted(q.pending() if jobs is None else jobs, key=lambda j: j.id): groups.setdefault(tuple(sorted(slurm_resources(j.config, kw.get('default_time')).items())), []).append(j)
     out, paths = Path(out), []
     for i, jobs in enumerate(groups.values(), 1):
         p = out if len(groups) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")

@@ -1,0 +1,123 @@
+"""The job queue end to end: workers in their own processes train real (tiny) runs; two workers share a queue, a
+cancelled run stops with a checkpoint, a killed worker's job is resumed by the next one, SLURM array tasks are
+stopped before their time limit, requeued and resumed."""
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
+from nbtrain.callbacks import read_metrics
+from nbtrain.queue import EXIT_REQUEUE, JobQueue, slurm_scripts
+
+ENV = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
+TINY = {'data.corpus_size': 60, 'data.seq_len': 32, 'train.micro_batch_size': 4, 'train.progress_bar': False,
+        'train.log_every': 5, 'train.eval_every': 1000, 'train.eval_batches': 1, 'train.eval_at_start': False,
+        'eval.samples': False, 'checkpoint.every_steps': 5, 'checkpoint.every_minutes': None, 'checkpoint.keep_last_n': 2,
+        'checkpoint.keep_best_k': 0}
+FAST = ['--heartbeat', '0.5', '--poll', '0.3']
+
+def tiny(tmp_path, steps, **over): return {'output_dir': str(tmp_path/'runs'), 'train.max_steps': steps, **TINY, **over}
+
+def queue_cmd(*args, **kw):
+    "`nbtrain queue ...` (as `python -m nbtrain.queue`) in its own process."
+    return subprocess.Popen([sys.executable, '-m', 'nbtrain.queue', *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=kw.pop('env', ENV), **kw)
+
+def wait_for(pred, procs, timeout=180):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred(): return True
+        if all(p.poll() is not None for p in procs): return pred()
+        time.sleep(0.05)
+    return False
+
+def saved(run_dir):
+    "Steps of the run's complete checkpoints."
+    return sorted(int(p.parent.name.split('-')[1]) for p in (Path(run_dir)/'checkpoints').glob('step-*/manifest.json'))
+
+def newest_manifest(run_dir):
+    return json.loads((Path(run_dir)/'checkpoints'/f'step-{max(saved(run_dir)):09d}'/'manifest.json').read_text())
+
+def steps_logged(run_dir): return [r['step'] for r in read_metrics(run_dir) if 'loss' in r]
+
+def finish(*procs, timeout=240):
+    out = []
+    for p in procs:
+        try: out.append(p.communicate(timeout=timeout)[0])
+        finally:
+            if p.poll() is None:
+                try: os.killpg(p.pid, signal.SIGKILL) if os.getpgid(p.pid) == p.pid else p.kill()
+                except ProcessLookupError: pass
+                p.wait()
+    return out
+
+@pytest.mark.slow
+def test_two_workers_run_each_job_once_and_a_cancelled_run_stops_with_a_checkpoint(tmp_path):
+    q = JobQueue(root=tmp_path)
+    long = q.add(None, tiny(tmp_path, 100_000), name='long', priority=5)
+    a, b = (q.add(None, tiny(tmp_path, 10), name=n) for n in 'ab')
+    workers = [queue_cmd('run', '--root', str(tmp_path), *FAST) for _ in range(2)]
+    try:
+        assert wait_for(lambda: saved(long.run_dir), workers), finish(*workers)
+        at_cancel = max(saved(long.run_dir))
+        r = subprocess.run([sys.executable, '-m', 'nbtrain.queue', 'cancel', str(long.id), '--root', str(tmp_path)],
+                           capture_output=True, text=True, env=ENV, timeout=60)
+        assert r.returncode == 0 and 'cancel requested' in r.stdout, r.stdout + r.stderr
+    finally: outs = finish(*workers)
+    assert [w.returncode for w in workers] == [0, 0], outs
+    jobs = {j.name: j for j in q.list()}
+    assert {n: j.state for n, j in jobs.items()} == {'long': 'cancelled', 'a': 'done', 'b': 'done'}, outs
+    for j in jobs.values():  # each job trained exactly once, by one of the two workers
+        assert j.attempts == 1 and j.log.read_text().count('started: attempt') == 1, j.log.read_text()[-2000:]
+    assert len({j.worker for j in jobs.values()}) == 2  # both workers took part
+    for j in (jobs['a'], jobs['b']): assert steps_logged(j.run_dir) == [5, 10] and saved(j.run_dir)[-1] == 10
+    # the cancelled run stopped at its next step with a checkpoint, and says so
+    log = jobs['long'].log.read_text()
+    assert 'SIGTERM received: stopping after step' in log, log[-2000:]
+    m = newest_manifest(jobs['long'].run_dir)
+    assert m['reason'] == 'interrupt' and m['step'] >= at_cancel, m
+    assert json.loads((Path(jobs['long'].run_dir)/'status.json').read_text())['state'] == 'interrupted'
+
+@pytest.mark.slow
+def test_killed_worker_resumed_then_slurm_task_stopped_requeued_and_resumed(tmp_path):
+    q = JobQueue(root=tmp_path)
+    job = q.add(None, tiny(tmp_path, 60), name='long')
+    run_dir = Path(job.run_dir)
+    # a worker trains the job and is killed without warning once a checkpoint exists
+    w = queue_cmd('run', '--root', str(tmp_path), *FAST)
+    try: assert wait_for(lambda: saved(run_dir), [w]), finish(w)
+    finally: w.kill(); w.wait()
+    # SLURM: the script written for the queue, its array task run by hand as SLURM would (scontrol recorded, not run)
+    bin_ = tmp_path/'bin'; bin_.mkdir()
+    (bin_/'scontrol').write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.txt\n'); (bin_/'scontrol').chmod(0o755)
+    [script] = slurm_scripts(q, tmp_path/'queue.sh')
+    assert '#SBATCH --array=0-0' in script.read_text() and '#SBATCH --requeue' in script.read_text()
+    env = {**ENV, 'SLURM_ARRAY_TASK_ID': '0', 'SLURM_ARRAY_JOB_ID': '77', 'PATH': f"{bin_}:{ENV['PATH']}"}
+    task = lambda: subprocess.Popen(['bash', str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # the task takes the dead worker's job over at once (its process is gone on this machine) and resumes the run
+    t = task()
+    try:
+        assert wait_for(lambda: job.log.read_text().count('Resumed from') == 1, [t]), finish(t)
+        resumed_at = max(saved(run_dir))
+        assert wait_for(lambda: max(saved(run_dir)) > resumed_at, [t]), finish(t)
+        t.send_signal(signal.SIGUSR1)  # SLURM's warning before the time limit (--signal=B:USR1@120)
+    finally: out = finish(t)[0]
+    assert t.returncode == EXIT_REQUEUE, out
+    assert (tmp_path/'scontrol.txt').read_text().split() == ['requeue', '77_0']
+    j = q.get(job.id)
+    assert (j.state, j.attempts) == ('queued', 2), (j, out)
+    stopped_at = max(saved(run_dir))
+    assert stopped_at < 60 and newest_manifest(run_dir)['reason'] == 'interrupt'
+    # SLURM requeues the task: the same command resumes the run from its checkpoint and finishes it
+    t = task()
+    out = finish(t)[0]
+    assert t.returncode == 0, out
+    j = q.get(job.id)
+    assert (j.state, j.attempts) == ('done', 3)
+    log = j.log.read_text()
+    assert log.count('started: attempt') == 3 and log.count('Resumed from') == 2, log[-3000:]
+    assert steps_logged(run_dir) == list(range(5, 61, 5))  # metrics continue: no step twice, none missing
+    assert max(saved(run_dir)) == 60
+    # a task started again after its job is done does nothing
+    t = task()
+    out = finish(t)[0]
+    assert t.returncode == 0 and 'is done: nothing to do' in out and q.get(job.id).attempts == 3
