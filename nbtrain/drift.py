@@ -313,10 +313,10 @@ def _describe(data) -> str:
     return 'a DataBundle' if isinstance(data, DataBundle) else f'{type(data).__name__} (in memory)'
 
 def drift_report(run, data, *, thresholds:dict|None=None, max_examples:int|None=None, seed:int=0, evaluate:bool=True,
-                 batch_size:int|None=None, device=None) -> DriftReport:
+                 eval_examples:int=512, batch_size:int|None=None, device=None) -> DriftReport:
     """Compare `data` (any source the run's data settings read, prepared with the run's tokenizer and class names; or a
     `DataBundle`) with the run's `data_profile.json`, feature by feature, and measure the run's final model on it
-    against its validation figures. `thresholds` replaces some of `THRESHOLDS`."""
+    against its validation figures (on its first `eval_examples` examples). `thresholds` replaces some of `THRESHOLDS`."""
     from nbtrain.evaluate import find_run, eval_data, evaluate_run
     unknown = sorted(set(thresholds or {}) - set(THRESHOLDS))
     if unknown: raise ConfigError(f"threshold {unknown[0]!r} is not a drift feature: use {', '.join(THRESHOLDS)}")
@@ -343,7 +343,7 @@ def drift_report(run, data, *, thresholds:dict|None=None, max_examples:int|None=
         if val.get('loss') is None: notes.append("metrics.jsonl has no validation loss: the model's figures on the new data are not compared")
         else:
             bs = batch_size or found.cfg.train.micro_batch_size
-            mb = max(1, math.ceil((max_examples or MAX_EXAMPLES['text']) / bs))
+            mb = max(1, math.ceil(eval_examples / bs))
             m = evaluate_run(str(found.final), data=b, split='train', batch_size=bs, device=device, max_batches=mb, save=False, quiet=True)
             model = dict(step=val['step'], val_loss=val['loss'], new_loss=m.get('train_loss'), val_acc=val.get('acc'), new_acc=m.get('train_acc'))
             if model['new_loss'] is not None:
