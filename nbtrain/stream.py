@@ -440,8 +440,9 @@ class StreamLoader:
         if micro_batch_size < 1: raise DataError(f"micro_batch_size={micro_batch_size} must be >= 1")
         self.stream, self.micro_batch_size, self.collate = stream, int(micro_batch_size), collate
         self.prefetch, self.drop_last = max(0, int(prefetch)), drop_last
-        self.epoch_done = False
-        self._last = None      # the stream's snapshot after the last batch handed out (None: the stream is there)
+        self.epoch_done = False  # whether the last batch handed out ended its pass
+        self._last = None        # the stream's snapshot after the last batch handed out (None: the stream itself is there)
+        self._active = False     # an iteration is under way: the stream (or the thread) may be ahead of `_last`
         self._thread = self._stop = None
 
     @property
@@ -451,8 +452,9 @@ class StreamLoader:
 
     @property
     def epoch(self) -> int:
-        "The epoch of the last batch handed out (or of the pass about to begin)."
-        return self._last.epoch if self._last is not None else self.stream.epoch
+        "Passes completed, as of the last batch handed out: the epoch that batch belongs to, or the next one when it ended its pass."
+        s = self._last if self._last is not None else self.stream._snapshot()
+        return s.epoch + 1 if s.done else s.epoch
 
     def _seeds(self, n:int) -> list[int]:
         s = self.stream
@@ -460,38 +462,35 @@ class StreamLoader:
         return [_mix64(key ^ _mix64(b)) % 2**63 for b in range(s.blocks - n, s.blocks)]
 
     def _batches(self):
-        "(batch, state after it) pairs of the pass in progress."
-        items, seeds = [], getattr(self.collate, 'uses_seeds', False)
+        "(batch, state after it, whether it ends the pass) of the pass in progress: one batch is held back until the next exists."
+        items, seeds, held = [], getattr(self.collate, 'uses_seeds', False), None
         def make():
             return self.collate(items, self._seeds(len(items))) if seeds else self.collate(items)
         for blk in self.stream:
             items.append(blk)
             if len(items) == self.micro_batch_size:
                 b = make(); items = []
-                yield b, self.stream._snapshot()
-        if items and not self.drop_last: yield make(), self.stream._snapshot()
+                if held is not None: yield held + (False,)
+                held = (b, self.stream._snapshot())
+        end = self.stream._snapshot()  # the pass is over: resuming here begins the next one
+        if items and not self.drop_last:
+            if held is not None: yield held + (False,)
+            held = (make(), end)
+        if held is not None: yield held[0], end, True
 
     def _halt(self, restore:bool=True):
         "Stop the prefetching thread; with `restore`, put the stream back after the last batch handed out."
-        if self._thread is None: return
-        self._stop.set()
-        try:
-            while True: self._queue.get_nowait()  # unblock a waiting put
-        except queue.Empty: pass
-        self._thread.join()
-        self._thread = None
-        if restore and self._last is not None: self.stream._restore(self._last)
-        self._last = None
+        if self._thread is not None:
+            self._stop.set()
+            try:
+                while True: self._queue.get_nowait()  # unblock a waiting put
+            except queue.Empty: pass
+            self._thread.join()
+            self._thread = None
+        if restore and self._active and self._last is not None: self.stream._restore(self._last)
+        self._active = False
 
-    def __iter__(self):
-        self._halt()
-        if self.stream.exhausted: self.stream.set_epoch(self.stream.epoch + 1)
-        self.epoch_done = False
-        if self.prefetch == 0:
-            for b, _ in self._batches(): yield b
-            self.epoch_done = True
-            return
-        self._last = self.stream._snapshot()
+    def _prefetched(self):
         q, stop = queue.Queue(self.prefetch), threading.Event()
         def put(x):
             while not stop.is_set():
@@ -500,21 +499,30 @@ class StreamLoader:
             return False
         def run():
             try:
-                for pair in self._batches():
-                    if not put(('batch', pair)): return
-                put(('end', self.stream._snapshot()))
+                for triple in self._batches():
+                    if not put(('batch', triple)): return
+                put(('end', None))
             except BaseException as e: put(('error', e))
         self._queue, self._stop = q, stop
         self._thread = threading.Thread(target=run, name='nbtrain-stream', daemon=True)
         self._thread.start()
         while True:
             kind, x = q.get()
-            if kind == 'error': self._halt(); raise x
-            if kind == 'end':
-                self._last = x; self._halt(restore=False); self.epoch_done = True
-                return
-            b, self._last = x
-            yield b
+            if kind == 'error': raise x
+            if kind == 'end': return
+            yield x
+
+    def __iter__(self):
+        "The batches of one pass, from where the loader stands (after a finished pass: the next epoch's)."
+        self._halt()
+        if self.stream.exhausted: self.stream.set_epoch(self.stream.epoch + 1)
+        self.epoch_done, self._last, self._active = False, self.stream._snapshot(), True
+        try:
+            for b, self._last, self.epoch_done in (self._prefetched() if self.prefetch else self._batches()):
+                yield b
+        except Exception:  # not GeneratorExit: an iteration left early keeps its place for the next one
+            self._halt(); raise
+        self._halt(restore=False)  # the pass is over: the stream stands where `_last` says
 
     def state_dict(self) -> dict:
         "The stream's state after the last batch handed out (what a checkpoint stores)."
@@ -524,11 +532,12 @@ class StreamLoader:
         "Continue after the batch `state` was taken at."
         self._halt(restore=False)
         self.stream.load_state_dict(state)
-        self.epoch_done = False
+        self.epoch_done, self._last = False, None
 
     def set_epoch(self, epoch:int):
         "Make the next iteration epoch `epoch` (from its beginning, unless the loader is inside that epoch)."
         self._halt()
+        self._last = None
         self.stream.set_epoch(epoch)
 
     def close(self):

@@ -35,7 +35,7 @@ def run_epochs(dl, epochs, stop_after=None):
             out.append(b)
             if len(out) == stop_after: return out, dl.state_dict()
         assert dl.epoch_done
-        if dl.epoch >= epochs - 1: return out, None
+        if dl.epoch >= epochs: return out, None
 
 
 @pytest.fixture(scope='module')
@@ -57,14 +57,31 @@ def test_resume_through_a_checkpoint_file(corpus, task, tmp_path):
     full, _ = run_epochs(loader(0), 2)
     n0 = len(run_epochs(loader(0), 1)[0])
     assert len(full) > n0 + 5
-    for k in (3, n0 - 1, n0, n0 + 4):  # inside epoch 0, its last batch, the boundary, inside epoch 1
+    for k in (3, n0 - 1, n0, n0 + 4):  # inside epoch 0, its last batch but one, its last, inside epoch 1
         first, state = run_epochs(loader(3), 2, stop_after=k)
+        assert state['epoch'] == (1 if k >= n0 else 0)  # saved after a pass's last batch: the next pass, from its start
         torch.save(state, tmp_path / 'stream.pt')
         dl = loader(3)
         dl.load_state_dict(torch.load(tmp_path / 'stream.pt', weights_only=True))
         rest, _ = run_epochs(dl, 2)
         assert same(full, first + rest), (task, k)
         dl.close()
+
+
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_epoch_done_with_the_last_batch(corpus, prefetch):
+    "The last batch of a pass says so when it is handed out; the epoch counts passes completed; drop_last drops a short batch."
+    d, docs, f, tok = corpus
+    for drop_last in (False, True):
+        dl = StreamLoader(TokenStream(f, tok, 24, shuffle_buffer=4), 5, prefetch=prefetch, drop_last=drop_last)
+        flags, epochs = [], []
+        for b in dl: flags.append(dl.epoch_done); epochs.append(dl.epoch)
+        assert flags == [False] * (len(flags) - 1) + [True] and epochs == [0] * (len(flags) - 1) + [1]
+        blocks = dl.stream.blocks
+        assert len(flags) == (blocks // 5 if drop_last else -(-blocks // 5)) and blocks % 5, (blocks, len(flags))
+        assert dl.state_dict()['epoch'] == 1
+        again = list(dl)  # the next iteration is the next epoch
+        assert len(again) == len(flags) and dl.epoch == 2
 
 
 def test_state_is_that_of_the_last_batch_handed_out(corpus):
