@@ -163,6 +163,7 @@ class AlertRules(Callback):
         self.rules = check_rules(rules if rules is not None else getattr(a, 'rules', None),
                                  getattr(t, 'early_stopping_metric', 'val_loss'), getattr(t, 'early_stopping_mode', None))
         self.stop_all = bool(stop if stop is not None else getattr(a, 'stop', False))
+        self.critical = self.stop_all or any(r.stop for r in self.rules)  # a run asked to stop must not run on without its rules
         self.fired: list[dict] = []
         self._seen, self._warned = set(), False
 

@@ -198,6 +198,10 @@ def storage_kind(storage) -> tuple[str, str]|None:
 _DRIVERS = dict(psycopg2='psycopg2-binary', psycopg='"psycopg[binary]"', MySQLdb='mysqlclient (or PyMySQL with a mysql+pymysql:// URL)',
                 pymysql='PyMySQL', mysql='mysql-connector-python', cx_Oracle='cx_Oracle', oracledb='oracledb', pyodbc='pyodbc')
 
+def _creating_too(e:Exception) -> bool:
+    "Whether `e` is another worker creating the same database tables at the same moment."
+    return type(e).__name__ == 'OperationalError' and any(w in str(e) for w in ('already exists', 'database is locked'))
+
 def open_storage(storage, default_path, heartbeat_s:int=60, on_stale=None):
     "The Optuna storage for a `search.storage` value (`default_path`: the SQLite file when it is None)."
     kind, where = storage_kind(storage) or ('sqlite', f'sqlite:///{Path(default_path).resolve()}')
@@ -211,7 +215,12 @@ def open_storage(storage, default_path, heartbeat_s:int=60, on_stale=None):
     params = inspect.signature(optuna.storages.RDBStorage).parameters
     cb = 'heartbeat_stale_trial_callback' if 'heartbeat_stale_trial_callback' in params else 'failed_trial_callback'
     kw = dict(engine_kwargs={'connect_args': {'timeout': 60}}) if kind == 'sqlite' else {}
-    try: return optuna.storages.RDBStorage(where, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s, **{cb: on_stale}, **kw)
+    try:
+        for attempt in range(10):
+            try: return optuna.storages.RDBStorage(where, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s, **{cb: on_stale}, **kw)
+            except Exception as e:  # workers that start together race to create the tables: the loser finds them made
+                if attempt == 9 or not _creating_too(e): raise
+                time.sleep(0.1 * (attempt + 1))
     except ImportError as e:
         mod = getattr(e.__cause__, 'name', None) or getattr(e, 'name', None) or ''
         pkg = _DRIVERS.get(mod.split('.')[0], 'the database driver SQLAlchemy names for this URL')
@@ -619,8 +628,12 @@ def _save_spec(self:Search):
                           f"trials of both (Optuna samples the new space from here on)")
     _write_text(p, yaml.safe_dump(redact(d), sort_keys=False))
 
+def _tmp(path:Path) -> Path:
+    "A temporary name next to `path`, this process's own: workers sharing a study folder each write their own."
+    return path.with_name(f'{path.name}.{os.getpid()}.{threading.get_ident()}.tmp')
+
 def _write_text(path:Path, text:str):
-    tmp = path.with_name(path.name + '.tmp')
+    tmp = _tmp(path)
     tmp.write_text(text, encoding='utf-8')
     os.replace(tmp, path)
 
@@ -770,7 +783,7 @@ def write_trials_csv(study, path, metric:str='value') -> Path:
     "Write `trials_table` as CSV (atomically)."
     rows, path = trials_table(study, metric), Path(path)
     cols = list(dict.fromkeys(k for r in rows for k in r)) or ['number', 'state', metric]
-    tmp = path.with_name(path.name + '.tmp')
+    tmp = _tmp(path)
     with open(tmp, 'w', newline='', encoding='utf-8') as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader(); w.writerows(rows)
@@ -818,7 +831,8 @@ def plot_search(study, out_dir) -> tuple[dict[str, Path], list[str]]:
                 ax = getattr(vis, fn)(study)
             fig = (ax.flat[0] if hasattr(ax, 'flat') else ax).figure
             fig.set_size_inches(9, 5); fig.tight_layout()
-            fig.savefig(out/f'{name}.png', dpi=100)
+            fig.savefig(tmp := _tmp(out/f'{name}.png'), dpi=100, format='png')
+            os.replace(tmp, out/f'{name}.png')
             plt.close(fig)
             paths[name] = out/f'{name}.png'
         except ImportError as e: notes.append(f"{name}: needs a package that is not installed ({e}); pip install scikit-learn")

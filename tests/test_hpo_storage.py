@@ -1,7 +1,7 @@
 """One search, several workers: two processes share one study through a journal file or one SQLite file.
 
-Each worker is a separate `nbtrain search` process with its own study folder (as on two machines); they start
-each search together (each imports first, then waits for a go file), so both run trials of the study: one
+Each worker is a separate `nbtrain search` process, with its own study folder for the journal (as on two machines)
+and one shared folder for the SQLite file (as on one machine); they start each search together (each imports first, then waits for a go file), so both run trials of the study: one
 process pair runs the journal search, then the SQLite one. Trials are tiny (a
 one-layer GPT, 5 optimizer steps) and torch runs on one thread in each process.
 """
@@ -47,12 +47,13 @@ def write_config(tmp_path, trials=2) -> Path:
     return cfg
 
 def run_two_workers(tmp_path, storages:list[str], trials=2) -> list[list[str]]:
-    "Two worker processes, each running one search per storage in `storages`, the two starting each search together."
+    """Two worker processes, each running one search per storage in `storages`, the two starting each search together:
+    each in its own study folder (as on two machines), or both in one for an SQLite file (as on one machine)."""
     cfg = write_config(tmp_path, trials)
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
     procs = []
     for w in (0, 1):
-        phases = [['search', '--config', str(cfg), '--name', 'shared', '--study-dir', str(tmp_path/f'worker{w}-{i}'), '--storage', st]
+        phases = [['search', '--config', str(cfg), '--name', 'shared', '--study-dir', str(tmp_path/('same' if st.endswith('.db') else f'worker{w}-{i}')), '--storage', st]
                   for i, st in enumerate(storages)]
         procs.append(subprocess.Popen([sys.executable, '-c', WORKER, str(w), str(tmp_path), json.dumps(phases)], env=env, cwd=tmp_path,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -89,7 +90,9 @@ def test_two_workers_share_a_journal_file_and_an_sqlite_file(tmp_path):
     check_one_study(optuna.load_study(study_name='shared', storage=f'sqlite:///{db}'), on_sqlite)
     assert not any(tmp_path.glob('worker*/study.db'))                      # the study lives in the shared storage only
     assert yaml.safe_load((tmp_path/'worker0-0'/'search.yaml').read_text())['search']['storage'] == str(journal)
-    assert (tmp_path/'worker1-1'/'trials.csv').read_text().count('COMPLETE') == 2  # each worker's table shows the whole study
+    assert (tmp_path/'worker1-0'/'trials.csv').read_text().count('COMPLETE') == 2  # each worker's table shows the whole study
+    assert sorted(p.name for p in (tmp_path/'same'/'trials').iterdir()) == ['trial-000', 'trial-001']  # one folder, both workers
+    assert not list((tmp_path/'same').glob('*.tmp')) and (tmp_path/'same'/'best.yaml').exists()
 
 def test_a_postgresql_url_reaches_optuna(tmp_path, monkeypatch, capsys):
     seen = []
