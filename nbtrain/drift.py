@@ -48,15 +48,26 @@ def _histogram(values, edges) -> list[int]:
     i = np.searchsorted(np.asarray(edges), np.asarray(values), side='right') - 1
     return np.bincount(np.clip(i, 0, len(edges) - 1), minlength=len(edges)).tolist()
 
-def _stream_documents(ids, eos:int|None) -> list[tuple[int, int]]:
-    "(start, end) of each document of a packed token stream whose documents end with `eos` (the eos left out)."
+def _stream_documents(ids, eos:int|None, max_tokens:int=1 << 22, seed:int=0) -> tuple[list[tuple[int, int]], int]:
+    """(start, end) of the documents of a packed token stream whose documents end with `eos` (the eos left out), and
+    how many documents the stream holds. A stream longer than `max_tokens` is read in 8 windows at random places
+    (the documents wholly inside them; the count estimated), so a billion tokens cost no more than four million."""
     ids = np.asarray(ids)
-    if eos is None: return [(0, len(ids))]
-    ends = np.flatnonzero(ids == eos)
-    starts = np.concatenate([[0], ends + 1])
-    spans = list(zip(starts[:-1].tolist(), ends.tolist()))
-    if starts[-1] < len(ids): spans.append((int(starts[-1]), len(ids)))
-    return spans
+    n = len(ids)
+    if eos is None: return [(0, n)], 1
+    if n <= max_tokens:
+        ends = np.flatnonzero(ids == eos)
+        starts = np.concatenate([[0], ends + 1])
+        spans = list(zip(starts[:-1].tolist(), ends.tolist()))
+        if starts[-1] < n: spans.append((int(starts[-1]), n))
+        return spans, len(spans)
+    w = max_tokens // 8
+    spans, seen = [], 0
+    for a in np.sort(np.random.default_rng(seed).choice(n - w, 8, replace=False)).tolist():
+        ends = np.flatnonzero(ids[a:a + w] == eos) + a
+        spans += list(zip((ends[:-1] + 1).tolist(), ends[1:].tolist()))
+        seen += w
+    return spans, max(len(spans), round(len(spans) * n / seen))
 
 # %% ../nbs/20b_drift.ipynb #342b54b8
 def _label_name(v, names) -> str:
@@ -79,10 +90,9 @@ def _examples(ds, tokenizer=None, info:dict|None=None, max_examples:int|None=Non
         out['n'] = len(e)
     elif isinstance(ds, (PackedLMDataset, DocumentLMDataset)):  # documents of the packed stream, each ended by eos
         ids = ds.ids.numpy() if isinstance(ds.ids, torch.Tensor) else np.asarray(ds.ids)
-        spans = _stream_documents(ids, getattr(tok, 'eos_id', None))
+        spans, out['n'] = _stream_documents(ids, getattr(tok, 'eos_id', None), seed=seed)
         idx = _sample(len(spans), max_examples or MAX_EXAMPLES['text'], seed)
         out['seqs'] = [ids[spans[i][0]:spans[i][1]] for i in idx]
-        out['n'] = len(spans)
     else:  # any other dataset of dicts: its items, sampled
         k = max_examples or MAX_EXAMPLES['image' if _has_images(ds) else 'text']
         idx = _sample(len(ds), k, seed)
@@ -188,7 +198,7 @@ def data_profile(data, task=None, *, data_cfg=None, split:str='train', max_examp
         raise DataError(f"split={split!r}: the data has no such split to profile; use train, validation or test")
     return _profile(ds, b, max_examples=max_examples, seed=seed, split=split)
 
-# %% ../nbs/20b_drift.ipynb #8b3137f4
+# %% ../nbs/20b_drift.ipynb #50bab739
 def js_divergence(p, q) -> float:
     "Jensen-Shannon divergence (base 2: 0 for the same distribution, 1 for disjoint ones) of two count vectors."
     p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
@@ -202,7 +212,7 @@ def _aligned(a:dict, b:dict) -> tuple[list, list, list]:
     keys = list(dict.fromkeys([*a, *b]))
     return keys, [a.get(k, 0) for k in keys], [b.get(k, 0) for k in keys]
 
-# %% ../nbs/20b_drift.ipynb #50bab739
+# %% ../nbs/20b_drift.ipynb #87c59558
 THRESHOLDS = dict(labels=0.05, length=0.10, tokens=0.10, unk_rate=0.01, image_size=0.10, pixels=0.05, channels=0.25,
                   loss=0.20, accuracy=0.05)
 MEASURES = dict(labels='JS divergence', length='JS divergence', tokens='JS divergence', unk_rate='increase',
@@ -254,7 +264,7 @@ def compare_profiles(ref:dict, new:dict, thresholds:dict|None=None) -> list[Feat
         else: add('channels', float('inf'), f'{len(ma)} channels', f'{len(mb)} channels')
     return out
 
-# %% ../nbs/20b_drift.ipynb #e26cc1a7
+# %% ../nbs/20b_drift.ipynb #f7a1f655
 @dataclass
 class DriftReport:
     "New data against a run's data profile: the features compared, the model's figures on it, and the verdict."
@@ -289,7 +299,7 @@ class DriftReport:
 
     def __repr__(self): return str(self)
 
-# %% ../nbs/20b_drift.ipynb #72e070d3
+# %% ../nbs/20b_drift.ipynb #3e875f62
 def load_profile(run) -> dict|None:
     "The data profile a run saved (`RUN/data_profile.json`), or None."
     p = Path(run)/PROFILE_FILE
@@ -355,7 +365,7 @@ def drift_report(run, data, *, thresholds:dict|None=None, max_examples:int|None=
     if new['examples'] < 50: notes.append(f"only {new['examples']} new examples: the divergences are noisy below a few hundred")
     return DriftReport(str(found.run_dir), _describe(data), feats, ref.get('examples', 0), new['examples'], model, notes, new)
 
-# %% ../nbs/20b_drift.ipynb #34221f23
+# %% ../nbs/20b_drift.ipynb #4c32595f
 def _label_value(v, names):
     "A label as the source gives it, with a class index named when the source declares its class names."
     if isinstance(v, (list, tuple)): return [_label_value(x, names) for x in v]
@@ -417,7 +427,7 @@ def write_combined_data(old, new, cfg:RunConfig, folder) -> Path:
         atomic_write(folder / f'{name}.jsonl', ''.join(json.dumps(r, default=str, ensure_ascii=False) + '\n' for r in rows))
     return folder
 
-# %% ../nbs/20b_drift.ipynb #3aeb221e
+# %% ../nbs/20b_drift.ipynb #bbd12e30
 def parse_every(every) -> float:
     "Seconds of an interval: a number of seconds, or '90s', '30m', '1h', '1d'."
     if isinstance(every, (int, float)) and not isinstance(every, bool): secs = float(every)
@@ -485,7 +495,7 @@ def plan_retraining(run, data, retrain_config=None, *, stamp:str|None=None) -> R
     RunConfig.from_dict(d)  # a bad retrain config fails here, before anything is written or queued
     return RetrainPlan(name, folder, d, (saved.get('data') or {}).get('source', 'embedded'), data, saved)
 
-# %% ../nbs/20b_drift.ipynb #46bf9b46
+# %% ../nbs/20b_drift.ipynb #c898a951
 WATCH_STATE, WATCH_LOG = 'watch.json', 'watch.jsonl'
 
 def queue_enqueue(url=None, root=None) -> Callable:
@@ -561,7 +571,7 @@ def watch(run, data, every='1h', retrain_config=None, dry_run:bool=False, once:b
         say(f"next check in {wait / 60:.0f} min")
         time.sleep(wait)
 
-# %% ../nbs/20b_drift.ipynb #c898a951
+# %% ../nbs/20b_drift.ipynb #5706c1e4
 class DataProfile(Callback):
     """Writes `RUN/data_profile.json` at the start of training: the profile of (a sample of) the training split, which
     `drift_report` compares new data with. A profile that fails is a warning, never a failed run."""
@@ -577,7 +587,7 @@ class DataProfile(Callback):
             warnings.warn(f"{PROFILE_FILE} was not written ({type(e).__name__}: {e}); training goes on, and `nbtrain drift` "
                           f"will profile the training data when it needs it", stacklevel=2)
 
-# %% ../nbs/20b_drift.ipynb #a4418def
+# %% ../nbs/20b_drift.ipynb #51ad6277
 def _thresholds(items) -> dict:
     out = {}
     for s in items or []:
