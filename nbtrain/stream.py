@@ -427,6 +427,13 @@ class TokenStream:
         if self._done: self._start_pass(self.epoch + 1)
         return self._blocks()
 
+    def peek(self) -> dict:
+        "The next block without moving the stream (a sample to size a model); not while a loader iterates it."
+        s = self._snapshot()
+        try: return next(iter(self))
+        except StopIteration: raise DataError(f"{self.source.origin} gave no block of {self.seq_len} tokens: it holds no text") from None
+        finally: self._restore(s)
+
     def __repr__(self):
         return (f"TokenStream({self.source.origin}, split={self.split!r}, seq_len={self.seq_len}, causal={self.causal}, "
                 f"shuffle_buffer={self.shuffle_buffer}, rank={self.rank}/{self.world_size}, epoch={self.epoch}, "
