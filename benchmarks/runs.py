@@ -93,6 +93,7 @@ def main(argv=None):
     p.add_argument('--repeat', type=int, default=3)
     p.add_argument('--dir', help='where to write the runs (default: a temporary folder, removed at the end)')
     a = p.parse_args(argv)
+    import pandas  # imported once before any timing: runs_table's times are the index's, not pandas' import
     root = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix='nbtrain-runs-bench-'))
     try:
         t = time.perf_counter()
@@ -101,20 +102,22 @@ def main(argv=None):
         print(f"{a.runs} run folders, {size / 1e6:.0f} MB, written in {time.perf_counter() - t:.1f} s ({root})")
         drop = lambda: (root/INDEX).unlink(missing_ok=True)
         cold, rows = best_of(lambda: runs_records(root), a.repeat, before=drop)
-        print(f"cold  runs_records (no index, every folder read): {cold:6.2f} s  ({len(rows)} runs; index {(root/INDEX).stat().st_size / 1e6:.1f} MB)")
+        say = lambda what, secs, note='': print(f"{what:<48} {secs:6.2f} s" + (f"  ({note})" if note else ''))
+        say('cold  runs_records (no index, every folder read)', cold, f"{len(rows)} runs; index {(root/INDEX).stat().st_size / 1e6:.1f} MB")
         warm, _ = best_of(lambda: runs_records(root), a.repeat)
-        print(f"warm  runs_records (index, nothing changed):       {warm:6.2f} s")
+        say('warm  runs_records (index, nothing changed)', warm)
         names = sorted(r['name'] for r in rows if (root/r['name']/'metrics.jsonl').exists())[:a.changed]
         def grow():
             for n in names:
                 with open(root/n/'metrics.jsonl', 'a') as f: f.write(json.dumps(dict(step=10**6, time=2e9, loss=1.0)) + '\n')
         grown, _ = best_of(lambda: runs_records(root), a.repeat, before=grow)
-        print(f"warm  runs_records, {len(names)} runs growing:              {grown:6.2f} s")
+        say(f'warm  runs_records, {len(names)} runs growing', grown)
         table, df = best_of(lambda: runs_table(root), a.repeat)
-        print(f"warm  runs_table (DataFrame, {df.shape[0]} x {df.shape[1]}):      {table:6.2f} s")
+        say(f'warm  runs_table (DataFrame, {df.shape[0]} x {df.shape[1]})', table)
         query, hits = best_of(lambda: runs_records(root, where='val_loss<3', sort='val_loss', limit=20), a.repeat)
-        print(f"warm  --where val_loss<3 --sort val_loss:       {query:6.2f} s  ({len(hits)} shown)")
-        print(f"target: warm under 2 s for 1,000 runs: {'met' if max(warm, grown, table) < 2 * a.runs / 1000 else 'NOT met'}")
+        say('warm  --where val_loss<3 --sort val_loss', query, f'{len(hits)} shown')
+        print(f"target: warm under 2 s per 1,000 runs ({2 * a.runs / 1000:.2f} s here): "
+              f"{'met' if max(warm, grown, table) < 2 * a.runs / 1000 else 'NOT met'}")
     finally:
         if not a.dir: shutil.rmtree(root, ignore_errors=True)
 

@@ -168,3 +168,12 @@ def test_command_class_through_argparse(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert [l.split()[0] for l in out[1:3]] == ['run-2', 'run-1'] and 'optim.lr' in out[0]
     assert '2 of 3 runs' in out[-1]
+
+
+def test_benchmark_runs_at_its_smallest(tmp_path):
+    "benchmarks/runs.py with 20 runs: every line is printed (no timing checks)."
+    r = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'runs.py'), '--runs', '20', '--rows', '20', '--repeat', '1',
+                        '--dir', str(tmp_path/'b')], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for what in ('cold  runs_records', 'warm  runs_records (index', 'runs growing', 'warm  runs_table', 'target:'):
+        assert what in r.stdout, r.stdout
