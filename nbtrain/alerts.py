@@ -14,7 +14,7 @@ from .callbacks import Callback
 from .errors import ConfigError, did_you_mean
 
 # %% auto #0
-__all__ = ['GRAMMAR', 'infer_mode', 'Rule', 'parse_rule', 'check_rules', 'AlertRules', 'read_alerts']
+__all__ = ['GRAMMAR', 'PER_PROCESS', 'infer_mode', 'Rule', 'parse_rule', 'check_rules', 'AlertRules', 'read_alerts']
 
 # %% ../nbs/10b_alerts.ipynb #5cf41ad5
 _NUM = r'[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?'
@@ -151,6 +151,8 @@ def _say(line:str):
         tqdm.write(line)
     except ImportError: print(line, flush=True)
 
+PER_PROCESS = ('tokens_per_s', 'samples_per_s', 'mfu', 'gpu_mem_gb')  # logged rows that differ between processes
+
 class AlertRules(Callback):
     """Checks `cfg.alerts.rules` against every logged and evaluated row of metrics; a rule that holds fires once, as an
     alert (W&B, TensorBoard, the training form), a printed line and a row of `alerts.jsonl`, and with `then stop`
@@ -166,6 +168,7 @@ class AlertRules(Callback):
         self.critical = self.stop_all or any(r.stop for r in self.rules)  # a run asked to stop must not run on without its rules
         self.fired: list[dict] = []
         self._seen, self._warned = set(), False
+        self._local = sorted({r.metric for r in self.rules if r.metric in PER_PROCESS})
 
     def on_fit_start(self, trainer):
         if trainer.run_dir is None or not trainer.is_global_zero: return
@@ -176,7 +179,11 @@ class AlertRules(Callback):
             tmp.write_text(''.join(l + '\n' for l in rows), encoding='utf-8')
             os.replace(tmp, p)
 
-    def on_log(self, trainer, metrics): self._check(trainer, metrics)
+    def on_log(self, trainer, metrics):
+        f = getattr(trainer, 'fabric', None)
+        if self._local and f is not None and f.world_size > 1:  # every process decides on the first one's throughput
+            metrics = {**metrics, **f.broadcast({k: metrics[k] for k in self._local if k in metrics}, src=0)}
+        self._check(trainer, metrics)
     def on_eval_end(self, trainer, metrics):
         self._check(trainer, metrics)
         if not self._warned and any(k == 'loss' for k in self._seen): self._warn_unknown(trainer)
