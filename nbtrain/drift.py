@@ -69,6 +69,26 @@ def _stream_documents(ids, eos:int|None, max_tokens:int=1 << 22, seed:int=0) -> 
         seen += w
     return spans, max(len(spans), round(len(spans) * n / seen))
 
+def _shard_documents(files, counts, dtype, eos:int|None, max_tokens:int=1 << 22, seed:int=0) -> tuple[list[np.ndarray], int]:
+    """The documents of token shards on disk (memory-mapped: what `TokenWindows` reads), and how many they hold: all of
+    them up to `max_tokens` tokens, else those wholly inside 8 windows at random places (the count estimated)."""
+    maps = [np.memmap(f, dtype=dtype, mode='r', shape=(int(c),)) for f, c in zip(files, counts) if int(c) > 0]
+    total = sum(len(m) for m in maps)
+    if total <= max_tokens:
+        docs = []
+        for m in maps: docs += [np.asarray(m[a:b]) for a, b in _stream_documents(np.asarray(m), eos)[0]]
+        return docs, len(docs)
+    ends_at = np.cumsum([len(m) for m in maps])
+    w, docs, seen = max_tokens // 8, [], 0
+    for g in np.sort(np.random.default_rng(seed).choice(total, 8, replace=False)).tolist():
+        k = int(np.searchsorted(ends_at, g, side='right'))
+        at = g - (int(ends_at[k - 1]) if k else 0)
+        chunk = np.asarray(maps[k][at:at + w])
+        ends = np.flatnonzero(chunk == eos)
+        docs += [chunk[a + 1:b] for a, b in zip(ends[:-1].tolist(), ends[1:].tolist())]
+        seen += len(chunk)
+    return docs, max(len(docs), round(len(docs) * total / max(seen, 1)))
+
 # %% ../nbs/20b_drift.ipynb #342b54b8
 def _label_name(v, names) -> str:
     return names[int(v)] if names is not None and 0 <= int(v) < len(names) else str(int(v))
@@ -93,6 +113,11 @@ def _examples(ds, tokenizer=None, info:dict|None=None, max_examples:int|None=Non
         spans, out['n'] = _stream_documents(ids, getattr(tok, 'eos_id', None), seed=seed)
         idx = _sample(len(spans), max_examples or MAX_EXAMPLES['text'], seed)
         out['seqs'] = [ids[spans[i][0]:spans[i][1]] for i in idx]
+    elif all(hasattr(ds, a) for a in ('files', 'counts', 'dtype', 'window')):  # token shards on disk (`TokenWindows`)
+        docs, out['n'] = _shard_documents(ds.files, ds.counts, ds.dtype, getattr(tok, 'eos_id', None), seed=seed)
+        out['seqs'] = [docs[i] for i in _sample(len(docs), max_examples or MAX_EXAMPLES['text'], seed)]
+    elif not hasattr(ds, '__len__'):
+        raise DataError(f"{type(ds).__name__} is streamed (it has no length): a profile needs data that can be sampled")
     else:  # any other dataset of dicts: its items, sampled
         k = max_examples or MAX_EXAMPLES['image' if _has_images(ds) else 'text']
         idx = _sample(len(ds), k, seed)
@@ -177,12 +202,14 @@ def _profile(ds, bundle=None, *, max_examples:int|None=None, seed:int=0, split:s
     info = dict(bundle.info) if bundle is not None else {}
     tok = bundle.tokenizer if bundle is not None else None
     ex = _examples(ds, tok, info, max_examples, seed)
-    sampled = len(next(v for v in (ex['seqs'], ex['images'], ex['labels'], []) if v is not None))
+    features = profile_examples(ex, tok)
+    if not features: raise DataError(f"{type(ds).__name__}: its examples hold no tokens, images or labels to profile")
+    sampled = len(next(v for v in (ex['seqs'], ex['images'], ex['labels']) if v is not None))
     return dict(version=1, created=datetime.now(timezone.utc).isoformat(timespec='seconds'), task=info.get('task'),
                 source=info.get('source'), split=split, examples=int(ex['n']), sampled=int(sampled),
                 tokenizer=dict(type=getattr(tok, 'type', None), fingerprint=info.get('tokenizer_fingerprint'),
                                vocab_size=getattr(tok, 'vocab_size', None)) if tok is not None else None,
-                features=profile_examples(ex, tok))
+                features=features)
 
 def data_profile(data, task=None, *, data_cfg=None, split:str='train', max_examples:int|None=None, seed:int=0, **settings) -> dict:
     """The profile of `data` (a `DataBundle`, or any source `build_data` reads, prepared for `task` with `data_cfg` and
@@ -198,7 +225,7 @@ def data_profile(data, task=None, *, data_cfg=None, split:str='train', max_examp
         raise DataError(f"split={split!r}: the data has no such split to profile; use train, validation or test")
     return _profile(ds, b, max_examples=max_examples, seed=seed, split=split)
 
-# %% ../nbs/20b_drift.ipynb #50bab739
+# %% ../nbs/20b_drift.ipynb #87c59558
 def js_divergence(p, q) -> float:
     "Jensen-Shannon divergence (base 2: 0 for the same distribution, 1 for disjoint ones) of two count vectors."
     p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
@@ -212,7 +239,7 @@ def _aligned(a:dict, b:dict) -> tuple[list, list, list]:
     keys = list(dict.fromkeys([*a, *b]))
     return keys, [a.get(k, 0) for k in keys], [b.get(k, 0) for k in keys]
 
-# %% ../nbs/20b_drift.ipynb #87c59558
+# %% ../nbs/20b_drift.ipynb #e26cc1a7
 THRESHOLDS = dict(labels=0.05, length=0.10, tokens=0.10, unk_rate=0.01, image_size=0.10, pixels=0.05, channels=0.25,
                   loss=0.20, accuracy=0.05)
 MEASURES = dict(labels='JS divergence', length='JS divergence', tokens='JS divergence', unk_rate='increase',
@@ -264,7 +291,7 @@ def compare_profiles(ref:dict, new:dict, thresholds:dict|None=None) -> list[Feat
         else: add('channels', float('inf'), f'{len(ma)} channels', f'{len(mb)} channels')
     return out
 
-# %% ../nbs/20b_drift.ipynb #f7a1f655
+# %% ../nbs/20b_drift.ipynb #34221f23
 @dataclass
 class DriftReport:
     "New data against a run's data profile: the features compared, the model's figures on it, and the verdict."
@@ -299,7 +326,7 @@ class DriftReport:
 
     def __repr__(self): return str(self)
 
-# %% ../nbs/20b_drift.ipynb #3e875f62
+# %% ../nbs/20b_drift.ipynb #3aeb221e
 def load_profile(run) -> dict|None:
     "The data profile a run saved (`RUN/data_profile.json`), or None."
     p = Path(run)/PROFILE_FILE
@@ -365,7 +392,7 @@ def drift_report(run, data, *, thresholds:dict|None=None, max_examples:int|None=
     if new['examples'] < 50: notes.append(f"only {new['examples']} new examples: the divergences are noisy below a few hundred")
     return DriftReport(str(found.run_dir), _describe(data), feats, ref.get('examples', 0), new['examples'], model, notes, new)
 
-# %% ../nbs/20b_drift.ipynb #4c32595f
+# %% ../nbs/20b_drift.ipynb #46bf9b46
 def _label_value(v, names):
     "A label as the source gives it, with a class index named when the source declares its class names."
     if isinstance(v, (list, tuple)): return [_label_value(x, names) for x in v]
@@ -427,7 +454,7 @@ def write_combined_data(old, new, cfg:RunConfig, folder) -> Path:
         atomic_write(folder / f'{name}.jsonl', ''.join(json.dumps(r, default=str, ensure_ascii=False) + '\n' for r in rows))
     return folder
 
-# %% ../nbs/20b_drift.ipynb #bbd12e30
+# %% ../nbs/20b_drift.ipynb #b790f5a3
 def parse_every(every) -> float:
     "Seconds of an interval: a number of seconds, or '90s', '30m', '1h', '1d'."
     if isinstance(every, (int, float)) and not isinstance(every, bool): secs = float(every)
@@ -495,7 +522,7 @@ def plan_retraining(run, data, retrain_config=None, *, stamp:str|None=None) -> R
     RunConfig.from_dict(d)  # a bad retrain config fails here, before anything is written or queued
     return RetrainPlan(name, folder, d, (saved.get('data') or {}).get('source', 'embedded'), data, saved)
 
-# %% ../nbs/20b_drift.ipynb #c898a951
+# %% ../nbs/20b_drift.ipynb #5706c1e4
 WATCH_STATE, WATCH_LOG = 'watch.json', 'watch.jsonl'
 
 def queue_enqueue(url=None, root=None) -> Callable:
@@ -571,7 +598,7 @@ def watch(run, data, every='1h', retrain_config=None, dry_run:bool=False, once:b
         say(f"next check in {wait / 60:.0f} min")
         time.sleep(wait)
 
-# %% ../nbs/20b_drift.ipynb #5706c1e4
+# %% ../nbs/20b_drift.ipynb #ab3ad24a
 class DataProfile(Callback):
     """Writes `RUN/data_profile.json` at the start of training: the profile of (a sample of) the training split, which
     `drift_report` compares new data with. A profile that fails is a warning, never a failed run."""
@@ -580,6 +607,7 @@ class DataProfile(Callback):
 
     def on_fit_start(self, trainer):
         if not getattr(trainer, 'is_global_zero', True) or getattr(trainer, 'run_dir', None) is None: return
+        if not hasattr(trainer.data.train, '__len__'): return  # a streamed training set: nothing to sample ahead
         try:
             p = _profile(trainer.data.train, trainer.data, max_examples=self.max_examples, seed=trainer.cfg.train.seed)
             write_json(Path(trainer.run_dir)/PROFILE_FILE, p)
@@ -587,7 +615,7 @@ class DataProfile(Callback):
             warnings.warn(f"{PROFILE_FILE} was not written ({type(e).__name__}: {e}); training goes on, and `nbtrain drift` "
                           f"will profile the training data when it needs it", stacklevel=2)
 
-# %% ../nbs/20b_drift.ipynb #51ad6277
+# %% ../nbs/20b_drift.ipynb #6fdf57ca
 def _thresholds(items) -> dict:
     out = {}
     for s in items or []:
