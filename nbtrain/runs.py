@@ -404,10 +404,10 @@ def _select(root, where=None, sort=None, desc:bool=False, limit:int|None=None, m
 
 def varying_settings(configs:list[dict]) -> list[str]:
     "The config fields whose values differ between these runs (where runs are kept and what they are named left out)."
-    keys, none = sorted({k for c in configs for k in c}), object()
-    def varies(k):
-        first = configs[0].get(k, none)
-        return any(type(v) is not type(first) or v != first for v in (c.get(k, none) for c in configs))
+    keys = sorted({k for c in configs for k in c})
+    def varies(k):  # among the runs that have the field: one from an older version without it is not a difference
+        vals = [c[k] for c in configs if k in c]
+        return any(type(v) is not type(vals[0]) or v != vals[0] for v in vals)
     return [k for k in keys if k not in _NOT_SETTINGS and varies(k)]
 
 def runs_records(root='runs', where=None, sort=None, desc:bool=False, limit:int|None=None, *, model=None, data=None,

@@ -62,7 +62,8 @@ def real_runs(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        Trainer(load_config(None, None, QUICK + ['--output_dir', str(root), '--name', 'good'])).fit()
+        good = Trainer(load_config(None, None, QUICK + ['--output_dir', str(root), '--name', 'good']))
+        good.fit()
 
         class Rejects(nn.Module):
             def __init__(self):
@@ -71,7 +72,7 @@ def real_runs(tmp_path_factory):
             def forward(self, *a, **k): raise ValueError('this model rejects every batch')
 
         with pytest.raises(Exception):
-            Trainer(load_config(None, None, QUICK + ['--output_dir', str(root), '--name', 'bad']), model=Rejects()).fit()
+            Trainer(load_config(None, None, QUICK + ['--output_dir', str(root), '--name', 'bad']), model=Rejects(), data=good.data).fit()
     finally: torch.set_num_threads(n)
     return root, other, killer
 
