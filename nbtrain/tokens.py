@@ -124,9 +124,13 @@ class TextSource:
         if not p.exists():
             raise DataError(f"The data source {self.spec!r} does not exist (relative to {Path.cwd()}): give a text file "
                             f"({', '.join(TEXT_SUFFIXES)}), a folder of them, drive:PATH or hf:NAME")
+        if p.is_dir() and is_token_corpus(p):
+            raise DataError(f"{p} is a prepared token corpus already: open it with TokenCorpus({str(p)!r}) (or train with data.source={str(p)!r})")
         def data_files(d:Path) -> list[Path]:
+            corpora = [m.parent for m in d.rglob(MANIFEST) if is_token_corpus(m.parent)]  # token folders inside are not text
             return sorted(f for f in d.rglob('*') if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
-                          and not any(_hidden(Path(q)) for q in f.relative_to(d).parts))
+                          and not any(_hidden(Path(q)) for q in f.relative_to(d).parts)
+                          and not any(c in f.parents for c in corpora))
         if p.is_file():
             if p.suffix.lower() not in TEXT_SUFFIXES:
                 raise DataError(f"{p}: a token corpus is made from text files ({', '.join(TEXT_SUFFIXES)}), not {p.suffix or 'a file without suffix'}")
