@@ -20,7 +20,8 @@ def tiny(tmp_path, **over):
                                   'model.n_layer': 1, 'model.d_model': 32, 'model.n_head': 2, 'train.micro_batch_size': 8,
                                   'train.max_steps': 16, 'train.eval_every': 4, 'train.eval_batches': 1, 'train.log_every': 4,
                                   'train.progress_bar': False, 'checkpoint.every_steps': 100, 'checkpoint.keep_best_k': 0,
-                                  'eval.samples': False, 'alerts.rules': RULES, **over})
+                                  'eval.samples': False, 'tracking.dashboard': False, 'tracking.eval_metrics': False,
+                                  'checkpoint.save_final': False, 'alerts.rules': RULES, **over})
 
 
 class Heard(Callback):
