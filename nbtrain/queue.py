@@ -677,7 +677,7 @@ class QueueCommand:
     help = 'a queue of runs that survives disconnects: add, list, cancel, run, slurm'
 
     def add_arguments(self, p):
-        self.parser = p
+        p.set_defaults(queue_parser=p)  # for the help when no action is given (`run` may be called on another instance)
         common = argparse.ArgumentParser(add_help=False)
         common.add_argument('--queue', metavar='URL', default=os.environ.get('NBTRAIN_QUEUE') or None,
                             help='the queue: a SQLite file or a database URL such as postgresql://user@host/db '
@@ -720,7 +720,7 @@ class QueueCommand:
 
     def run(self, args, rest) -> int:
         act = getattr(args, 'queue_command', None)
-        if act is None: self.parser.print_help(); return 0
+        if act is None: args.queue_parser.print_help(); return 0
         if act != 'add' and rest:
             raise ConfigError(f"nbtrain queue {act} does not take {' '.join(rest)!r} (see nbtrain queue {act} --help)")
         with JobQueue(args.queue, root=args.root, stale_s=getattr(args, 'stale', 120.0)) as q:
@@ -767,6 +767,10 @@ class QueueCommand:
         paths = slurm_scripts(q, args.out, partition=args.partition, account=args.account, default_time=args.time, sbatch=args.sbatch)
         if not paths: print(f"no queued jobs in {redact(q.url)}: nothing to write"); return 0
         for p in paths: print(f"wrote {p}: submit it with  sbatch {p}")
+        if q.url.startswith('sqlite'):
+            print(f"note: the queue is a SQLite file ({_sqlite_path(q.url)}): fine for tasks on one node; tasks on several nodes "
+                  f"should share a database server instead (--queue postgresql://user@host/db), as SQLite's locks are not safe "
+                  f"over a network file system")
         return 0
 
 def main(argv:list[str]|None=None) -> int:
