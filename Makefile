@@ -23,6 +23,11 @@ train: install
 
 ## test: package in sync with the notebooks, notebook tests, docs preprocessing, pytest
 test: install-dev
+	@# the browser test (tests/test_browser.py) drives Debian's Chromium: installed here where it is missing and we are root
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium and chromium-driver for the browser test"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+		|| echo "could not install chromium chromium-driver: the browser test skips"; fi
 	$(PYTHON) tools/check_sync.py
 	$(PYTHON) tools/readme.py --check
 	nbdev-test --n-workers 2 --flags slow

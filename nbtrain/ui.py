@@ -24,9 +24,9 @@ from .trainer import FitResult, Trainer
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['W', 'SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'LORA_AUTO_PARAMS', 'HUB_EXAMPLE', 'to_text',
-           'field_widget', 'parse_hub_model', 'hf_model_config', 'count_hf_params', 'hf_param_count', 'memory_advice',
-           'lora_advice', 'active', 'TrainForm', 'LogBuffer', 'FormView', 'run_form']
+__all__ = ['W', 'SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'LORA_AUTO_PARAMS', 'HUB_EXAMPLE', 'labelled', 'side_label',
+           'to_text', 'field_widget', 'parse_hub_model', 'hf_model_config', 'count_hf_params', 'hf_param_count',
+           'memory_advice', 'lora_advice', 'active', 'TrainForm', 'LogBuffer', 'FormView', 'run_form']
 
 # %% ../nbs/18a_ui.ipynb #98192c9f
 SUGGESTIONS = {
@@ -45,6 +45,20 @@ def _tip() -> str:
     return 'tooltip' if W.Text().has_trait('tooltip') else 'description_tooltip'
 _LAYOUT = dict(width='380px')
 
+def labelled(text:str, help:str='') -> dict:
+    """Keyword arguments that give a widget the visible label `text` and the hover help `help`, in ipywidgets 7 and 8.
+    ipywidgets 8 shows a `tooltip` only on a widget without a description (a described text box, number box or
+    dropdown gets no hover help at all), so there the label carries it: an HTML description whose text has a `title`.
+    ipywidgets 7 puts `description_tooltip` on the label itself."""
+    if _tip() == 'description_tooltip': return dict(description=text, description_tooltip=help or None)
+    label = f'<span title="{html.escape(help)}">{html.escape(text)}</span>' if help else html.escape(text)
+    return dict(description=label, description_allow_html=True, tooltip=help or None)
+
+def side_label(text:str, help:str='') -> W.HTML:
+    "A label to put before a widget that has none (a checkbox: ipywidgets 8 would show an HTML description's markup as its hover text)."
+    return W.HTML(f'<span title="{html.escape(help)}" style="display:block;width:146px;text-align:right;overflow:hidden;'
+                  f'text-overflow:ellipsis;white-space:nowrap">{html.escape(text)}</span>', layout=W.Layout(width='150px', min_width='150px', margin='0 4px 0 0'))
+
 def _is_text(row) -> bool:
     return row.get('choices') is None and row['type'] not in ('bool', 'int', 'float')
 
@@ -60,12 +74,13 @@ def to_text(v) -> str:
 def field_widget(row:dict) -> W.Widget:
     "The widget for one row of `describe_fields()`, showing the field's default."
     key, default, kind = row['key'], row['default'], row['type']
-    common = dict(description=key.split('.', 1)[-1], style=_STYLE, layout=W.Layout(**_LAYOUT), **{_tip(): row.get('help', '')})
+    common = dict(style=_STYLE, layout=W.Layout(**_LAYOUT), **labelled(key.split('.', 1)[-1], row.get('help', '')))
     if row.get('choices') is not None:
         # 'none' rather than None as the value: a dropdown whose value is None shows nothing selected; the config reads 'none' as None
         opts = ([('(none)', 'none')] if 'None' in kind else []) + [(to_text(c), c) for c in row['choices']]
         return W.Dropdown(options=opts, value='none' if default is None else default, **common)
-    if kind == 'bool': return W.Checkbox(value=bool(default), indent=False, **{**common, 'layout': W.Layout(width='auto')})
+    if kind == 'bool':  # labelled beside it in the form (`side_label`); the box itself shows the help on hover
+        return W.Checkbox(value=bool(default), indent=False, layout=W.Layout(width='auto'), **{_tip(): row.get('help', '') or None})
     # plain number boxes, not bounded ones: a bounded box silently clamps a wrong value, the config explains it
     if kind == 'int': return W.IntText(value=default, **common)
     if kind == 'float': return W.FloatText(value=default, **common)
@@ -76,7 +91,7 @@ def field_widget(row:dict) -> W.Widget:
 # %% ../nbs/18a_ui.ipynb #4b3fe312
 SECTION_TABS = {'model': 'Model', 'task': 'Task', 'data': 'Data', 'optim': 'Hyperparameters', 'schedule': 'Hyperparameters',
                 'train': 'Hyperparameters', 'checkpoint': 'Checkpoints & Drive', 'monitor': 'Tracking', 'tracking': 'Tracking',
-                'lora': 'LoRA', 'eval': 'Evaluation'}
+                'lora': 'LoRA', 'eval': 'Evaluation', 'alerts': 'Tracking'}
 BASIC = ('model.name', 'model.size', 'model.path', 'model.trust_code', 'task.name', 'task.num_labels', 'data.source',
          'data.tokenizer', 'data.seq_len', 'data.text_column', 'data.label_column', 'optim.lr', 'optim.weight_decay',
          'schedule.name', 'schedule.warmup_steps', 'train.max_steps', 'train.max_epochs', 'train.max_time',
@@ -205,14 +220,14 @@ class TrainForm:
         self.rows = {r['key']: r for r in describe_fields()}
         self.fields = {k: field_widget(r) for k, r in self.rows.items()}
         self.errors = {k: W.HTML(layout=W.Layout(margin='0 0 0 155px')) for k in self.fields}
-        self.preset = W.Dropdown(options=list(PRESETS), value=DEFAULT_PRESET, description='preset', style=_STYLE, **{_tip(): TOP_FIELDS['preset']})
-        self.name = W.Text(value='', placeholder='new dated folder', description='name', style=_STYLE, layout=W.Layout(**_LAYOUT),
-                           continuous_update=False, **{_tip(): TOP_FIELDS['name']})
-        self.output_dir = W.Text(value=str(runs or 'runs'), description='output_dir', style=_STYLE,
-                                 layout=W.Layout(width='600px'), continuous_update=False, **{_tip(): TOP_FIELDS['output_dir']})
+        self.preset = W.Dropdown(options=list(PRESETS), value=DEFAULT_PRESET, style=_STYLE, **labelled('preset', TOP_FIELDS['preset']))
+        self.name = W.Text(value='', placeholder='new dated folder', style=_STYLE, layout=W.Layout(**_LAYOUT),
+                           continuous_update=False, **labelled('name', TOP_FIELDS['name']))
+        self.output_dir = W.Text(value=str(runs or 'runs'), style=_STYLE, layout=W.Layout(width='600px'), continuous_update=False,
+                                 **labelled('output_dir', TOP_FIELDS['output_dir']))
         self.background = background
         self.trainer, self.result, self.error, self.error_text, self._thread, self._stop_wanted = None, None, None, '', None, False
-        self._loading, self.runs = False, []
+        self._loading, self.runs, self._valid, self._busy = False, [], False, False
         self._lora_chosen, self._lora_auto = False, False  # the person set lora.enabled; the form switched it on
         self._build_view()
         self.set({'preset': DEFAULT_PRESET, **(params or {})})
@@ -221,7 +236,7 @@ class TrainForm:
         self.preset.observe(self._preset_changed, names='value')
         self.refresh_runs()
         if (other := active()) is not None:  # the cell was run again while its run trains: this form can stop it
-            self.stop_button.disabled = False
+            self._sync_buttons()
             self.status.value = _msg("A run started from a form shown earlier is still training: Stop here stops it.", '#a60')
 
     @property
@@ -307,8 +322,9 @@ def check(self:TrainForm) -> RunConfig|None:
         self._read_hub_model()
         cfg = self._advise(self.config())
     except ConfigError as e:
-        self.show_error(e); return None
+        self.show_error(e); self._sync_buttons(valid=False); return None
     self.status.value = _msg(self._ready_text(cfg), '#2a7')
+    self._sync_buttons(valid=True)
     return cfg
 
 @patch
@@ -316,7 +332,7 @@ def show_error(self:TrainForm, e:BaseException):
     "Show `e` under the fields it names and in the status line; open their tab."
     text = str(e)
     named = [k for k in _KEY.findall(text) if k in self.errors]
-    for k in named: self.errors[k].value = _msg(text, '#c33')
+    for k in named: self.errors[k].value = _msg(f'⚠ {text}', '#c33')  # a sign and words, not the colour alone
     if named and named[0] in self._tab_of: self.tabs.selected_index = self._tab_of[named[0]]
     self.status.value = _msg(f'{type(e).__name__}: {text}', '#c33')
 
@@ -403,6 +419,7 @@ def refresh_runs(self:TrainForm) -> list[RunInfo]:
     "Look for runs in `output_dir` and list them."
     self.runs = list_runs(self.output_dir.value.strip() or 'runs')
     self.runs_list.options = [(r.label(), r.name) for r in self.runs] or [('(no runs yet)', None)]
+    self._sync_buttons()
     return self.runs
 
 @patch
@@ -482,18 +499,21 @@ def _build_view(self:TrainForm):
         children.append(W.VBox(body))
     self.tabs = W.Tab(children=children)
     for i, title in enumerate(tabs): self.tabs.set_title(i, title)
-    self.train_button = W.Button(description='Train', button_style='success', icon='play', tooltip='Train (or resume) the run described by the form')
-    self.stop_button = W.Button(description='Stop', button_style='warning', icon='stop', disabled=True,
-                                tooltip='Finish the current step, save a checkpoint and stop')
+    self.train_button = W.Button(description='Train', button_style='success', icon='play', disabled=True, tooltip=_TIPS['train'])
+    self.stop_button = W.Button(description='Stop', button_style='warning', icon='stop', disabled=True, tooltip=_TIPS['stop'])
     self.train_button.on_click(lambda _: self.train(background=self.background))
     self.stop_button.on_click(lambda _: self.stop())
-    self.runs_list = W.Dropdown(options=[('(no runs yet)', None)], description='runs found', style=_STYLE, layout=W.Layout(width='600px'))
-    self.resume_button = W.Button(description='Resume selected', icon='rotate-right', tooltip="Load the run's settings and continue it from its newest checkpoint")
+    self.runs_list = W.Dropdown(options=[('(no runs yet)', None)], style=_STYLE, layout=W.Layout(width='600px'),
+                                **labelled('runs found', 'The runs in output_dir: choose one to resume it or to generate with its final weights'))
+    self.resume_button = W.Button(description='Resume selected', icon='rotate-right', disabled=True, tooltip=_TIPS['resume'],
+                                  layout=W.Layout(width='auto'))
     self.refresh_button = W.Button(icon='refresh', tooltip='Look for runs in output_dir again', layout=W.Layout(width='40px'))
     self.resume_button.on_click(lambda _: self.resume())
     self.refresh_button.on_click(lambda _: self.refresh_runs())
+    self.runs_list.observe(lambda _: self._sync_buttons(), names='value')
     self.status = W.HTML()
-    self.progress = W.IntProgress(value=0, min=0, max=1, description='step 0', style=_STYLE, layout=W.Layout(width='600px'))
+    self.progress = W.IntProgress(value=0, min=0, max=1, description='step 0', style=_STYLE, layout=W.Layout(width='600px'),
+                                  **{_tip(): 'Optimizer steps done, of the steps the run is set to train'})
     self.image = W.Image(format='png', layout=W.Layout(max_width='900px'))
     self.samples = W.HTML(layout=W.Layout(max_width='900px'))  # a language model's newest samples
     self.log = W.Output(layout=W.Layout(max_height='240px', overflow='auto'))
@@ -506,11 +526,38 @@ def _build_view(self:TrainForm):
 
 @patch
 def _row(self:TrainForm, key:str, show_section:bool) -> W.Widget:
+    "A field as the form shows it: its label (hover: its help), the widget, its help in words, and the line for its error."
     w, row = self.fields[key], self.rows[key]
-    if show_section: w.description = key
-    helptext = W.HTML(f'<span style="color:#777;font-size:0.85em">{html.escape(row.get("help", ""))}</span>',
-                      layout=W.Layout(width='auto', margin='0 0 0 8px'))
-    return W.VBox([W.HBox([w, helptext]), self.errors[key]])
+    text, help = key if show_section else key.split('.', 1)[-1], row.get('help', '')
+    if isinstance(w, W.Checkbox): parts = [side_label(text, help), w]
+    else:
+        if show_section:
+            for k, v in labelled(text, help).items(): setattr(w, k, v)
+        parts = [w]
+    helptext = W.HTML(f'<span style="color:#666;font-size:0.85em">{html.escape(help)}</span>', layout=W.Layout(width='auto', margin='0 0 0 8px'))
+    return W.VBox([W.HBox([*parts, helptext]), self.errors[key]])
+
+_TIPS = {'train': 'Train (or resume) the run described by the form',
+         'invalid': 'Fix the field whose message is shown in the form first',
+         'busy': 'A run is training: Stop it first',
+         'stop': 'Finish the current step, save a checkpoint and stop',
+         'idle': 'Nothing is training',
+         'resume': "Load the selected run's settings and continue it from its newest checkpoint",
+         'no_run': 'No run selected in the list of runs found'}
+
+@patch
+def _sync_buttons(self:TrainForm, valid:bool|None=None):
+    """Each button enabled only when it can act, its hover text saying why not: Train while the form is valid and
+    this form is not training; Stop while a run trains; Resume while a run is selected and nothing trains here."""
+    if valid is not None: self._valid = valid
+    busy, other = self._busy, active()
+    if other is self: other = None  # this form's own thread, finishing
+    self.train_button.disabled = busy or not self._valid
+    self.train_button.tooltip = _TIPS['busy' if busy else 'train' if self._valid else 'invalid']
+    self.stop_button.disabled = not (busy or other is not None)
+    self.stop_button.tooltip = _TIPS['stop' if not self.stop_button.disabled else 'idle']
+    self.resume_button.disabled = busy or not self.runs_list.value
+    self.resume_button.tooltip = _TIPS['busy' if busy else 'resume' if self.runs_list.value else 'no_run']
 
 @patch
 def _ipython_display_(self:TrainForm):
@@ -522,9 +569,9 @@ def _ipython_display_(self:TrainForm):
 def _build_generate(self:TrainForm):
     self.gen_run, self._gen_cache = None, None
     self.gen_title = W.HTML()
-    self.gen_prompt = W.Textarea(placeholder='A prompt for the model to continue', layout=W.Layout(width='600px', height='64px'))
-    self.gen_tokens = W.IntText(value=100, description='new tokens', style=_STYLE, layout=W.Layout(width='260px'),
-                                **{_tip(): 'How many tokens to generate at most'})
+    self.gen_prompt = W.Textarea(placeholder='A prompt for the model to continue', style=_STYLE, layout=W.Layout(width='750px', height='64px'),
+                                 **labelled('prompt', 'The text the model continues'))
+    self.gen_tokens = W.IntText(value=100, style=_STYLE, layout=W.Layout(width='260px'), **labelled('new tokens', 'How many tokens to generate at most'))
     self.gen_button = W.Button(description='Generate', icon='pencil',
                                tooltip="Continue the prompt with the run's final weights (sampling: the eval.sample_* settings)")
     self.gen_out = W.HTML()
@@ -699,13 +746,14 @@ def train(self:TrainForm, background:bool|None=None, callbacks=()) -> FitResult|
         who = 'This form' if other is self else 'A form shown earlier (the cell was run again?)'
         self.status.value = _msg(f"{who} is still training run '{other.trainer.run_dir.name if other.trainer else other.name.value}': "
                                  f"press Stop and wait for its checkpoint first.", '#c33')
-        self.stop_button.disabled = False
+        self._sync_buttons()
         return None
     self.result, self.error, self.error_text, self._stop_wanted = None, None, '', False
     cfg = self.check()
     if cfg is None: return None
     if background is None: background = _in_kernel()
-    self.train_button.disabled, self.resume_button.disabled, self.stop_button.disabled = True, True, False
+    self._busy = True
+    self._sync_buttons()
     self.progress.value, self.image.value, self.samples.value = 0, b'', ''
     if not background: return self._run(cfg, list(callbacks), background=False)
     self.logbuf.clear()
@@ -726,7 +774,10 @@ def _run(self:TrainForm, cfg:RunConfig, callbacks:list, background:bool):
                 self.status.value = _msg('Stopped before the first step.', '#a60'); return None
             self.result = r = self.trainer.fit()
         last = f"; val_loss {r.last_eval['val_loss']:.4f}" if r.last_eval and 'val_loss' in r.last_eval else ''
-        self.status.value = _msg(f"Done: {r.stop_reason}{last}. Run folder: {r.run_dir}", '#2a7')
+        ckpt = r.run_dir/'checkpoints'/f'step-{r.step:09d}' if r.run_dir else None
+        kept = (f" Checkpoint of step {r.step} saved in {ckpt.relative_to(r.run_dir)}: Train (or Resume selected) continues from it."
+                if ckpt is not None and (ckpt/'manifest.json').exists() and r.stop_reason.startswith('interrupted') else '')
+        self.status.value = _msg(f"Done: {r.stop_reason}{last}. Run folder: {r.run_dir}.{kept}", '#2a7')
         return r
     except BaseException as e:
         self.error, self.error_text = e, traceback.format_exc()
@@ -741,8 +792,8 @@ def _run(self:TrainForm, cfg:RunConfig, callbacks:list, background:bool):
         gc.collect()
         if torch.cuda.is_available(): torch.cuda.empty_cache()  # a failed run's memory goes back before the next one
         if background: self.logbuf.flush()
-        self.train_button.disabled, self.resume_button.disabled, self.stop_button.disabled = False, False, True
-        self.refresh_runs()
+        self._busy = False
+        self.refresh_runs()  # and the buttons
         if run_dir is not None: self.show_generate(run_dir)  # its final weights, when it has them
 
 @patch
