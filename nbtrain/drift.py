@@ -241,10 +241,10 @@ def _aligned(a:dict, b:dict) -> tuple[list, list, list]:
 
 # %% ../nbs/20b_drift.ipynb #e26cc1a7
 THRESHOLDS = dict(labels=0.05, length=0.10, tokens=0.10, unk_rate=0.01, image_size=0.10, pixels=0.05, channels=0.25,
-                  loss=0.20, accuracy=0.05)
+                  loss=0.20, accuracy=0.05, new_classes=0.0)
 MEASURES = dict(labels='JS divergence', length='JS divergence', tokens='JS divergence', unk_rate='increase',
                 image_size='JS divergence', pixels='JS divergence', channels='mean shift / std', loss='relative increase',
-                accuracy='drop')
+                accuracy='drop', new_classes='share of examples')
 
 @dataclass
 class FeatureDrift:
@@ -303,6 +303,7 @@ class DriftReport:
     model: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     profile: dict = field(default_factory=dict, repr=False)  # the new data's profile
+    new_classes: list[str] = field(default_factory=list)     # classes the model was never trained on
 
     @property
     def drifted(self) -> list[str]: return [f.name for f in self.features if f.drifted]
@@ -311,7 +312,7 @@ class DriftReport:
 
     def to_dict(self) -> dict:
         return dict(run=self.run, data=self.data, drift=self.drift, drifted=self.drifted, n_reference=self.n_reference,
-                    n_new=self.n_new, features=[dict(dataclasses.asdict(f), drifted=f.drifted) for f in self.features],
+                    n_new=self.n_new, new_classes=self.new_classes, features=[dict(dataclasses.asdict(f), drifted=f.drifted) for f in self.features],
                     model=self.model, notes=self.notes)
 
     def __str__(self) -> str:
@@ -345,6 +346,40 @@ def _val_figures(found) -> dict:
     r = ([r for r in rows if r.get('step') == step] or rows)[-1]
     return dict(step=r.get('step'), loss=r['val_loss'], acc=r.get('val_acc'))
 
+def _label_value(v, names):
+    "A label as the source gives it, with a class index named when the source declares its class names."
+    if isinstance(v, (list, tuple)): return [_label_value(x, names) for x in v]
+    if names and isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= int(v) < len(names): return names[int(v)]
+    return v.item() if hasattr(v, 'item') else v
+
+def _new_classes(found, data, ref:dict, th:dict, notes:list) -> DriftReport|None:
+    "A report on the class distribution alone when `data` has classes the run never saw (else None)."
+    from nbtrain.data import _source_tables
+    from nbtrain.processing import DataCache
+    from nbtrain.sources import NAMED_SOURCES, find_column
+    known = (ref.get('features', {}).get('labels') or {}).get('counts')
+    c = found.cfg.data
+    if not known or TASK_KINDS.get(found.cfg.task.name) not in ('text', 'image'): return None
+    named = data.lower() if isinstance(data, str) and data.lower() in NAMED_SOURCES else None
+    try:
+        table = _source_tables(named, data, c, found.cfg.task, DataCache(enabled=False))['train']
+        lc = find_column(table, 'label', c.label_column, exclude=tuple(x for x in (c.text_column, c.image_column) if x))
+    except DataError: return None
+    names = table.label_names.get(lc)
+    values = [_label_value(v, names) for v in table.columns[lc]]
+    counts = Counter(str(x) for v in values for x in (v if isinstance(v, list) else [v]))
+    new = sorted(set(counts) - set(known))
+    if not new: return None
+    keys, p, q = _aligned(known, counts)
+    notes.append(f"classes the model was never trained on: {', '.join(new)}; the other features and the model's figures "
+                 f"need data of known classes (leave those examples out to measure them)")
+    n_new = sum(counts[k] for k in new)
+    f = [FeatureDrift('labels', MEASURES['labels'], js_divergence(p, q), th['labels'], _pct(known, keys), _pct(counts, keys)),
+         FeatureDrift('new_classes', MEASURES['new_classes'], n_new / max(sum(counts.values()), 1), th['new_classes'],
+                      '', f"{n_new} examples of {', '.join(new)}")]
+    prof = dict(examples=len(table), features=dict(labels=dict(kind='categorical', counts=dict(sorted(counts.items())))))
+    return DriftReport(str(found.run_dir), _describe(data), f, ref.get('examples', 0), len(table), {}, notes, prof, new)
+
 def _describe(data) -> str:
     if isinstance(data, (str, Path)): return str(data)
     return 'a DataBundle' if isinstance(data, DataBundle) else f'{type(data).__name__} (in memory)'
@@ -354,9 +389,9 @@ def drift_report(run, data, *, thresholds:dict|None=None, max_examples:int|None=
     """Compare `data` (any source the run's data settings read, prepared with the run's tokenizer and class names; or a
     `DataBundle`) with the run's `data_profile.json`, feature by feature, and measure the run's final model on it
     against its validation figures (on its first `eval_examples` examples). `thresholds` replaces some of `THRESHOLDS`."""
-    from nbtrain.evaluate import find_run, eval_data, evaluate_run
     unknown = sorted(set(thresholds or {}) - set(THRESHOLDS))
     if unknown: raise ConfigError(f"threshold {unknown[0]!r} is not a drift feature: use {', '.join(THRESHOLDS)}")
+    from nbtrain.evaluate import find_run, eval_data, evaluate_run
     th = {**THRESHOLDS, **(thresholds or {})}
     found = find_run(run)
     if found.run_dir is None:
@@ -371,7 +406,11 @@ def drift_report(run, data, *, thresholds:dict|None=None, max_examples:int|None=
             notes.append(f"the run had no {PROFILE_FILE}: its training data was profiled now and saved")
         except OSError as e: notes.append(f"the run had no {PROFILE_FILE}: its training data was profiled now ({e})")
     if isinstance(data, DataBundle): b = data
-    else: _, b, _ = eval_data(found, data, 'test')  # all of it, with the run's tokenizer and class names
+    else:
+        try: _, b, _ = eval_data(found, data, 'test')  # all of it, with the run's tokenizer and class names
+        except DataError:
+            if (r := _new_classes(found, data, ref, th, notes)) is None: raise
+            return r
     new = _profile(b.train, b, max_examples=max_examples, seed=seed, split='new')
     feats = compare_profiles(ref, new, th)
     model = {}
@@ -393,12 +432,6 @@ def drift_report(run, data, *, thresholds:dict|None=None, max_examples:int|None=
     return DriftReport(str(found.run_dir), _describe(data), feats, ref.get('examples', 0), new['examples'], model, notes, new)
 
 # %% ../nbs/20b_drift.ipynb #46bf9b46
-def _label_value(v, names):
-    "A label as the source gives it, with a class index named when the source declares its class names."
-    if isinstance(v, (list, tuple)): return [_label_value(x, names) for x in v]
-    if names and isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= int(v) < len(names): return names[int(v)]
-    return v.item() if hasattr(v, 'item') else v
-
 def _rows(table, c, task:str, images_dir:Path, prefix:str) -> list[dict]:
     "The rows of a source table as JSON records in one layout (text / label / image columns) for a task's data."
     from nbtrain.sources import find_column, text_values
@@ -560,7 +593,11 @@ def check_and_queue(run, data, retrain_config=None, *, dry_run:bool=False, enque
         key = _data_key(report)
         state = json.loads((rd/WATCH_STATE).read_text()) if (rd/WATCH_STATE).is_file() else {}
         done = state.get('queued', {}).get(key)
-        if done:
+        if report.new_classes:
+            entry['action'] = 'not queued: new classes'
+            say(f"no retraining queued: fine-tuning keeps the model's classes, and the data has new ones "
+                f"({', '.join(report.new_classes)}); train a new run on data with all of them")
+        elif done:
             entry.update(action='already queued', job=done.get('job'))
             say(f"this data was already queued for retraining: job {done.get('job')} ({done.get('config')})")
         else:

@@ -62,6 +62,14 @@ def test_drift_command_exits_1_naming_the_features_and_0_without_drift(run, caps
     assert rep['drifted'] == ['tokens', 'unk_rate'], rep
     unk = next(f for f in rep['features'] if f['name'] == 'unk_rate')
     assert unk['value'] > 0.2 and unk['threshold'] == 0.01
+    angry = run['dir'].parent/'angry.jsonl'  # a class the model never saw
+    angry.write_text(run['same'].read_text() + json.dumps({'text': 'I am so angry', 'label': 'angry'}) + '\n')
+    assert main(['drift', str(run['dir']), '--data', str(angry)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith('DRIFT in new_classes') and 'never trained on: angry' in out, out
+    assert watch(run['dir'], str(angry), once=True, enqueue=lambda *a: pytest.fail('queued'), say=lambda s: None)[0]['action'] \
+        == 'not queued: new classes'
+    (run['dir']/WATCH_LOG).unlink()
 
 
 def test_watch_queues_one_retraining_per_drifted_data_set(run, capsys, tmp_path):
