@@ -41,6 +41,8 @@ def _sqlite_path(url:str) -> Path|None:
     return Path(path) if path and path != ':memory:' else None
 
 def _on_drive(path) -> bool:
+    "`nbtrain.processing.on_drive`, imported (with torch) only for a path that may be on Drive: `nbtrain queue list` stays quick."
+    if not (str(Path(path).absolute()).startswith('/content/') or os.environ.get('NBTRAIN_DRIVE')): return False
     from nbtrain.processing import on_drive
     return on_drive(path)
 
@@ -540,21 +542,34 @@ def _wait_for_folder(self:Worker, job:Job, next_beat:list) -> str|None:
         time.sleep(0.2)
 
 @patch
+def _failed(self:Worker, job:Job, error:str) -> str:
+    "Record that `job` could not even start (a run folder that cannot be written, a launcher that is not there)."
+    self.queue.finish(job.id, self.id, 'failed', error)
+    self.results.append((job.id, 'failed'))
+    self.say(f"job {job.id} ({job.name}): failed: {error}")
+    return 'failed'
+
+@patch
 def run_job(self:Worker, job:Job) -> str|None:
     "Train leased `job` in a child process; the state it ends in (`done`, `failed`, `cancelled`, `queued` to resume), None when the lease was lost."
-    q, cfg_file, log = self.queue, self._write_config(job), job.log
-    start = log.stat().st_size if log.exists() else 0
-    with open(log, 'a', encoding='utf-8') as f:
-        f.write(f"\n==== nbtrain queue: job {job.id} ({job.name}) started: attempt {job.attempts}, worker {self.id}, "
-                f"{datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    q, log = self.queue, job.log
+    try:
+        cfg_file = self._write_config(job)
+        start = log.stat().st_size if log.exists() else 0
+        with open(log, 'a', encoding='utf-8') as f:
+            f.write(f"\n==== nbtrain queue: job {job.id} ({job.name}) started: attempt {job.attempts}, worker {self.id}, "
+                    f"{datetime.now():%Y-%m-%d %H:%M:%S}\n")
+    except OSError as e: return self._failed(job, f"the run folder cannot be written: {e}")
     self.say(f"job {job.id} ({job.name}): {'resuming' if job.attempts > 1 else 'starting'}, attempt {job.attempts}; log {log}")
     next_beat, why, rc, pid, t0 = [time.monotonic() + self.heartbeat_s], None, None, None, time.time()
     why = self._wait_for_folder(job, next_beat)
     if why is None:
         env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'NBTRAIN_QUEUE_JOB': str(job.id)}
-        with open(log, 'ab') as out:
-            self.proc = subprocess.Popen(self.command(job, cfg_file), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, preexec_fn=_parent_death_signal())
+        try:
+            with open(log, 'ab') as out:
+                self.proc = subprocess.Popen(self.command(job, cfg_file), stdout=out, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=env, preexec_fn=_parent_death_signal())
+        except OSError as e: return self._failed(job, f"{' '.join(self.command(job, cfg_file))} could not be started: {e}")
         pid, t0 = None if self.launcher else self.proc.pid, time.time()
         try:
             while True:
