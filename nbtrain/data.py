@@ -20,10 +20,10 @@ from .repro import seed_worker
 from .embedded import (embedded_corpus, embedded_sentiment, SENTIMENT_LABELS, digits_images, save_image_folder,
                               synthetic_data, SYNTHETIC_VOCAB, SYNTHETIC_LABELS, SYNTHETIC_TASKS)
 from .sources import (Table, LazyColumn, open_source, pick_splits, find_column, given_column, text_values, encode_labels,
-                             read_file, read_folder, memory_tables, read_utf8, split_documents, FILE_TYPES, NAMED_SOURCES)
+                             read_file, read_folder, memory_tables, read_utf8, split_documents, resolve_path, FILE_TYPES, NAMED_SOURCES)
 from .tokenizer import (Tokenizer, CharTokenizer, ByteTokenizer, BPETokenizer, HFTokenizer, build_tokenizer,
                                load_tokenizer, SPECIALS, ChatFormat, normalize_messages)
-from .processing import (IGNORE_INDEX, Encoded, DataCache, default_cache_dir, digest, texts_digest, encode_texts,
+from .processing import (IGNORE_INDEX, Encoded, DataCache, default_cache_dir, on_drive, digest, texts_digest, encode_texts,
                                 pack_documents, PackedLMDataset, DocumentLMDataset, padded_efficiency, DictDataset,
                                 TextClassificationDataset, collate_stack, PadCollator, MLMCollator, MaskedExamples,
                                 encode_segments, pack_rows, ExampleRowsDataset)
@@ -115,7 +115,7 @@ class DataBundle:
         return path
 
     def __repr__(self):
-        n = lambda d: len(d) if d is not None else 0
+        n = lambda d: (len(d) if hasattr(d, '__len__') else 'a stream') if d is not None else 0
         return (f"DataBundle(train={n(self.train)}, val={n(self.val)}, test={n(self.test)}, vocab_size={self.vocab_size}, "
                 f"num_labels={self.num_labels}, tokenizer={self.tokenizer!r})")
 
@@ -126,7 +126,9 @@ DATA_DEFAULTS = dict(
     test_fraction=0.0, stratify=True, train_split=None, val_split=None, test_split=None, label_names=None,
     image_column=None, image_size=None, image_mode=None, normalize='data', augment=False,
     vocab_size=None, pack=True, cache=True, cache_dir=None, format='text', prompt_column=None, response_column=None,
-    messages_column=None, chat_template=None, train_on_prompt=False, long_examples='truncate')
+    messages_column=None, chat_template=None, train_on_prompt=False, long_examples='truncate', memory_map='auto',
+    memory_map_min_mb=256, prepare_workers=None, local_copy='auto', streaming=False, shuffle_buffer=10000,
+    stream_val_examples=1000)
 TASK_KINDS = {'causal_lm': 'lm', 'masked_lm': 'mlm', 'sequence_classification': 'text', 'image_classification': 'image',
               'seq2seq': 'seq2seq', 'token_classification': 'tokens'}
 
@@ -142,8 +144,10 @@ def task_settings(task) -> SimpleNamespace:
                            mlm_probability=getattr(task, 'mlm_probability', 0.15) or 0.15)
 
 # %% ../nbs/08f_data.ipynb #689eca6b
-def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cache_dir=None, run_dir=None) -> DataBundle:
-    "Datasets, collate function and tokenizer for `task` (a name or `TaskConfig`) from the `data_cfg` section of a run config."
+def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cache_dir=None, run_dir=None,
+               rank:int=0, world_size:int=1) -> DataBundle:
+    """Datasets, collate function and tokenizer for `task` (a name or `TaskConfig`) from the `data_cfg` section of a run config.
+    A streamed source (`data.streaming`) is read by process `rank` of `world_size` in its own shards."""
     c, t = data_settings(data_cfg), task_settings(task)
     src = c.source if source is None else source
     if c.max_samples is not None and c.max_samples < 1:
@@ -166,7 +170,13 @@ def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cach
         what = 'pairs of texts (source and target columns)' if t.name == 'seq2seq' else 'words with one tag each (tokens and tags columns, or a CoNLL file)'
         raise DataError(f"Task {t.name} learns from {what}; data.source={named!r} has none: give a file (.jsonl, .csv, .parquet"
                         f"{', .conll' if t.name != 'seq2seq' else ''}), a folder, hf:NAME or Python records")
-    if named == 'synthetic': b = _synthetic_bundle(c, t, seed, info)
+    lm_text = TASK_KINDS.get(t.name) in ('lm', 'mlm') and c.format == 'text'
+    if c.streaming and not named:
+        if not lm_text: raise DataError(f"data.streaming=true reads language-model text (tasks causal_lm and masked_lm, data.format "
+                                        f"'text'); task {t.name!r} with data.format={c.format!r} reads its data whole: set data.streaming=false")
+        b = _stream_bundle(src, c, t, seed, info, run_dir, rank, world_size)
+    elif not named and _use_memory_map(src, c, lm_text, t): b = _mapped_bundle(src, c, t, info, cache)
+    elif named == 'synthetic': b = _synthetic_bundle(c, t, seed, info)
     else:
         splits = _source_tables(named, src, c, t, cache)
         if 'input_ids' in splits['train'].columns and c.text_column is None: b = _pretokenized_bundle(splits, c, t, seed, info)
@@ -177,7 +187,7 @@ def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cach
         elif TASK_KINDS[t.name] == 'seq2seq': b = _seq2seq_bundle(splits, c, t, seed, info, cache, run_dir)
         elif TASK_KINDS[t.name] == 'tokens': b = _token_bundle(splits, c, t, seed, info, cache, run_dir)
         else: b = _image_bundle(splits, c, t, seed, info)
-    n = lambda d: len(d) if d is not None else 0
+    n = lambda d: len(d) if hasattr(d, '__len__') else 0 if d is None else None  # a stream has no length
     b.info.update(n_train=n(b.train), n_val=n(b.val), n_test=n(b.test), vocab_size=b.vocab_size, num_labels=b.num_labels,
                   cache=dict(cache.events, dir=str(cache.root)) if cache.events else None)
     if n(b.train) == 0: raise DataError(f"The training split of {info['source']} is empty after preparation: it has no example to train on")
@@ -398,6 +408,70 @@ def _pretokenized_bundle(splits, c, t, seed, info) -> DataBundle:
         num_labels = int(flat[flat >= 0].max()) + 1  # class ids; IGNORE_INDEX marks positions without a label
     collate = PadCollator(0) if t.name != 'masked_lm' else MLMCollator(SPECIALS.index('<mask>'), vocab, 0, range(len(SPECIALS)), t.mlm_probability)
     return DataBundle(parts['train'], parts.get('validation'), collate, None, vocab, num_labels, info, parts.get('test'))
+
+# %% ../nbs/08f_data.ipynb #eabc00ab
+_TEXT_SUFFIXES = ('.txt', '.jsonl', '.ndjson', '.json', '.csv', '.tsv', '.parquet')
+
+def _text_bytes(p:Path) -> int:
+    "Bytes of the text files at `p` (a file or a folder, recursively)."
+    if p.is_file(): return p.stat().st_size if p.suffix.lower() in _TEXT_SUFFIXES else 0
+    return sum(f.stat().st_size for f in p.rglob('*') if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES)
+
+def _use_memory_map(src, c, lm_text:bool, t) -> bool:
+    "Whether `src` is read through memory-mapped token shards: a prepared corpus, or `data.memory_map` says so."
+    from nbtrain.tokens import is_token_corpus
+    if not isinstance(src, (str, os.PathLike)): return False
+    s = str(src)
+    p = None if s.startswith('hf:') else resolve_path(s)
+    prepared = p is not None and p.is_dir() and is_token_corpus(p)
+    if prepared and not lm_text:
+        raise DataError(f"data.source={s!r} is a prepared token corpus, language-model data: use it with task causal_lm or "
+                        f"masked_lm and data.format='text' (task is {t.name!r}, data.format {c.format!r})")
+    if prepared or not lm_text or c.memory_map is False: return prepared
+    if c.memory_map is True: return True
+    return p is not None and p.exists() and _text_bytes(p) >= c.memory_map_min_mb * 2**20
+
+def _mapped_bundle(src, c, t, info, cache) -> DataBundle:
+    from nbtrain.tokens import TokenCorpus, is_token_corpus, cached_corpus, local_copy
+    s = str(src)
+    p = None if s.startswith('hf:') else resolve_path(s)
+    if p is not None and is_token_corpus(p):
+        corpus = TokenCorpus(p)
+        want, have = str(c.tokenizer).strip(), corpus.manifest['tokenizer']
+        if want.lower() != 'auto' and want.lower() not in (str(have.get('spec', '')).lower(), str(have.get('type', '')).lower()):
+            raise DataError(f"data.tokenizer={want!r}, but the token corpus {p} was tokenised with {have.get('spec')!r}: its ids "
+                            f"only mean something with that tokenizer. Set data.tokenizer='auto' (the corpus's own), or "
+                            f"prepare the corpus again with nbtrain prepare ... --tokenizer {want}")
+    else:
+        name = str(c.tokenizer).strip()
+        corpus = cached_corpus(src, 'char' if name.lower() == 'auto' else name, cache.root, workers=c.prepare_workers,
+                               text_column=c.text_column, vocab_size=c.vocab_size)
+    if c.local_copy is True or (c.local_copy == 'auto' and on_drive(corpus.path)): corpus = local_copy(corpus)
+    causal, tok = t.name == 'causal_lm', corpus.tokenizer
+    train = corpus.dataset('train', c.seq_len, causal)
+    val = corpus.dataset('validation', c.seq_len, causal) if 'validation' in corpus.splits and corpus.num_tokens('validation') else None
+    info.update(memory_mapped=str(corpus.path), train_tokens=corpus.num_tokens('train'),
+                val_tokens=corpus.num_tokens('validation') if val is not None else 0,
+                train_documents=corpus.num_documents('train'), packing_efficiency=round(train.efficiency, 4),
+                tokenizer=corpus.manifest['tokenizer'].get('spec'), tokenizer_type=tok.type, tokenizer_fingerprint=tok.fingerprint())
+    collate = collate_stack if causal else MLMCollator(tok.mask_id, tok.vocab_size, tok.pad_id, tok.special_ids, t.mlm_probability)
+    return DataBundle(train, val, collate, tok, tok.vocab_size, None, info)
+
+def _stream_bundle(src, c, t, seed, info, run_dir, rank, world_size) -> DataBundle:
+    from nbtrain.stream import TokenStream, stream_validation, stream_tokenizer
+    saved = Path(run_dir)/'tokenizer' if run_dir else None
+    if saved is not None and (saved/'tokenizer.json').is_file(): tok = load_tokenizer(saved)  # a resumed run: its own
+    else: tok = stream_tokenizer(c.tokenizer, src, vocab_size=c.vocab_size, text_column=c.text_column, split=c.train_split)
+    causal = t.name == 'causal_lm'
+    val = stream_validation(src, tok, c.seq_len, c.stream_val_examples, causal, text_column=c.text_column, split=c.val_split,
+                            train_split=c.train_split)
+    train = TokenStream(src, tok, c.seq_len, causal, shuffle_buffer=c.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
+                        text_column=c.text_column, skip_examples=val.skip_examples if val is not None else 0, split=c.train_split)
+    info.update(streaming=True, shuffle_buffer=c.shuffle_buffer, val_examples=val.examples if val is not None else 0,
+                val_held_out_of_train=bool(val is not None and val.skip_examples), val_tokens=val.num_tokens if val is not None else 0,
+                tokenizer=str(c.tokenizer), tokenizer_type=tok.type, tokenizer_fingerprint=tok.fingerprint())
+    collate = collate_stack if causal else MLMCollator(tok.mask_id, tok.vocab_size, tok.pad_id, tok.special_ids, t.mlm_probability)
+    return DataBundle(train, val, collate, tok, tok.vocab_size, None, info)
 
 # %% ../nbs/08f_data.ipynb #1cd02578
 DATA_FORMATS = Registry('data format')

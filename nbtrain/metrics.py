@@ -301,7 +301,7 @@ class TaskMetrics(Callback):
 
     def on_eval_metrics(self, trainer, metrics):
         if self.stats is None or self.stats.sums is None: return
-        if self.train_labels is None and self.drift_items != 0 and trainer.data is not None:
+        if self.train_labels is None and self.drift_items != 0 and trainer.data is not None and hasattr(trainer.data.train, '__len__'):  # not a stream: reading it would move it
             self.train_labels = label_counts(trainer.data.train, self.stats.C, trainer.task.ignore_index, self.drift_items)
         f = trainer.fabric
         reduce = (lambda t: f.all_reduce(t, reduce_op='sum')) if f.world_size > 1 else None

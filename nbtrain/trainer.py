@@ -28,6 +28,7 @@ from .lora import (apply_lora, compute_dtype, freeze_base_dtype, base_fingerprin
 import dataclasses
 from .tasks import build_task
 from .data import resolve_data, make_loader, set_epoch, loader_sampler, default_cache_dir
+from .stream import TokenStream, StreamLoader
 from .loading import check_vocab
 from .optim import build_optimizer, build_scheduler, LRSchedule
 from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
@@ -89,7 +90,8 @@ class Trainer:
             # a run folder that exists already (a resumed run) gives back its saved tokenizer; a new one is only
             # written once setup has succeeded, so a bad configuration leaves nothing behind
             self.data = resolve_data(data, self._data_config(data), cfg.task, t.seed, run_dir=self.run_dir if self.run_dir.exists() else None,
-                                     cache_dir=cfg.data.cache_dir or default_cache_dir(cfg.output_dir))
+                                     cache_dir=cfg.data.cache_dir or default_cache_dir(cfg.output_dir),
+                                     rank=self.fabric.global_rank, world_size=self.fabric.world_size)
         self._say_tokenizer()
         self.task = task if task is not None else build_task(cfg.task)
         if pre is None:
@@ -176,7 +178,7 @@ class Trainer:
     @property
     def streaming(self) -> bool:
         "Whether the training data is a stream of unknown length (`data.streaming`): progress is counted in tokens."
-        return isinstance(self.data.train, _IterableDataset)
+        return isinstance(self.data.train, (TokenStream, _IterableDataset))
 
     @property
     def tokens_per_step(self) -> int|None:
@@ -334,9 +336,22 @@ def _epoch_batches(self:Trainer, epoch:int, skip:int=0):
     return (self._to_device(b) for b in loader)
 
 @patch
+def _stream_loader(self:Trainer) -> StreamLoader:
+    "Micro-batches of this process's shards of the stream, prepared two ahead in a thread; full batches only."
+    return StreamLoader(self.data.train, self.cfg.train.micro_batch_size, collate=self.data.collate, prefetch=2, drop_last=True)
+
+def _endless(loader):
+    "The batches of `loader` pass after pass: a pass that ends begins the next (reshuffled) one."
+    while True:
+        n = 0
+        for b in loader: n += 1; yield b
+        if n == 0: raise DataError(f"A whole pass over the stream gave no batch of {loader.micro_batch_size} blocks: the data "
+                                   f"is too small for the batch; lower train.micro_batch_size or data.seq_len, or add data")
+
+@patch
 def _stream_batches(self:Trainer):
-    "The training micro-batches of a stream, from where it stands, for ever: a pass that ends begins the next one."
-    return (self._to_device(b) for b in self.train_loader)
+    "The training micro-batches of a stream, from where it stands, for ever."
+    return (self._to_device(b) for b in _endless(self.train_loader))
 
 @patch
 def _epoch_ended(self:Trainer) -> bool:
@@ -921,6 +936,7 @@ def _fit(self:Trainer) -> FitResult:
         cb.fire('on_exception', self, e)
         raise
     interrupted = self._stop_signal is not None or self.stop_reason.startswith('interrupted')
+    if self.streaming: self.train_loader.close()  # no more prefetching; its position stays after the last batch trained on
     try:
         if self._last_eval_step != self.step and not interrupted: self._evaluate()
         c = self.cfg.checkpoint
