@@ -46,6 +46,9 @@ def _on_drive(path) -> bool:
     from nbtrain.processing import on_drive
     return on_drive(path)
 
+_DRIVERS = {'psycopg': 'psycopg[binary]', 'psycopg2': 'psycopg2-binary', 'pymysql': 'pymysql', 'MySQLdb': 'mysqlclient',
+            'pg8000': 'pg8000', 'asyncpg': 'asyncpg'}  # module → the package that installs it
+
 def _engine(sa, url:str):
     "An engine for `url`: SQLite with a busy timeout and WAL (not on Drive); a server with connections checked before use."
     path, kw = _sqlite_path(url), {}
@@ -58,8 +61,9 @@ def _engine(sa, url:str):
         raise ConfigError(f"Queue URL {redact(url)!r}: SQLAlchemy has no dialect {str(e).split(':')[-1].strip()}. Give a file path "
                           f"(SQLite), or a URL like postgresql://user@host/db or mysql+pymysql://user@host/db") from None
     except ImportError as e:
-        raise ConfigError(f"Queue URL {redact(url)!r} needs a database driver that is not installed ({e}): pip install "
-                          f"psycopg2-binary for postgresql://, pymysql for mysql+pymysql://") from None
+        pkg = _DRIVERS.get((e.name or '').split('.')[0], e.name)
+        raise ConfigError(f"Queue URL {redact(url)!r} needs the database driver {e.name}, which is not installed: pip install "
+                          f"'{pkg}' (or name another driver in the URL, e.g. postgresql+psycopg2://)") from None
     except sa.exc.ArgumentError as e:
         raise ConfigError(f"Queue URL {redact(url)!r} is not a database URL ({e}). Give a file path (SQLite), or a URL like "
                           f"postgresql://user@host/db") from None
@@ -357,7 +361,7 @@ def retry(self:JobQueue, job_id) -> Job:
                 .values(state='queued', worker=None, heartbeat=None, ended=None, error=None, cancel_requested=False))
     return self.get(j.id)
 
-# %% ../nbs/20a_queue.ipynb #dc4fe7bd
+# %% ../nbs/20a_queue.ipynb #69ccc601
 _DURATION = re.compile(r'^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$', re.I)
 
 def parse_until(value, now:datetime|None=None) -> float|None:
@@ -382,7 +386,7 @@ def parse_until(value, now:datetime|None=None) -> float|None:
     raise ConfigError(f"--until={value!r} is not a time: give a clock time like 06:00 (the next one), a date and time like "
                       f"2026-12-05T06:00, or a duration like 2h, 90m or 1h30m")
 
-# %% ../nbs/20a_queue.ipynb #0ba15254
+# %% ../nbs/20a_queue.ipynb #a315c7df
 _INTERRUPTED = ' received: stopping after step'  # what nbtrain's trainer says when SIGINT or SIGTERM stops a run
 
 def _run_status(run_dir, pid:int|None, since:float) -> str|None:
@@ -438,7 +442,7 @@ class Worker:
     def _past(self) -> bool: return self.until is not None and time.time() >= self.until
     def _nap(self) -> float: return max(0.01, min(self.poll_s, self.until - time.time() if self.until else self.poll_s))
 
-# %% ../nbs/20a_queue.ipynb #61ef6688
+# %% ../nbs/20a_queue.ipynb #c6645a66
 @patch
 @contextlib.contextmanager
 def _signals(self:Worker):
@@ -495,7 +499,7 @@ def run_one(self:Worker, job_id) -> int:
             said = True
             self._stop.wait(self._nap())
 
-# %% ../nbs/20a_queue.ipynb #a315c7df
+# %% ../nbs/20a_queue.ipynb #efbdf128
 @patch
 def command(self:Worker, job:Job, config_file) -> list[str]:
     "The command that trains `job`: `nbtrain train --config FILE` in this Python (after `launcher`, e.g. srun, when given)."
@@ -604,14 +608,14 @@ def run_job(self:Worker, job:Job) -> str|None:
                                                'failed': f'failed: {error}'}.get(state, state))
     return state
 
-# %% ../nbs/20a_queue.ipynb #c6645a66
+# %% ../nbs/20a_queue.ipynb #0c478c9d
 def run_worker(queue, *, max_jobs:int|None=None, until=None, worker_id:str|None=None, poll_s:float=5.0, heartbeat_s:float=30.0,
                stale_s:float|None=None, wait:bool=False, say=print) -> int:
     "Train the queue's jobs one after another (see `Worker`); the number of jobs taken. `queue`: a `JobQueue`, a path or a URL."
     return Worker(queue, max_jobs=max_jobs, until=until, worker_id=worker_id, poll_s=poll_s, heartbeat_s=heartbeat_s,
                   stale_s=stale_s, wait=wait, say=say).run()
 
-# %% ../nbs/20a_queue.ipynb #63d5cf58
+# %% ../nbs/20a_queue.ipynb #7174e988
 def slurm_resources(config:dict, default_time:str|None=None) -> dict:
     "SLURM resources of a job's `config`: nodes, GPUs per node and a time limit (`train.max_time` in minutes, plus a 10% + 15 min margin)."
     t = config.get('train') or {}
@@ -686,7 +690,7 @@ def slurm_scripts(queue, out='nbtrain-queue.sh', *, jobs=None, **kw) -> list[Pat
         paths.append(p)
     return paths
 
-# %% ../nbs/20a_queue.ipynb #bbc936fe
+# %% ../nbs/20a_queue.ipynb #7f0dcf24
 class QueueCommand:
     "`nbtrain queue`: add runs to a queue, list and cancel them, and train them with workers or SLURM array tasks."
     help = 'a queue of runs that survives disconnects: add, list, cancel, run, slurm'
@@ -800,5 +804,5 @@ def main(argv:list[str]|None=None) -> int:
         print(redact(f"nbtrain queue: error: {e}"), file=sys.stderr)
         return 2
 
-# %% ../nbs/20a_queue.ipynb #f7b2ef1d
+# %% ../nbs/20a_queue.ipynb #140bef74
 if __name__ == '__main__': sys.exit(main())
