@@ -632,7 +632,7 @@ def watch(run, data, every='1h', retrain_config=None, dry_run:bool=False, once:b
                                     max_examples=max_examples, say=say))
         if once or (max_checks and len(done) >= max_checks): return done
         wait = max(0.0, interval - (time.monotonic() - t0))
-        say(f"next check in {wait / 60:.0f} min")
+        say(f"next check in {wait:.0f} s" if wait < 120 else f"next check in {wait / 60:.0f} min" if wait < 7200 else f"next check in {wait / 3600:.1f} h")
         time.sleep(wait)
 
 # %% ../nbs/20b_drift.ipynb #ab3ad24a
