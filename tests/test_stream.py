@@ -227,3 +227,21 @@ def test_hf_dataset_streams_from_the_stand_in_hub(tmp_path):
     assert out['plain_equal'] and out['resume_equal'] and out['n_batches'] > 4, out
     assert "Hugging Face dataset 'tester/missing'" in out['missing'], out['missing']
     assert any(q.path.startswith('/datasets/tester/corpus/resolve/') for q in hub.state.requests)
+
+
+def test_parquet_and_csv(tmp_path):
+    "Parquet (row groups) and CSV stream the same blocks as PackedLMDataset; parquet resumes exactly mid-file."
+    pq, pa = pytest.importorskip('pyarrow.parquet'), pytest.importorskip('pyarrow')
+    docs = make_docs(600)
+    pq.write_table(pa.table({'content': docs, 'n': list(range(600))}), tmp_path / 'c.parquet', row_group_size=100)
+    (tmp_path / 'c.csv').write_text('text,x\n' + ''.join(f'"{d}",{i}\n' for i, d in enumerate(docs[:80])))
+    tok = CharTokenizer(docs)
+    for f, n in (('c.parquet', 600), ('c.csv', 80)):
+        ref = PackedLMDataset(tok.encode_flat(docs[:n], add_eos=True)[0], 32, tok.pad_id)
+        assert same(list(TokenStream(tmp_path / f, tok, 32)), [ref[i] for i in range(len(ref))]), f
+    mk = lambda: StreamLoader(TokenStream(tmp_path / 'c.parquet', tok, 32, shuffle_buffer=50, seed=1), 8)
+    full = list(mk())
+    dl = mk(); it = iter(dl); first = [next(it) for _ in range(len(full) // 2)]
+    torch.save(dl.state_dict(), tmp_path / 's.pt'); dl.close()
+    r = mk(); r.load_state_dict(torch.load(tmp_path / 's.pt', weights_only=True))
+    assert same(full, first + list(r))
