@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument('--big-gb', type=float, default=0, help='run the token-shard section on a generated corpus of this many GB (0: skip)')
     p.add_argument('--big-dir', help='where the big corpus and its shards go (default: a temporary folder, removed after)')
     p.add_argument('--big-tokenizer', default='bpe', help='tokenizer of the big corpus (bpe, byte, char)')
-    p.add_argument('--big-steps', type=int, default=8, help='optimizer steps of the training run on the big corpus')
+    p.add_argument('--big-steps', type=int, default=8, help='optimizer steps of the training run on the big corpus (0: no run)')
     a = p.parse_args(argv)
     from nbtrain.data import (embedded_corpus, CharTokenizer, BPETokenizer, build_data, data_settings, make_loader,
                               set_epoch)
@@ -218,7 +218,15 @@ def big_corpus(a) -> dict:
         out['read_loop_rss_gb'] = peak / 2**30
         print(f'target read-loop RSS growth < 1.5 GB and flat: {gb(peak)} -- {"met" if peak < 1.5 * 2**30 else "NOT met"}; '
               f'a kept-open memmap grew by {gb(max(res["np.memmap kept open"]))} of the {gb(corpus.nbytes)} of shards')
-        out.update(train_run(a, corpus, seq))
+        if a.big_steps > 0: out.update(train_run(a, corpus, seq))
+        table = [('prepare, 1 process (MB/s of text)', f"{out['prepare_1_mb_s']:.1f}", '-'),
+                 ('prepare, 2 processes (MB/s of text)', f"{out['prepare_2_mb_s']:.1f}", '-'),
+                 ('window reads / GPT small training (tokens/s)', f"{out['data_vs_train']:.0f}x", '>= 5x'),
+                 ('read loop RSS growth, os.pread', gb(peak), '< 1.5 GB, flat'),
+                 ('read loop RSS growth, kept-open memmap', gb(max(res['np.memmap kept open'])), '(for comparison)')]
+        if 'train_rss_growth_gb' in out: table.append(('nbtrain training run RSS growth', f"{out['train_rss_growth_gb']:.2f} GB", 'flat'))
+        print(f"\n{'token shards, ' + gb(size) + ' of text':<48} {'measured':>10}  target")
+        for name, v, goal in table: print(f'{name:<48} {v:>10}  {goal}')
     finally:
         if own: shutil.rmtree(root, ignore_errors=True)
     return out
