@@ -380,6 +380,12 @@ def _new_classes(found, data, ref:dict, th:dict, notes:list) -> DriftReport|None
     prof = dict(examples=len(table), features=dict(labels=dict(kind='categorical', counts=dict(sorted(counts.items())))))
     return DriftReport(str(found.run_dir), _describe(data), f, ref.get('examples', 0), len(table), {}, notes, prof, new)
 
+def _check_run(run):
+    p = Path(str(run)).expanduser()
+    if not (p/'config.yaml').is_file() and not (p.parent/'config.yaml').is_file():
+        what = 'does not exist' if not p.exists() else 'is not a run folder (it has no config.yaml)'
+        raise ConfigError(f"{run} {what}: give the folder of a finished run, e.g. runs/NAME")
+
 def _describe(data) -> str:
     if isinstance(data, (str, Path)): return str(data)
     return 'a DataBundle' if isinstance(data, DataBundle) else f'{type(data).__name__} (in memory)'
@@ -393,6 +399,7 @@ def drift_report(run, data, *, thresholds:dict|None=None, max_examples:int|None=
     if unknown: raise ConfigError(f"threshold {unknown[0]!r} is not a drift feature: use {', '.join(THRESHOLDS)}")
     from nbtrain.evaluate import find_run, eval_data, evaluate_run
     th = {**THRESHOLDS, **(thresholds or {})}
+    _check_run(run)
     found = find_run(run)
     if found.run_dir is None:
         raise ConfigError(f"{run} is not a run folder (one with config.yaml): drift compares new data with the data a run trained on")
