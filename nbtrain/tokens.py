@@ -378,6 +378,23 @@ def prepare_tokens(source, tokenizer='bpe', out_dir=None, *, workers:int|None=No
             'tokenizer': _tokenizer_key(tokenizer, vocab_size),
             'settings': {'version': FORMAT_VERSION, 'shard_mb': shard_mb, 'text_column': text_column,
                          'val_fraction': val_fraction if 'validation' not in src.splits else None}}
+    with _locked(out): return _prepare(src, tokenizer, out, want, workers, val_fraction, shard_mb, vocab_size, sample_mb, progress)
+
+def _locked(out:Path):
+    "Hold an exclusive lock on `out` (several processes of one run may ask for the same corpus: one prepares, the others wait)."
+    import contextlib
+    @contextlib.contextmanager
+    def lock():
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / '.lock', 'a') as f:
+            try:
+                import fcntl
+                fcntl.flock(f, fcntl.LOCK_EX)  # released by the system when the holder ends, even killed
+            except (ImportError, OSError): pass  # no flock here (Windows, some network file systems): no lock
+            yield
+    return lock()
+
+def _prepare(src, tokenizer, out, want, workers, val_fraction, shard_mb, vocab_size, sample_mb, progress) -> TokenCorpus:
     if (out / MANIFEST).is_file():
         try: have = json.loads((out / MANIFEST).read_text())['prepared']
         except (ValueError, KeyError, TypeError): have = None
