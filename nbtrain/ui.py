@@ -26,7 +26,7 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['W', 'SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'LORA_AUTO_PARAMS', 'HUB_EXAMPLE', 'labelled', 'side_label',
            'to_text', 'field_widget', 'parse_hub_model', 'hf_model_config', 'count_hf_params', 'hf_param_count',
-           'memory_advice', 'lora_advice', 'active', 'TrainForm', 'LogBuffer', 'FormView', 'run_form']
+           'memory_advice', 'lora_advice', 'active', 'TrainForm', 'LogBuffer', 'jobs_html', 'FormView', 'run_form']
 
 # %% ../nbs/18a_ui.ipynb #98192c9f
 SUGGESTIONS = {
@@ -497,8 +497,9 @@ def _build_view(self:TrainForm):
             acc = W.Accordion(children=[W.VBox(more)]); acc.set_title(0, f'More settings ({len(more)})'); acc.selected_index = None
             body.append(acc)
         children.append(W.VBox(body))
-    self.tabs = W.Tab(children=children)
-    for i, title in enumerate(tabs): self.tabs.set_title(i, title)
+    self.tabs = W.Tab(children=children + [self._build_queue()])
+    for i, title in enumerate([*tabs, 'Queue']): self.tabs.set_title(i, title)
+    self.tabs.observe(lambda ch: self.refresh_queue() if ch['new'] == len(self.tabs.children) - 1 else None, names='selected_index')
     self.train_button = W.Button(description='Train', button_style='success', icon='play', disabled=True, tooltip=_TIPS['train'])
     self.stop_button = W.Button(description='Stop', button_style='warning', icon='stop', disabled=True, tooltip=_TIPS['stop'])
     self.train_button.on_click(lambda _: self.train(background=self.background))
@@ -514,7 +515,8 @@ def _build_view(self:TrainForm):
     self.status = W.HTML()
     self.progress = W.IntProgress(value=0, min=0, max=1, description='step 0', style=_STYLE, layout=W.Layout(width='600px'),
                                   **{_tip(): 'Optimizer steps done, of the steps the run is set to train'})
-    self.image = W.Image(format='png', layout=W.Layout(max_width='900px'))
+    self.image = W.Image(format='png', layout=W.Layout(max_width='900px', display='none'))  # shown once drawn: an empty one is a broken picture
+    self.image.observe(lambda ch: setattr(self.image.layout, 'display', None if ch['new'] else 'none'), names='value')
     self.samples = W.HTML(layout=W.Layout(max_width='900px'))  # a language model's newest samples
     self.log = W.Output(layout=W.Layout(max_height='240px', overflow='auto'))
     self.logbuf = LogBuffer(self.log)
@@ -643,6 +645,139 @@ def generate(self:TrainForm, prompt:str|None=None, min_interval_s:float=0.1) -> 
         self.gen_out.value = _msg(f'{type(e).__name__}: {e}', '#c33')
         return None
     finally: self.gen_button.disabled = False
+
+# %% ../nbs/18a_ui.ipynb #7cd5a237
+_NO_JOB = [('(no queued or running job)', None)]
+
+def jobs_html(jobs:list[dict]) -> str:
+    "The queue's jobs (`JobQueue.table()` rows) as an HTML table: id, name, state, priority, when, and what to know."
+    if not jobs: return '<i>No jobs in the queue yet: fill in the form and press Add to queue.</i>'
+    e, colour = html.escape, {'running': '#06c', 'done': '#2a7', 'failed': '#c33', 'cancelled': '#777'}
+    rows = ''.join(f"<tr><td>{j['id']}</td><td>{e(str(j['name']))}</td><td><b style='color:{colour.get(j['state'], '#333')}'>"
+                   f"{e(j['state'])}</b></td><td>{j['priority']}</td><td>{e(str(j['created'] or ''))}</td>"
+                   f"<td style='text-align:left'>{e(j['note'] or '')}</td></tr>" for j in jobs)
+    return ("<table><thead><tr><th>job</th><th>run</th><th>state</th><th>priority</th><th>added</th><th>note</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
+
+@patch
+def _build_queue(self:TrainForm) -> W.Widget:
+    "The Queue tab's widgets (the queue itself is opened on first use)."
+    self._queue, self.worker, self._worker_thread = None, None, None
+    self.queue_jobs = W.HTML(jobs_html([]))
+    self.queue_refresh = W.Button(icon='refresh', tooltip='Read the queue again', layout=W.Layout(width='40px'))
+    self.queue_priority = W.IntText(value=0, style=_STYLE, layout=W.Layout(width='260px'),
+                                    **labelled('priority', 'Jobs with a higher priority run first; equal ones in the order they were added'))
+    self.queue_add = W.Button(description='Add to queue', icon='plus', layout=W.Layout(width='auto'),
+                              tooltip='Check the form and queue the run it describes, with this priority')
+    self.queue_pick = W.Dropdown(options=_NO_JOB, style=_STYLE, layout=W.Layout(width='600px'),
+                                 **labelled('job', 'A queued or running job of the queue'))
+    self.queue_cancel = W.Button(description='Cancel job', icon='times', disabled=True, layout=W.Layout(width='auto'),
+                                 tooltip='Cancel the selected job (a running one stops after its step, with a checkpoint)')
+    self.worker_start = W.Button(description='Start worker', icon='play', layout=W.Layout(width='auto'),
+                                 tooltip='Train the queued jobs one after another in the background, each in a process of its own')
+    self.worker_stop = W.Button(description='Stop worker', icon='stop', disabled=True, layout=W.Layout(width='auto'),
+                                tooltip='Take no new job; the running one stops after its step and goes back to the queue')
+    self.queue_status = W.HTML()
+    self.queue_refresh.on_click(lambda _: self.refresh_queue())
+    self.queue_add.on_click(lambda _: self.add_job())
+    self.queue_cancel.on_click(lambda _: self.cancel_job())
+    self.worker_start.on_click(lambda _: self.start_worker())
+    self.worker_stop.on_click(lambda _: self.stop_worker())
+    self.queue_pick.observe(lambda _: self._sync_queue_buttons(), names='value')
+    return W.VBox([W.HBox([self.queue_jobs, self.queue_refresh]), W.HBox([self.queue_priority, self.queue_add]),
+                   W.HBox([self.queue_pick, self.queue_cancel]), W.HBox([self.worker_start, self.worker_stop]), self.queue_status])
+
+@patch
+def queue(self:TrainForm):
+    "The job queue of the form's `output_dir` (`nbtrain.queue.JobQueue`: `queue.db` there), opened on first use."
+    from nbtrain.queue import JobQueue
+    root = Path(self.output_dir.value.strip() or 'runs')
+    if self._queue is None or Path(self._queue.root) != root: self._queue = JobQueue(root=root)
+    return self._queue
+
+@property
+def _worker_running(self) -> bool: return self._worker_thread is not None and self._worker_thread.is_alive()
+TrainForm.worker_running = _worker_running
+
+@patch
+def _sync_queue_buttons(self:TrainForm):
+    "Cancel while a job is selected; Start worker while none runs from this form, Stop worker while one does."
+    self.queue_cancel.disabled = self.queue_pick.value is None
+    self.worker_start.disabled, self.worker_stop.disabled = self.worker_running, not self.worker_running
+
+@patch
+def refresh_queue(self:TrainForm) -> list[dict]:
+    "Read the queue: its jobs in the table, the queued and running ones in the list to cancel from."
+    try: jobs = self.queue().table()
+    except NbtrainError as e:
+        self.queue_status.value = _msg(f'⚠ {e}', '#c33'); return []
+    self.queue_jobs.value = jobs_html(jobs)
+    live = [j for j in jobs if j['state'] in ('queued', 'running')]
+    pick = self.queue_pick.value
+    self.queue_pick.options = [(f"{j['id']}: {j['name']} ({j['state']}, priority {j['priority']})", j['id']) for j in live] or _NO_JOB
+    if pick in [j['id'] for j in live]: self.queue_pick.value = pick
+    self._sync_queue_buttons()
+    return jobs
+
+@patch
+def add_job(self:TrainForm, priority:int|None=None):
+    "Queue the run the form describes, with `priority` (default: the tab's); the `Job`, or None when the form is invalid."
+    if self.check() is None:
+        self.queue_status.value = _msg('⚠ The form has an error (see the message under its field): fix it to queue the run.', '#c33')
+        return None
+    v = self.values()
+    preset, name = v.pop('preset'), v.pop('name')
+    try: job = self.queue().add(preset, v, priority=self.queue_priority.value if priority is None else priority, name=name)
+    except NbtrainError as e:
+        self.queue_status.value = _msg(f'⚠ {e}', '#c33'); return None
+    self.queue_status.value = _msg(f"Job {job.id} queued: run '{job.name}' (priority {job.priority}) in {job.run_dir}.", '#2a7')
+    self.refresh_queue()
+    return job
+
+@patch
+def cancel_job(self:TrainForm, job_id:int|None=None):
+    "Cancel job `job_id` (default: the one selected); the `Job`, or None when there is none to cancel."
+    job_id = self.queue_pick.value if job_id is None else job_id
+    if job_id is None:
+        self.queue_status.value = _msg('⚠ No queued or running job to cancel.', '#c33'); return None
+    try: job = self.queue().cancel(job_id)
+    except NbtrainError as e:
+        self.queue_status.value = _msg(f'⚠ {e}', '#c33'); return None
+    what = 'cancelled' if job.state == 'cancelled' else 'stops after its current step, with a checkpoint'
+    self.queue_status.value = _msg(f"Job {job.id} ('{job.name}') {what}.", '#a60')
+    self.refresh_queue()
+    return job
+
+@patch
+def start_worker(self:TrainForm, max_jobs:int|None=None, poll_s:float=2.0, **kwargs):
+    "Train the queue's jobs in a background thread (`nbtrain.queue.Worker`, each job in its own process) until it is empty."
+    from nbtrain.queue import Worker
+    if self.worker_running: return self.worker
+    say = lambda *a, **k: self.logbuf.write(' '.join(map(str, a)) + '\n')
+    self.worker = Worker(self.queue(), max_jobs=max_jobs, poll_s=poll_s, say=say, **kwargs)
+    def work(w=self.worker):
+        try:
+            n = w.run()
+            self.queue_status.value = _msg(f"The worker took {n} job(s) and stopped: {w.stop_reason or 'no job left in the queue'}.", '#2a7')
+        except Exception as e: self.queue_status.value = _msg(f'⚠ The worker stopped on an error: {type(e).__name__}: {e}', '#c33')
+        finally:
+            self.logbuf.flush()
+            self._worker_thread = None
+            self.refresh_queue()
+    self._worker_thread = threading.Thread(target=work, name='nbtrain-worker', daemon=True)
+    self._worker_thread.start()
+    self.queue_status.value = _msg('The worker trains the queued jobs one after another; its log is below the form.', '#06c')
+    self._sync_queue_buttons()
+    return self.worker
+
+@patch
+def stop_worker(self:TrainForm, wait:float|None=None):
+    "Stop the worker: no new job; the running one stops after its step with a checkpoint and goes back to the queue."
+    if self.worker is None or not self.worker_running:
+        self.queue_status.value = _msg('No worker is running.', '#a60'); return
+    self.worker.stop('the Stop worker button')
+    self.queue_status.value = _msg('Stopping the worker after the current step...', '#a60')
+    if wait is not None and self._worker_thread is not None: self._worker_thread.join(wait)
 
 # %% ../nbs/18a_ui.ipynb #777c8d52
 class FormView(Callback):

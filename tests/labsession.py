@@ -22,7 +22,7 @@ TEMPLATE = {'source': 'reference', 'reference': 'gpt', 'size': 'tiny', 'batch_si
             'speed_seconds': 0.2}
 # the kernel: one intra-op thread (tiny models, busy machines), nothing from the network, no Drive
 ENV = {'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true', 'NBTRAIN_DRIVE': ''}
-TABS = ['Model', 'Task', 'Data', 'Hyperparameters', 'Checkpoints & Drive', 'Tracking', 'LoRA', 'Evaluation']
+TABS = ['Model', 'Task', 'Data', 'Hyperparameters', 'Checkpoints & Drive', 'Tracking', 'LoRA', 'Evaluation', 'Queue']
 
 def parameterised(src:Path, dest:Path, params:dict) -> Path:
     "A copy of the notebook `src` with `params` injected after its parameters cell, as papermill does."

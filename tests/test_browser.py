@@ -78,6 +78,18 @@ def test_training_form(page):
         assert len(labels) > 100, len(labels)  # every config field, each once
         snap('labels')
 
+        # the Queue tab (open now): the form's run queued with a priority, listed, cancelled
+        queue_table = form.find_element(By.XPATH, ".//div[contains(@class,'widget-html-content')][.//table or .//i[contains(., 'No jobs')]]")
+        assert 'No jobs in the queue yet' in queue_table.text
+        type_into(field(form, 'priority'), '3')
+        button(form, 'Add to queue').click()
+        wait_for(driver, lambda d: 'my-run' in queue_table.text and 'queued' in queue_table.text, 30, 'the job did not appear in the queue')
+        snap('queue')
+        cancel = button(form, 'Cancel job')
+        assert cancel.is_enabled() and button(form, 'Start worker').is_enabled() and not button(form, 'Stop worker').is_enabled()
+        cancel.click()
+        wait_for(driver, lambda d: 'cancelled' in queue_table.text and not cancel.is_enabled(), 30, 'the job was not cancelled')
+
         # buttons: Train can act, Stop and Resume cannot (nothing trains, no run yet)
         train, stop, resume = button(form, 'Train'), button(form, 'Stop'), button(form, 'Resume selected')
         assert train.is_enabled() and not stop.is_enabled() and not resume.is_enabled()
