@@ -199,8 +199,9 @@ _DRIVERS = dict(psycopg2='psycopg2-binary', psycopg='"psycopg[binary]"', MySQLdb
                 pymysql='PyMySQL', mysql='mysql-connector-python', cx_Oracle='cx_Oracle', oracledb='oracledb', pyodbc='pyodbc')
 
 def _creating_too(e:Exception) -> bool:
-    "Whether `e` is another worker creating the same database tables at the same moment."
-    return type(e).__name__ == 'OperationalError' and any(w in str(e) for w in ('already exists', 'database is locked'))
+    "Whether `e` is another worker creating the same database tables (or stamping their version) at the same moment."
+    return (type(e).__name__ == 'IntegrityError' or  # the version row, inserted twice
+            type(e).__name__ == 'OperationalError' and any(w in str(e) for w in ('already exists', 'database is locked')))
 
 def open_storage(storage, default_path, heartbeat_s:int=60, on_stale=None):
     "The Optuna storage for a `search.storage` value (`default_path`: the SQLite file when it is None)."

@@ -19,7 +19,7 @@ from nbtrain.hpo import Search, finished_trials, open_storage
 TINY = {'data': {'corpus_size': 60, 'seq_len': 32}, 'model': {'n_layer': 1, 'd_model': 32, 'n_head': 2},
         'train': {'micro_batch_size': 8, 'max_steps': 5, 'eval_every': 5, 'eval_batches': 2, 'log_every': 5,
                   'progress_bar': False},
-        'checkpoint': {'every_steps': 5}}
+        'checkpoint': {'every_steps': 5}, 'tracking': {'dashboard': False, 'eval_metrics': False}, 'eval': {'samples': False}}
 
 WORKER = textwrap.dedent('''
     import json, sys, time
