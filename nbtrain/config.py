@@ -227,7 +227,7 @@ class ModelConfig(Section):
     _name = 'model'
     name: str = opt('gpt', "A registered reference model ('gpt', 'encoder_classifier', 'vit', 'encoder_decoder'), 'file' for a model.py + config.json export, or 'hf' for a Hugging Face config", choices=Registered(MODELS, 'file', 'hf'))
     size: str = opt('tiny', "Size preset of a reference model (tiny, mini, small, gpt2-small)")
-    path: str|None = opt(None, "model.py / export folder for name='file'; a Hub id (org/name), model type, config or checkpoint folder for name='hf'")
+    path: str|None = opt(None, "model.py / export folder, or a run's final/ folder (training continues from its weights), for name='file'; a Hub id (org/name), model type, config or checkpoint folder for name='hf'")
     trust_code: bool = opt(False, "Allow executing the model.py given in `path`")
     revision: str|None = opt(None, "Hub models (model.path org/name): a branch, tag or commit; the commit it resolves to is recorded, and a resumed run keeps it")
     cache_dir: str|None = opt(None, "Where Hub models are downloaded (None: the Hugging Face cache; in Colab, beside the runs, so a resumed run downloads nothing)")

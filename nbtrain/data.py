@@ -458,7 +458,8 @@ def _mapped_bundle(src, c, t, info, cache) -> DataBundle:
     return DataBundle(train, val, collate, tok, tok.vocab_size, None, info)
 
 def _stream_bundle(src, c, t, seed, info, run_dir, rank, world_size) -> DataBundle:
-    from nbtrain.stream import TokenStream, stream_validation, stream_tokenizer
+    from nbtrain.stream import TokenStream, stream_validation, stream_tokenizer, stream_source
+    src = stream_source(src)  # once: a Hub dataset is looked up once for the tokenizer, the validation slice and the stream
     saved = Path(run_dir)/'tokenizer' if run_dir else None
     if saved is not None and (saved/'tokenizer.json').is_file(): tok = load_tokenizer(saved)  # a resumed run: its own
     else: tok = stream_tokenizer(c.tokenizer, src, vocab_size=c.vocab_size, text_column=c.text_column, split=c.train_split)

@@ -753,7 +753,10 @@ def build_model(model_cfg, *, vocab_size:int|None=None, num_labels:int|None=None
     if isinstance(model_cfg, nn.Module): lm = resolve_model(model_cfg)
     elif model_cfg.name in ('file', 'hf'):
         if not model_cfg.path: raise ConfigError(f"model.path is required when model.name={model_cfg.name!r}")
-        if model_cfg.name == 'hf':
+        p = Path(str(model_cfg.path)).expanduser()
+        if model_cfg.name == 'file' and (is_final_folder(p) or is_final_folder(p/'final')):  # a run's trained model: training goes on from its weights
+            lm = load_final_folder(p, trust_code=bool(getattr(model_cfg, 'trust_code', False)), pad_id=pad_id)
+        elif model_cfg.name == 'hf':
             lm = _hf(model_cfg, vocab_size=vocab_size, num_labels=num_labels, max_seq_len=max_seq_len, task=task, pad_id=pad_id,
                      dtype=dtype, quantize=quantize)
         else:

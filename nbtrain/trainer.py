@@ -189,7 +189,7 @@ class Trainer:
     def _sample(self) -> dict:
         "One training example (of a stream: the first validation example), to size the model."
         d = self.data
-        if self.streaming: return d.val[0] if d.val is not None and len(d.val) else next(iter(d.train))
+        if self.streaming: return d.val[0] if d.val is not None and len(d.val) else d.train.peek()  # peek: the stream stays put
         return d.train[0]
 
 # %% ../nbs/11_trainer.ipynb #9a82240d
@@ -358,6 +358,9 @@ def _epoch_ended(self:Trainer) -> bool:
     "Whether the step just taken ended a pass over the training data."
     if self.steps_per_epoch is not None: return self.step % self.steps_per_epoch == 0
     e = self.train_loader.epoch  # passes the stream has completed, as of the last batch it handed out
+    f = self.fabric
+    if f.world_size > 1:  # each process's shards end at a different step: they agree, or one would evaluate alone
+        e = int(f.all_reduce(torch.tensor(e, device=f.device), reduce_op='max').item())
     ended, self._passes_seen = e > self._passes_seen, e
     return ended
 
@@ -498,6 +501,11 @@ def _default_callbacks(self:Trainer, given=()) -> list:
         es = EarlyStopping(t.early_stopping_metric, t.early_stopping_patience, t.early_stopping_mode, t.early_stopping_min_delta)
         es.critical = True  # a run asked to stop early must not silently run to the end
         cbs.append(es)
+    if self.cfg.alerts.rules:  # rules on the metrics: parsed now, so a bad rule fails before training
+        from nbtrain.alerts import AlertRules
+        if AlertRules not in mine: cbs.append(AlertRules(self.cfg))
+    from nbtrain.drift import DataProfile  # data_profile.json: what `nbtrain drift` compares new data with
+    if DataProfile not in mine: cbs.append(DataProfile())
     return cbs
 
 # %% ../nbs/11_trainer.ipynb #264336e3
