@@ -5,7 +5,7 @@ and one shared folder for the SQLite file (as on one machine); they start each s
 process pair runs the journal search, then the SQLite one. Trials are tiny (a
 one-layer GPT, 5 optimizer steps) and torch runs on one thread in each process.
 """
-import contextlib, functools, io, json, os, subprocess, sys, textwrap, time
+import contextlib, functools, importlib.util, io, json, os, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 import yaml
@@ -109,10 +109,18 @@ def test_a_postgresql_url_reaches_optuna(tmp_path, monkeypatch, capsys):
     assert seen == [url]
     msg = str(e.value)
     assert 'search.storage=' in msg and 's3cret' not in msg and 'user:***@127.0.0.1:9/hpo' in msg
-    # the driver SQLAlchemy picks for postgresql:// (psycopg2 up to SQLAlchemy 2.0, psycopg from 2.1) is not installed here
-    assert 'pip install psycopg2-binary' in msg or 'pip install "psycopg[binary]"' in msg, msg
-    with pytest.raises(ConfigError, match='pip install psycopg2-binary'):
-        Search(tmp_path/'search.yaml', storage='postgresql+psycopg2://user:s3cret@127.0.0.1:9/hpo', name='pg').open_study()
+    # without the driver SQLAlchemy picks for postgresql:// (psycopg2 up to SQLAlchemy 2.0, psycopg from 2.1): what to install;
+    # with it: no server listens on port 9
+    assert 'pip install psycopg2-binary' in msg or 'pip install "psycopg[binary]"' in msg or 'cannot open the database' in msg, msg
+    pg2 = 'postgresql+psycopg2://user:s3cret@127.0.0.1:9/hpo'
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, 'psycopg2', None)  # as on a machine without it
+        with pytest.raises(ConfigError, match='needs a database driver that is not installed .*pip install psycopg2-binary'):
+            Search(tmp_path/'search.yaml', storage=pg2, name='pg').open_study()
+    if importlib.util.find_spec('psycopg2') is not None:  # the driver is there: the server is not
+        with pytest.raises(ConfigError, match="cannot open the database .*Check that the server is up") as e2:
+            Search(tmp_path/'search.yaml', storage=pg2, name='pg').open_study()
+        assert 's3cret' not in str(e2.value)
 
     # the same from the command line: one line naming the option, no traceback, no password
     assert main(['search', '--config', str(tmp_path/'search.yaml'), '--name', 'pg', '--storage', url]) == 2
