@@ -477,6 +477,11 @@ class AlertsConfig(Section):
     rules: list[str]|None = opt(None, "Rules on the logged metrics, each firing once through the alert path (W&B, the notebook, the log), e.g. 'val_loss > 2.5 after 500', 'val_acc drop 5% from best', 'no improvement for 1000 steps', 'tokens_per_s < 50% of median'; end a rule with 'then stop' to also stop the run with a checkpoint")
     stop: bool = opt(False, "Every rule that fires also stops the run (with a checkpoint), as if it ended with 'then stop'")
 
+    def check(self):
+        if self.rules is not None:
+            from nbtrain.alerts import check_rules  # parsed now: a bad rule fails when the config is read
+            check_rules(self.rules)
+
 # %% ../nbs/02_config.ipynb #21276b30
 _SECTIONS = dict(model=ModelConfig, task=TaskConfig, data=DataConfig, optim=OptimConfig, schedule=ScheduleConfig,
                  train=TrainConfig, checkpoint=CheckpointConfig, monitor=MonitorConfig, tracking=TrackingConfig,
