@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from .errors import DataError, did_you_mean, format_choices
 from .registry import COLLATORS, TOKENIZERS, Registry
-from .repro import seed_worker
+from .repro import seed_worker, mix64
 from .embedded import (embedded_corpus, embedded_sentiment, SENTIMENT_LABELS, digits_images, save_image_folder,
                               synthetic_data, SYNTHETIC_VOCAB, SYNTHETIC_LABELS, SYNTHETIC_TASKS)
 from .sources import (Table, LazyColumn, open_source, pick_splits, find_column, given_column, text_values, encode_labels,
@@ -765,22 +765,13 @@ def _token_bundle(splits, c, t, seed, info, cache, run_dir) -> DataBundle:
                       parts.get('test'))
 
 # %% ../nbs/08f_data.ipynb #4cb6e4fd
-_M64 = (1 << 64) - 1
-
-def _mix64(x:int) -> int:
-    "splitmix64's finaliser: a cheap, well-spread hash of a 64-bit integer."
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
 def epoch_seed(seed:int, epoch:int) -> int:
     "The generator seed of `epoch` in a run seeded with `seed`."
     return (int(seed) * 0x9E3779B1 + int(epoch)) % 2**63
 
 def sample_seed(seed:int, epoch:int, index:int) -> int:
     "The seed of sample `index`'s random choices (masking, augmentation) in `epoch`."
-    return _mix64(epoch_seed(seed, epoch) ^ _mix64(int(index))) % 2**63
+    return mix64(epoch_seed(seed, epoch) ^ mix64(int(index))) % 2**63
 
 class EpochSampler(Sampler):
     "Keys `(index, epoch)` in an order fixed by `(seed, epoch)` (shuffled when `shuffle`); a pass can begin at `start`."

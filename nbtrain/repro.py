@@ -15,7 +15,8 @@ import torch
 from .files import write_json
 
 # %% auto #0
-__all__ = ['PACKAGES', 'seed_everything', 'seed_worker', 'rng_state', 'set_rng_state', 'git_info', 'env_snapshot', 'write_env']
+__all__ = ['PACKAGES', 'seed_everything', 'seed_worker', 'mix64', 'rng_state', 'set_rng_state', 'git_info', 'env_snapshot',
+           'write_env']
 
 # %% ../nbs/03_repro.ipynb #199563ea
 def seed_everything(seed:int, deterministic:bool=False) -> None:
@@ -37,6 +38,16 @@ def seed_worker(worker_id:int) -> None:
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
+
+# %% ../nbs/03_repro.ipynb #51be0151
+_M64 = (1 << 64) - 1
+
+def mix64(x:int) -> int:
+    "splitmix64's finaliser: a cheap, well-spread hash of a 64-bit integer."
+    x = (int(x) + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
 
 # %% ../nbs/03_repro.ipynb #fa8d6dbc
 def rng_state() -> dict:

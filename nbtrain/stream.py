@@ -19,6 +19,7 @@ from .sources import (Table, canonical_split, find_column, hf_offline, hub_endpo
                              split_documents, FILE_TYPES, IMAGE_SUFFIXES, NAMED_SOURCES)
 from .tokenizer import Tokenizer, ByteTokenizer, build_tokenizer
 from .processing import IGNORE_INDEX, PackedLMDataset, collate_stack
+from .repro import mix64
 
 # %% auto #0
 __all__ = ['STREAM_BUILDERS', 'STATE_FORMAT', 'STREAM_TASKS', 'StreamSource', 'stream_source', 'stream_seed', 'TokenStream',
@@ -207,17 +208,9 @@ def _hub_source(spec:str, name:str, config:str|None) -> StreamSource:
     return StreamSource(spec, origin, (name, config))
 
 # %% ../nbs/08h_stream.ipynb #7c927618
-_M64 = (1 << 64) - 1
-def _mix64(x:int) -> int:
-    "splitmix64's finaliser: a well-mixed 64-bit integer of `x`."
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
 def stream_seed(seed:int, epoch:int, rank:int=0) -> int:
     "The key of the random draws of pass `epoch` of process `rank` in a run seeded with `seed`."
-    return _mix64(_mix64(_mix64(int(seed)) ^ int(epoch)) ^ int(rank))
+    return mix64(mix64(mix64(int(seed)) ^ int(epoch)) ^ int(rank))
 
 _EMPTY = np.zeros(0, dtype=np.int32)
 STATE_FORMAT = 'nbtrain-stream/1'
@@ -373,7 +366,7 @@ class TokenStream:
 
     def _draw(self, n:int) -> int:
         self._draws += 1
-        return _mix64(self._key ^ self._draws) % n
+        return mix64(self._key ^ self._draws) % n
 
     def _next_doc(self):
         "The next document out of the shuffle buffer, None at the end of the pass."
@@ -466,7 +459,7 @@ class StreamLoader:
     def _seeds(self, n:int) -> list[int]:
         s = self.stream
         key = stream_seed(s.seed, s.epoch, s.rank)
-        return [_mix64(key ^ _mix64(b)) % 2**63 for b in range(s.blocks - n, s.blocks)]
+        return [mix64(key ^ mix64(b)) % 2**63 for b in range(s.blocks - n, s.blocks)]
 
     def _batches(self):
         "(batch, state after it, whether it ends the pass) of the pass in progress: one batch is held back until the next exists."

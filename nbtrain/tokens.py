@@ -20,6 +20,7 @@ from .files import human_bytes
 from .processing import digest, default_cache_dir, on_drive
 from .sources import Table, canonical_split, find_column, hf_offline, hub_endpoint, hub_reachable, read_json, resolve_path
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, build_tokenizer, load_tokenizer
+from .repro import mix64
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'MANIFEST', 'STATE', 'SHARD_MB', 'VAL_FRACTION', 'BPE_SAMPLE_MB', 'TEXT_SUFFIXES',
@@ -257,11 +258,7 @@ def _is_validation(i:int, fraction:float) -> bool:
     "Document `i` of a source without a validation split is held out: the second one, and those whose splitmix64 hash falls under `fraction`."
     if fraction <= 0: return False
     if i == 1: return True  # so that any corpus of two documents or more has a validation split
-    m = (1 << 64) - 1
-    z = (i + 0x9E3779B97F4A7C15) & m
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-    return (z ^ (z >> 31)) < fraction * 2.0 ** 64
+    return mix64(i) < fraction * 2.0 ** 64
 
 def _jobs(src:TextSource, shard_chars:int, val_fraction:float) -> Iterator[tuple[str, int, list[str], int]]:
     "`(split, shard, documents, source bytes)`: whole documents cut into shards of about `shard_chars` characters, in order."
