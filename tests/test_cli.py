@@ -164,9 +164,14 @@ def test_generate_and_eval_mistakes_are_one_line(tmp_path):
              (['generate', str(tmp_path), '--prompt', 'a'], 'has no final model'),
              (['eval', str(tmp_path/'nope')], 'no such folder'),
              (['eval', str(run), '--splt', 'test'], "Did you mean '--split'?")]  # the rest: in-process, in nbs/12_cli.ipynb
-    for argv, words in cases:
-        r = nbtrain(*argv, env=ONE_THREAD)
-        assert r.returncode == 2 and words in r.stderr and 'Traceback' not in r.stderr, (argv, r.stderr[-2000:])
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = nbtrain('--help')
-    assert 'generate' in r.stdout and 'eval' in r.stdout
+    e = {**os.environ, 'PYTHONUNBUFFERED': '1', **ONE_THREAD}
+    ps = [subprocess.Popen([sys.executable, '-m', 'nbtrain.cli', *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+          for argv in [a for a, _ in cases] + [['--help']]]  # all at once: on a 2-core machine one's imports overlap another's
+    try: outs = [p.communicate(timeout=300) for p in ps]
+    finally:
+        for p in ps:
+            if p.poll() is None: p.kill(); p.wait()
+    for (argv, words), p, (out, err) in zip(cases, ps, outs):
+        assert p.returncode == 2 and words in err and 'Traceback' not in err, (argv, err[-2000:])
+        assert len(err.strip().splitlines()) == 1, err
+    assert ps[-1].returncode == 0 and 'generate' in outs[-1][0] and 'eval' in outs[-1][0]
