@@ -4,7 +4,7 @@ import pytest
 
 @pytest.mark.slow
 def test_main_job_learns(tmp_path):
-    r = subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--train.max_steps', '150', '--train.eval_every', '75'],
+    r = subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--train.max_steps', '100', '--train.eval_every', '50'],
                        capture_output=True, text=True, cwd=tmp_path, timeout=600, env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
     start = float(re.search(r'validation loss at start: ([\d.]+)', r.stdout).group(1))
