@@ -4,15 +4,48 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_throughput.py'
+LOSS_BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'loss_memory.py'
+LORA_BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'lora.py'
+GENERATE_BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'generate.py'
 ROWS = ('plain loop', 'nbtrain', 'transformers.Trainer', 'Lightning Trainer', 'nbtrain reference GPT')
 
+# The smoke runs, each a subprocess (a benchmark sets process-wide state: torch threads, warning filters, compiler
+# caches): (the modules it needs, its arguments, whether it runs in a folder of its own, its extra environment).
+SMOKE = {'gpu_throughput': (('transformers', 'accelerate', 'lightning'),
+                            [BENCH, '--size', 'cpu-tiny', '--steps', '2', '--warmup', '1', '--log-every', '1'], True, {}),
+         'loss_memory': ((), [LOSS_BENCH, '--tokens', '1024', '--steps', '1', '--cpu'], False, {}),
+         'lora': (('transformers', 'peft'), [LORA_BENCH, '--quick'], True, {}),
+         'generate': (('transformers',), [GENERATE_BENCH, '--quick', '--threads', '1'], False, {'PYTHONUNBUFFERED': '1'})}
+
+@pytest.fixture(scope='module')
+def smoke(request, tmp_path_factory):
+    """The smoke runs of the tests selected in this module, all started at once (on a 2-core machine one's imports and
+    single-threaded phases overlap another's); `smoke(name)` waits for one and returns its result."""
+    import importlib.util
+    wanted = {n for item in request.session.items if item.module is request.module for n in SMOKE if item.name == f'test_{n}_cpu_smoke'}
+    procs = {}
+    for name in wanted:
+        needs, argv, own_dir, extra = SMOKE[name]
+        if not all(importlib.util.find_spec(m) for m in needs): continue  # the test skips itself
+        env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', **extra}
+        cwd = None
+        if own_dir:
+            cwd = tmp_path_factory.mktemp(name)
+            env.update(PYTHONUNBUFFERED='1', TMPDIR=str(cwd))
+        procs[name] = subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, env=env, cwd=cwd)
+    def result(name):
+        p = procs[name]
+        out, err = p.communicate(timeout=300)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    yield result
+    for p in procs.values():
+        if p.poll() is None: p.kill(); p.communicate()
+
 @pytest.mark.slow
-def test_gpu_throughput_cpu_smoke(tmp_path):
+def test_gpu_throughput_cpu_smoke(smoke):
     pytest.importorskip('transformers'); pytest.importorskip('accelerate'); pytest.importorskip('lightning')
-    # a subprocess: the benchmark sets process-wide state (torch threads, warning filters, compiler caches)
-    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'PYTHONUNBUFFERED': '1', 'TMPDIR': str(tmp_path)}
-    r = subprocess.run([sys.executable, str(BENCH), '--size', 'cpu-tiny', '--steps', '2', '--warmup', '1', '--log-every', '1'],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = smoke('gpu_throughput')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     lines = out.splitlines()
@@ -38,13 +71,10 @@ def test_gpu_throughput_rejects_unknown_arm():
     r = subprocess.run([sys.executable, str(BENCH), '--arms', 'plain,deepspeed'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and 'unknown deepspeed' in r.stderr, r.stderr[-2000:]
 
-LOSS_BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'loss_memory.py'
-
 @pytest.mark.slow
-def test_loss_memory_cpu_smoke():
+def test_loss_memory_cpu_smoke(smoke):
     "The chunked loss over 51M bf16 logits (2 chunks) against the textbook one: same loss and gradient, less memory."
-    r = subprocess.run([sys.executable, str(LOSS_BENCH), '--tokens', '1024', '--steps', '1', '--cpu'],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
+    r = smoke('loss_memory')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert out.startswith('CPU RUN, NO GPU: head 768 -> 50,304 over 1,024 tokens = 52M logits, bf16 autocast'), out
@@ -54,14 +84,11 @@ def test_loss_memory_cpu_smoke():
     assert ratio < 1, out  # at this small size the fixed chunk takes part of the gain; the 8,192-token default shows 0.44
     assert 'target step time nbtrain / textbook <= 1.05: ' in out and 'not judged on CPU' in out
 
-LORA_BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'lora.py'
-
 @pytest.mark.slow
-def test_lora_cpu_smoke(tmp_path):
+def test_lora_cpu_smoke(smoke):
     "Full fine-tuning, LoRA through nbtrain and LoRA with peft in a plain loop, at --quick size: every arm runs and reports."
     pytest.importorskip('transformers'); pytest.importorskip('peft')
-    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'PYTHONUNBUFFERED': '1', 'TMPDIR': str(tmp_path)}
-    r = subprocess.run([sys.executable, str(LORA_BENCH), '--quick'], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = smoke('lora')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert out.startswith('CPU RUN, NO GPU: scaled-down check, --quick smoke test'), out
@@ -80,14 +107,11 @@ def test_lora_cpu_smoke(tmp_path):
     ck = re.search(r'target LoRA checkpoint / full < 5%: ([\d.]+)% -- (met|NOT met)', out)
     assert ck and float(ck.group(1)) < 5, out
 
-GENERATE_BENCH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'generate.py'
-
 @pytest.mark.slow
-def test_generate_cpu_smoke():
+def test_generate_cpu_smoke(smoke):
     "The reference GPT with and without its KV cache, and a transformers GPT-2, at --quick size: every arm runs and reports."
     pytest.importorskip('transformers')
-    r = subprocess.run([sys.executable, str(GENERATE_BENCH), '--quick', '--threads', '1'], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'PYTHONUNBUFFERED': '1'})
+    r = smoke('generate')
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert out.startswith("CPU RUN, NO GPU: --quick smoke test, 1 threads -- reference GPT 'tiny'"), out
