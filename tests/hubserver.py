@@ -327,17 +327,7 @@ class Handler(BaseHTTPRequestHandler):
         if r is None or (oid := self._resolved(r, rev)) is None: return
         recursive = query.get('recursive', ['false'])[0].lower() in ('1', 'true')
         prefix = path.rstrip('/') + '/' if path else ''
-        entries, dirs = [], set()
-        for p, b in sorted(r.commits[oid]['files'].items()):
-            if not p.startswith(prefix): continue
-            rest = p[len(prefix):]
-            if '/' in rest and not recursive:
-                dirs.add(prefix + rest.split('/')[0]); continue
-            if recursive:
-                parts = rest.split('/')[:-1]
-                dirs.update(prefix + '/'.join(parts[:i + 1]) for i in range(len(parts)))
-            entries.append({'type': 'file', 'path': p, 'size': len(b), 'oid': git_blob_sha(b)})
-        entries += [{'type': 'directory', 'path': d, 'size': 0, 'oid': git_blob_sha(d.encode())} for d in sorted(dirs)]
+        entries = self._entries(r.commits[oid]['files'], prefix, recursive)
         if prefix and not entries: return self._error(404, f'Path not found: {path}', 'EntryNotFound')
         self._send(200, entries)
 
