@@ -18,12 +18,45 @@ def only_run(out_dir:Path) -> Path:
     assert len(runs) == 1, runs
     return runs[0]
 
-def test_help_lists_commands():
-    r = nbtrain('--help')
+# The quick commands of the tests below, by test: started all at once when the first of them runs (on a 2-core machine
+# one's imports overlap another's); each test reads its own result. {folder}: an empty folder of that test's own.
+CHECK_QUICK = ['--tiers', '1', '--quick', '--batch-size', '2', '--seq-len', '16']
+ONE_THREAD = {'OMP_NUM_THREADS': '1'}
+EARLY = {'test_help_lists_commands': (['--help'], None),
+         'test_bad_override_is_one_clear_line': (['train', '--optim.lerning_rate', '1e-3', '--output_dir', '{folder}'], None),
+         'test_check_a_file_export_writes_the_report_and_exits_0':
+             (['check', str(FIXTURES/'gist_gpt'), '--trust-code', *CHECK_QUICK, '--out', '{folder}/report'], ONE_THREAD),
+         'test_check_a_file_export_needs_trust_code':
+             (['check', str(FIXTURES/'gist_gpt'), *CHECK_QUICK, '--out', '{folder}/report'], ONE_THREAD),
+         'test_check_a_faulty_model_exits_1_and_names_the_check':
+             (['check', str(FIXTURES/'faulty'/'dead_block'), '--trust-code', *CHECK_QUICK, '--out', '{folder}/report'], ONE_THREAD),
+         'test_check_unknown_tier_is_a_user_error': (['check', 'gpt', '--tiers', '1,3', '--out', '{folder}/report'], None)}
+
+@pytest.fixture(scope='module')
+def early(request, tmp_path_factory):
+    "`early(test_name)`: (the result of that test's command in EARLY, its folder)."
+    procs = {}
+    for item in request.session.items:
+        if item.module is request.module and item.name in EARLY and item.name not in procs:
+            argv, env = EARLY[item.name]
+            folder = tmp_path_factory.mktemp(item.name[5:25])
+            procs[item.name] = folder, subprocess.Popen([sys.executable, '-m', 'nbtrain.cli', *(a.format(folder=folder) for a in argv)],
+                                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                        env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
+    def result(name):
+        folder, p = procs[name]
+        out, err = p.communicate(timeout=300)
+        return subprocess.CompletedProcess(p.args, p.returncode, out, err), folder
+    yield result
+    for _, p in procs.values():
+        if p.poll() is None: p.kill(); p.communicate()
+
+def test_help_lists_commands(early):
+    r, _ = early('test_help_lists_commands')
     assert r.returncode == 0 and 'train' in r.stdout and 'config' in r.stdout
 
-def test_bad_override_is_one_clear_line(tmp_path):
-    r = nbtrain('train', '--optim.lerning_rate', '1e-3', '--output_dir', str(tmp_path))
+def test_bad_override_is_one_clear_line(early):
+    r, tmp_path = early('test_bad_override_is_one_clear_line')
     assert r.returncode == 2
     assert "Unknown config key 'optim.lerning_rate'. Did you mean 'lr'?" in r.stderr
     assert 'Traceback' not in r.stderr
@@ -98,13 +131,10 @@ def test_second_session_refused_while_a_run_trains_then_takes_over_when_it_is_go
     assert 'Took over run folder' in r.stderr and 'that session is gone' in r.stderr
     assert f'Resumed from' in r.stdout and not (run/'.nbtrain-lock.json').exists()
 
-# `nbtrain check`: the model checks as a CI step. Tier 1 only, a quick run, one thread: a few seconds each.
-CHECK_QUICK = ['--tiers', '1', '--quick', '--batch-size', '2', '--seq-len', '16']
-ONE_THREAD = {'OMP_NUM_THREADS': '1'}
-
-def test_check_a_file_export_writes_the_report_and_exits_0(tmp_path):
+# `nbtrain check`: the model checks as a CI step. Tier 1 only, a quick run, one thread: a few seconds each (CHECK_QUICK, above).
+def test_check_a_file_export_writes_the_report_and_exits_0(early):
+    r, tmp_path = early('test_check_a_file_export_writes_the_report_and_exits_0')
     out = tmp_path/'report'
-    r = nbtrain('check', str(FIXTURES/'gist_gpt'), '--trust-code', *CHECK_QUICK, '--out', str(out), env=ONE_THREAD)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads((out/'report.json').read_text())
     assert rep['ok'] and rep['model']['source']['kind'] == 'file'
@@ -113,22 +143,22 @@ def test_check_a_file_export_writes_the_report_and_exits_0(tmp_path):
     for c in rep['checks']: assert f" {c['name']} " in r.stdout  # a line per check as it ran
     assert 'summary:' in r.stdout and 'passed' in r.stdout
 
-def test_check_a_file_export_needs_trust_code(tmp_path):
-    r = nbtrain('check', str(FIXTURES/'gist_gpt'), *CHECK_QUICK, '--out', str(tmp_path/'report'), env=ONE_THREAD)
+def test_check_a_file_export_needs_trust_code(early):
+    r, tmp_path = early('test_check_a_file_export_needs_trust_code')
     assert r.returncode == 2
     assert 'pass --trust-code' in r.stderr and 'model.py' in r.stderr and 'Traceback' not in r.stderr
     assert not (tmp_path/'report').exists()  # nothing ran, nothing written
 
-def test_check_a_faulty_model_exits_1_and_names_the_check(tmp_path):
+def test_check_a_faulty_model_exits_1_and_names_the_check(early):
+    r, tmp_path = early('test_check_a_faulty_model_exits_1_and_names_the_check')
     out = tmp_path/'report'
-    r = nbtrain('check', str(FIXTURES/'faulty'/'dead_block'), '--trust-code', *CHECK_QUICK, '--out', str(out), env=ONE_THREAD)
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'FAILED: gradient_flow [fail]' in r.stdout and 'Traceback' not in r.stderr
     rep = json.loads((out/'report.json').read_text())
     assert not rep['ok'] and rep['model']['check_command']['exit_status'] == 1
 
-def test_check_unknown_tier_is_a_user_error(tmp_path):
-    r = nbtrain('check', 'gpt', '--tiers', '1,3', '--out', str(tmp_path/'report'))
+def test_check_unknown_tier_is_a_user_error(early):
+    r, _ = early('test_check_unknown_tier_is_a_user_error')
     assert r.returncode == 2 and "--tiers='1,3': there is no tier '3'" in r.stderr and 'Traceback' not in r.stderr
 
 # `nbtrain generate` and `nbtrain eval` on a run folder written here (an untrained character GPT: no training needed)
