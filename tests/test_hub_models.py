@@ -37,14 +37,26 @@ def hub(tmp_path):
     with HubServer(tokens={TOKEN: 'alice'}) as h: yield h
 
 
-def nbtrain(tmp_path, hub, *args, token=None, offline=False):
+def start(tmp_path, hub, *args, token=None, offline=False, cache='cache'):
+    "`nbtrain train` on a Hub model, started in the background; `done` waits for it."
     env = {k: v for k, v in os.environ.items() if k not in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN')}
     env.update(HF_ENDPOINT=hub.url, OMP_NUM_THREADS='1', HF_HUB_DISABLE_TELEMETRY='1')
     if token: env['HF_TOKEN'] = token
     if offline: env['HF_HUB_OFFLINE'] = '1'
-    return subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(tmp_path/'runs'),
-                           '--model.name', 'hf', '--model.cache_dir', str(tmp_path/'cache'), *TINY, *args],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    return subprocess.Popen([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(tmp_path/'runs'),
+                             '--model.name', 'hf', '--model.cache_dir', str(tmp_path/cache), *TINY, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+
+def done(*ps):
+    "Wait for runs `start` started (several at once: on a 2-core machine one's imports overlap another's); their results."
+    try:
+        outs = [p.communicate(timeout=300) for p in ps]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(ps, outs)]
+    finally:
+        for p in ps:
+            if p.poll() is None: p.kill(); p.wait()
+
+def nbtrain(tmp_path, hub, *args, **kw): return done(start(tmp_path, hub, *args, **kw))[0]
 
 
 def downloads(hub) -> int: return sum(r.kind == 'resolve' and r.method == 'GET' for r in hub.state.requests)
@@ -63,13 +75,13 @@ def test_a_hub_model_by_id_downloads_once_starts_pretrained_and_keeps_its_commit
 
     second = upload(hub, 'alice/tiny-gpt2', tiny_gpt2(1), tmp_path)  # the repository moves on
     assert second != first
-    p = nbtrain(tmp_path, hub, '--model.path', 'alice/tiny-gpt2', '--name', 'ft')  # the same run, on to 2 steps
+    p, pinned = done(start(tmp_path, hub, '--model.path', 'alice/tiny-gpt2', '--name', 'ft'),  # the same run, on to 2 steps
+                     # and at the same time, offline: a pinned commit in the cache is enough
+                     start(tmp_path, hub, '--model.path', 'alice/tiny-gpt2', '--model.revision', first, '--name', 'pinned', offline=True))
     assert p.returncode == 0, p.stderr[-3000:]
     assert f'model.revision: {first}, the commit this run started from' in p.stdout
-    assert downloads(hub) == n  # nothing downloaded again: the commit is in the cache
-
-    p = nbtrain(tmp_path, hub, '--model.path', 'alice/tiny-gpt2', '--model.revision', first, '--name', 'pinned', offline=True)
-    assert p.returncode == 0, p.stderr[-3000:]  # offline, a pinned commit in the cache is enough
+    assert downloads(hub) == n  # nothing downloaded again: the commit is in the cache (and offline nothing is asked)
+    assert pinned.returncode == 0, pinned.stderr[-3000:]
 
     from safetensors.torch import load_file
     base = tiny_gpt2(0).state_dict()
@@ -81,17 +93,24 @@ def test_a_hub_model_by_id_downloads_once_starts_pretrained_and_keeps_its_commit
 
 def test_private_unknown_and_offline_repositories_say_what_to_do(hub, tmp_path):
     upload(hub, 'alice/secret-gpt2', tiny_gpt2(0), tmp_path, private=True)
-    p = nbtrain(tmp_path, hub, '--model.path', 'alice/secret-gpt2', '--name', 'a')
+    # five runs in two rounds of runs at once. The first without a token has a cache of its own, empty (the one with the
+    # token fills the other); the typo and the unknown revision come after the download, with the model in the cache.
+    a, b, d = done(start(tmp_path, hub, '--model.path', 'alice/secret-gpt2', '--name', 'a', cache='cache-a'),
+                   start(tmp_path, hub, '--model.path', 'alice/secret-gpt2', '--name', 'b', '--train.max_steps', '1', token=TOKEN),
+                   start(tmp_path, hub, '--model.path', 'alice/never-seen', '--name', 'd', offline=True))
+    c, e = done(start(tmp_path, hub, '--model.path', 'alice/secret-gtp2', '--name', 'c', token=TOKEN),
+                start(tmp_path, hub, '--model.path', 'alice/secret-gpt2', '--model.revision', 'v9', '--name', 'e', token=TOKEN))
+    p = a
     assert p.returncode == 2 and 'Traceback' not in p.stderr
     assert "No model 'alice/secret-gpt2' on the Hub, or it is private (then set the HF_TOKEN secret" in p.stderr, p.stderr[-2000:]
-    p = nbtrain(tmp_path, hub, '--model.path', 'alice/secret-gpt2', '--name', 'b', '--train.max_steps', '1', token=TOKEN)
+    p = b
     assert p.returncode == 0, p.stderr[-3000:]
     leaked = [str(f) for f in tmp_path.rglob('*') if f.is_file() and TOKEN.encode() in f.read_bytes()]
     assert not leaked and TOKEN not in p.stdout + p.stderr, leaked
 
-    p = nbtrain(tmp_path, hub, '--model.path', 'alice/secret-gtp2', '--name', 'c', token=TOKEN)
+    p = c
     assert p.returncode == 2 and "Did you mean 'alice/secret-gpt2'?" in p.stderr, p.stderr[-2000:]
-    p = nbtrain(tmp_path, hub, '--model.path', 'alice/never-seen', '--name', 'd', offline=True)
+    p = d
     assert p.returncode == 2 and 'Cannot download alice/never-seen: no network (HF_HUB_OFFLINE is set)' in p.stderr, p.stderr[-2000:]
-    p = nbtrain(tmp_path, hub, '--model.path', 'alice/secret-gpt2', '--model.revision', 'v9', '--name', 'e', token=TOKEN)
+    p = e
     assert p.returncode == 2 and "has no revision 'v9'" in p.stderr, p.stderr[-2000:]
