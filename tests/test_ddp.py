@@ -15,12 +15,33 @@ DDP = ['--train.micro_batch_size', '8', '--train.grad_accum', '1', '--train.devi
 FSDP = ['--train.micro_batch_size', '8', '--train.grad_accum', '1', '--train.devices', '2', '--train.strategy', 'fsdp']
 pytestmark = pytest.mark.slow
 
-def nbtrain(out, name, *args):
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(out), '--name', name, *COMMON, *args],
-                       capture_output=True, text=True, timeout=600, env=env)
+def launch(out, argv):
+    "Start `nbtrain train` with `argv` in the background, its output going to files; `finish` waits for it."
+    log = out/f"launch-{len(list(out.glob('launch-*.out')))}"
+    with open(f'{log}.out', 'w') as o, open(f'{log}.err', 'w') as e:
+        p = subprocess.Popen([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(out), *argv], stdout=o, stderr=e,
+                             text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'})
+    p.log = log
+    return p
+
+def finish(p, timeout=600):
+    "Wait for a run `launch` started; assert that it succeeded; its result (returncode, stdout, stderr)."
+    try: p.wait(timeout)
+    finally:
+        if p.poll() is None: p.kill(); p.wait()
+    r = subprocess.CompletedProcess(p.args, p.returncode, open(f'{p.log}.out').read(), open(f'{p.log}.err').read())
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
+
+def together(*launched):
+    "Runs started together finish together: on a 2-core machine one's imports and single-process phases overlap another's."
+    ps = list(launched)
+    try: return [finish(p) for p in ps]
+    finally:
+        for p in ps:
+            if p.poll() is None: p.kill(); p.wait()
+
+def start(out, name, *args): return launch(out, ['--name', name, *COMMON, *args])
 
 def weights(out, name): return load_file(out/name/'final'/'model.safetensors')
 
@@ -55,13 +76,16 @@ def cut_back(out, src, dst, step='step-000000006'):
     shutil.rmtree(out/dst/'final'); shutil.rmtree(out/dst/'checkpoints'/step)
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
+def started(tmp_path_factory):
+    "One process, DDP and FSDP on the same settings, started at once; the tests below read their run folders."
     out = tmp_path_factory.mktemp('distributed')
-    nbtrain(out, 'single', *ONE)
-    return out
+    return out, together(*(start(out, name, *args) for name, args in (('single', ONE), ('ddp', DDP), ('fsdp', FSDP))))
 
-def test_ddp_two_processes_match_one_process_same_global_batch(runs):
-    r = nbtrain(runs, 'ddp', *DDP)
+@pytest.fixture(scope='module')
+def runs(started): return started[0]
+
+def test_ddp_two_processes_match_one_process_same_global_batch(runs, started):
+    r = started[1][1]
     worst = max_diff(weights(runs, 'single'), weights(runs, 'ddp'))
     assert worst < 1e-5, f'DDP weights differ from one process by up to {worst:.2e}'
     # written once: one row per logged step, checkpoints at steps 3 and 6, no leftovers of a second writer
@@ -73,8 +97,8 @@ def test_ddp_two_processes_match_one_process_same_global_batch(runs):
     assert sorted(one) == [(0, 'val'), (3, 'val'), (6, 'test'), (6, 'val')]
     same_metrics(one, ddp)
 
-def test_fsdp_two_processes_match_one_process_same_global_batch(runs):
-    r = nbtrain(runs, 'fsdp', *FSDP)
+def test_fsdp_two_processes_match_one_process_same_global_batch(runs, started):
+    r = started[1][2]
     worst = max_diff(weights(runs, 'single'), weights(runs, 'fsdp'))
     assert worst < 1e-5, f'FSDP weights differ from one process by up to {worst:.2e}'
     one, sharded = logged(runs, 'single'), logged(runs, 'fsdp')
@@ -91,15 +115,12 @@ def test_fsdp_two_processes_match_one_process_same_global_batch(runs):
     same_metrics(evaluated(runs, 'single'), evaluated(runs, 'fsdp'))
 
 def test_checkpoints_resume_across_fsdp_and_one_process(runs):
-    if not (runs/'fsdp'/'final').exists(): nbtrain(runs, 'fsdp', *FSDP)
-    # FSDP resumes its own checkpoint exactly: the same weights as the run that was never stopped
-    cut_back(runs, 'fsdp', 'fsdp-resumed')
-    r = nbtrain(runs, 'fsdp-resumed', *FSDP)
+    # FSDP resumes its own checkpoint exactly (the same weights as the run that was never stopped); a checkpoint written
+    # under FSDP resumes on one process, and one written by one process resumes under FSDP. The three run at once.
+    cut_back(runs, 'fsdp', 'fsdp-resumed'); cut_back(runs, 'fsdp', 'fsdp-then-one'); cut_back(runs, 'single', 'one-then-fsdp')
+    r, _, _ = together(start(runs, 'fsdp-resumed', *FSDP), start(runs, 'fsdp-then-one', *ONE), start(runs, 'one-then-fsdp', *FSDP))
     assert 'Resumed from' in r.stdout and 'at step 3' in r.stdout
     assert max_diff(weights(runs, 'fsdp'), weights(runs, 'fsdp-resumed')) == 0
-    # a checkpoint written under FSDP resumes on one process, and one written by one process resumes under FSDP
-    cut_back(runs, 'fsdp', 'fsdp-then-one'); nbtrain(runs, 'fsdp-then-one', *ONE)
-    cut_back(runs, 'single', 'one-then-fsdp'); nbtrain(runs, 'one-then-fsdp', *FSDP)
     for name in ('fsdp-then-one', 'one-then-fsdp'):
         worst = max_diff(weights(runs, 'single'), weights(runs, name))
         assert worst < 1e-5, f'{name}: weights differ from the uninterrupted run by up to {worst:.2e}'
@@ -107,16 +128,16 @@ def test_checkpoints_resume_across_fsdp_and_one_process(runs):
 
 def test_clock_decisions_agree_across_processes(tmp_path):
     "Checkpoints by the clock and the max_time deadline are agreed by all processes (one saving or stopping alone would hang)."
-    for strategy in ('fsdp', 'ddp'):
-        env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-        r = subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(tmp_path), '--name', strategy,
-                            '--data.corpus_size', '80', '--data.seq_len', '32', '--train.micro_batch_size', '8',
-                            '--train.devices', '2', '--train.strategy', strategy, '--train.accelerator', 'cpu',
-                            '--train.progress_bar', 'false', '--train.log_every', '3', '--train.max_steps', '100000',
-                            '--train.max_time', '0.08', '--checkpoint.every_minutes', '0.002', '--checkpoint.every_steps', '100000',
-                            '--checkpoint.final', 'last'],  # only the clock's checkpoints (none after an improving evaluation)
-                           capture_output=True, text=True, timeout=300, env=env)
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    strategies = ('fsdp', 'ddp')
+    results = together(*(launch(tmp_path, ['--name', strategy,  # both at once
+                                           '--data.corpus_size', '80', '--data.seq_len', '32', '--train.micro_batch_size', '8',
+                                           '--train.devices', '2', '--train.strategy', strategy, '--train.accelerator', 'cpu',
+                                           '--train.progress_bar', 'false', '--train.log_every', '3', '--train.max_steps', '100000',
+                                           '--train.max_time', '0.08', '--checkpoint.every_minutes', '0.002',
+                                           '--checkpoint.every_steps', '100000',
+                                           '--checkpoint.final', 'last'])  # only the clock's checkpoints (none after an improving evaluation)
+                         for strategy in strategies))
+    for strategy, r in zip(strategies, results):
         assert 'reached max_time=0.08 min' in r.stdout
         ck = [p for p in (tmp_path/strategy/'checkpoints').iterdir() if p.name.startswith('step-')]
         steps = sorted(int(p.name.split('-')[1]) for p in ck)

@@ -107,9 +107,7 @@ def run_ckpt(out, name, base):
 @pytest.mark.slow
 def test_sigkill_and_resume_of_a_lora_run_is_bitwise_identical(gpt2, tmp_path):
     from nbtrain.callbacks import read_metrics
-    p = run_ckpt(tmp_path, 'reference', gpt2)
-    o, e = p.communicate(timeout=600)
-    assert p.returncode == 0 and 'DONE step=60' in o, e[-2000:]
+    ref = run_ckpt(tmp_path, 'reference', gpt2)  # the uninterrupted run, on the other core while the kills go on
     run_dir, rng = tmp_path/'killed', random.Random(0)
     for _ in range(2):
         p = run_ckpt(tmp_path, 'killed', gpt2)
@@ -125,6 +123,8 @@ def test_sigkill_and_resume_of_a_lora_run_is_bitwise_identical(gpt2, tmp_path):
     p = run_ckpt(tmp_path, 'killed', gpt2)
     o, e = p.communicate(timeout=600)
     assert p.returncode == 0 and 'DONE step=60' in o and 'Resumed from' in o, e[-2000:]
+    o, e = ref.communicate(timeout=600)
+    assert ref.returncode == 0 and 'DONE step=60' in o, e[-2000:]
     for f in ('adapter/adapter_model.safetensors', 'model.safetensors'):
         a, b = load_file(tmp_path/'reference'/'final'/f), load_file(run_dir/'final'/f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f'{f} differs from the uninterrupted run'
@@ -217,10 +217,18 @@ def test_lora_under_ddp_and_fsdp_matches_one_process(tmp_path):
               '--train.micro_batch_size', '8', '--tracking.dashboard', 'false']
     runs = {'one': ['--train.grad_accum', '2', '--train.devices', '1'],
             'ddp': ['--train.devices', '2', '--train.strategy', 'ddp'], 'fsdp': ['--train.devices', '2', '--train.strategy', 'fsdp']}
-    for name, extra in runs.items():
-        r = subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(tmp_path), '--name', name, *common, *extra],
-                           capture_output=True, text=True, timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    procs = {}
+    try:
+        for name, extra in runs.items():  # all three at once: one's imports and single-process phases overlap the others'
+            with open(tmp_path/f'{name}.out', 'w') as o, open(tmp_path/f'{name}.err', 'w') as e:
+                procs[name] = subprocess.Popen([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(tmp_path), '--name', name,
+                                                *common, *extra], stdout=o, stderr=e, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+        for name, p in procs.items():
+            p.wait(600)
+            assert p.returncode == 0, (tmp_path/f'{name}.out').read_text()[-2000:] + (tmp_path/f'{name}.err').read_text()[-3000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None: p.kill(); p.wait()
     for f in ('adapter/adapter_model.safetensors', 'model.safetensors'):  # FSDP merges from the gathered weights
         a = load_file(tmp_path/'one'/'final'/f)
         for name in ('ddp', 'fsdp'):
