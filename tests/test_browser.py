@@ -1,6 +1,6 @@
 """The notebooks as a person sees them: training.ipynb and template.ipynb opened in JupyterLab (ipywidgets 8) in headless
-Chromium, driven by Selenium. The form renders with its tabs, every field has a label and help on hover, a bad value
-shows its message under the field and Train stays refused, Train draws the progress bar and the live dashboard in
+Chromium, driven by Selenium. The form renders with its tabs, every field has a label and help on hover, the Queue tab
+queues the form's run and cancels it, a bad value shows its message under the field and Train stays refused, Train draws the progress bar and the live dashboard in
 the page, Stop ends the run with its checkpoint, the results show the dashboard image; the template's checks table
 and plots render; the browser console stays free of errors.
 
