@@ -6,6 +6,8 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 # Idle OpenMP threads sleep instead of spinning: on a shared or 2-core machine, spinning threads slow small models many times over.
 export OMP_WAIT_POLICY ?= PASSIVE
+# ipywidgets 7 for its test, beside the installed ipywidgets 8 (build/ is git-ignored)
+WIDGETS7 := build/ipywidgets7
 
 .PHONY: train test install install-dev
 
@@ -16,6 +18,10 @@ install:
 install-dev:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q -e ".[dev]"
+	@# ipywidgets 7 (still in some Colab images) in a folder of its own, beside the environment's 8: tests/test_ui_widgets7.py
+	@# builds the form with it in a subprocess (PYTHONPATH). Installed once; without it that test skips.
+	@[ -d $(WIDGETS7)/ipywidgets ] || $(PIP) install -q --target $(WIDGETS7) --no-deps 'ipywidgets>=7.8,<8' 'ipython_genutils==0.2.0' \
+		|| echo "could not install ipywidgets 7 into $(WIDGETS7): tests/test_ui_widgets7.py skips"
 
 ## train: the main job: the reference GPT on the embedded corpus with the default (tiny-cpu) config
 train: install
