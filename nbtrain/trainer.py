@@ -1116,6 +1116,7 @@ def save_checkpoint(self:Trainer, reason:str='', pinned:bool=False) -> Path|None
     window = self._window_state()  # every process: its share of the window's loss is summed
     if not self.is_global_zero:
         if self.sharded: self._model_optimizer_state()  # gathering the shards takes every process
+        if self.streaming: self._sampler_state()  # so does gathering every process's place in the stream
         return None
     return self.ckpt.save(self.state_parts(window), step=self.step, epoch=self.epoch, metrics=self.last_eval or {},
                           pinned=pinned, reason=reason)

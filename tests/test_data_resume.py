@@ -48,3 +48,35 @@ def test_sigkill_and_resume_on_a_large_corpus_is_bitwise_identical(tmp_path, mod
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), 'weights differ from the uninterrupted run'
     val = lambda d: {r['step']: r['val_loss'] for r in read_metrics(d) if 'val_loss' in r}
     assert val(run_dir) == val(tmp_path/'reference')
+
+DDP_STREAM = ['--data.streaming', 'true', '--data.stream_val_examples', '20', '--data.shuffle_buffer', '32', '--data.seq_len', '32',
+              '--train.max_steps', '12', '--train.eval_every', '6', '--train.eval_batches', '2', '--train.micro_batch_size', '8',
+              '--train.devices', '2', '--train.strategy', 'ddp', '--train.accelerator', 'cpu', '--train.deterministic', 'true',
+              '--checkpoint.every_steps', '3', '--checkpoint.keep_best_k', '0', '--train.progress_bar', 'false', '--train.log_every', '3']
+
+def ddp(out, name, source, **kw):
+    import os, subprocess, sys
+    return subprocess.Popen([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(out), '--name', name,
+                             '--data.source', str(source), *DDP_STREAM], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}, start_new_session=True, **kw)
+
+@pytest.mark.slow
+def test_a_stream_read_by_two_processes_resumes_each_at_its_own_place(tmp_path):
+    "DDP on a stream: every process's reader state is in the checkpoint, and a killed run resumes to the same weights."
+    import os
+    src = corpus(tmp_path)
+    ref = ddp(tmp_path, 'reference', src)
+    o, e = ref.communicate(timeout=600)
+    assert ref.returncode == 0, e[-3000:]
+    st = torch.load(tmp_path/'reference'/'checkpoints'/'step-000000012'/'state.pt', weights_only=True)['sampler']['stream']
+    assert [s['fingerprint']['rank'] for s in st] == [0, 1] and all(s['examples_read'] > 0 for s in st)
+    p = ddp(tmp_path, 'killed', src)
+    hit = wait_for(lambda: checkpointed(tmp_path/'killed', 6), p, timeout=300, every=0.01)
+    if p.poll() is None: os.killpg(p.pid, signal.SIGKILL)  # the launcher and its worker process
+    p.communicate()
+    assert hit and not (tmp_path/'killed'/'final').exists()
+    q = ddp(tmp_path, 'killed', src)
+    o, e = q.communicate(timeout=600)
+    assert q.returncode == 0 and 'Resumed from' in o, e[-3000:]
+    a, b = load_file(tmp_path/'reference'/'final'/WEIGHTS), load_file(tmp_path/'killed'/'final'/WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a), 'weights differ from the uninterrupted run'
