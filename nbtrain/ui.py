@@ -26,7 +26,8 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['W', 'SUGGESTIONS', 'SECTION_TABS', 'BASIC', 'TOP_FIELDS', 'LORA_AUTO_PARAMS', 'HUB_EXAMPLE', 'labelled', 'side_label',
            'to_text', 'field_widget', 'parse_hub_model', 'hf_model_config', 'count_hf_params', 'hf_param_count',
-           'memory_advice', 'lora_advice', 'active', 'TrainForm', 'LogBuffer', 'jobs_html', 'FormView', 'run_form']
+           'memory_advice', 'lora_advice', 'active', 'TrainForm', 'set_options', 'LogBuffer', 'jobs_html', 'FormView',
+           'run_form']
 
 # %% ../nbs/18a_ui.ipynb #98192c9f
 SUGGESTIONS = {
@@ -414,11 +415,25 @@ def _lora_ticked(self:TrainForm, change):
     if not self._loading: self._lora_chosen = True
 
 # %% ../nbs/18a_ui.ipynb #344246b4
+_NO_RUN = [('(no runs yet)', '')]  # '' and not None: see `set_options`
+
+def set_options(dropdown:W.Dropdown, options:list, keep=None):
+    """Give `dropdown` new `options`, then select `keep` when it is among them, else the first option.
+    ipywidgets 8 reads a value of None as "nothing selected": a placeholder option whose value is None left the list
+    either on that option or on no selection at all (index None), depending on the order in which traitlets settles the
+    constructor's arguments, which varies with Python's hash seed; and once the index is None, new options select
+    nothing. The page then showed an empty list (`selectedIndex` -1) and Resume stayed off with runs listed. So the
+    placeholders' value is '', and the selection is set here, after the options: each update the page receives
+    holds an index its options have."""
+    dropdown.options = options
+    values = [o[1] for o in dropdown.options]
+    dropdown.index = values.index(keep) if keep not in (None, '') and keep in values else 0
+
 @patch
 def refresh_runs(self:TrainForm) -> list[RunInfo]:
-    "Look for runs in `output_dir` and list them."
+    "Look for runs in `output_dir` and list them (the run selected before stays selected)."
     self.runs = list_runs(self.output_dir.value.strip() or 'runs')
-    self.runs_list.options = [(r.label(), r.name) for r in self.runs] or [('(no runs yet)', None)]
+    set_options(self.runs_list, [(r.label(), r.name) for r in self.runs] or _NO_RUN, keep=self.runs_list.value)
     self._sync_buttons()
     return self.runs
 
@@ -504,7 +519,7 @@ def _build_view(self:TrainForm):
     self.stop_button = W.Button(description='Stop', button_style='warning', icon='stop', disabled=True, tooltip=_TIPS['stop'])
     self.train_button.on_click(lambda _: self.train(background=self.background))
     self.stop_button.on_click(lambda _: self.stop())
-    self.runs_list = W.Dropdown(options=[('(no runs yet)', None)], style=_STYLE, layout=W.Layout(width='600px'),
+    self.runs_list = W.Dropdown(options=_NO_RUN, index=0, style=_STYLE, layout=W.Layout(width='600px'),
                                 **labelled('runs found', 'The runs in output_dir: choose one to resume it or to generate with its final weights'))
     self.resume_button = W.Button(description='Resume selected', icon='rotate-right', disabled=True, tooltip=_TIPS['resume'],
                                   layout=W.Layout(width='auto'))
@@ -647,7 +662,7 @@ def generate(self:TrainForm, prompt:str|None=None, min_interval_s:float=0.1) -> 
     finally: self.gen_button.disabled = False
 
 # %% ../nbs/18a_ui.ipynb #7cd5a237
-_NO_JOB = [('(no queued or running job)', None)]
+_NO_JOB = [('(no queued or running job)', '')]  # '' and not None: see `set_options`
 
 def jobs_html(jobs:list[dict]) -> str:
     "The queue's jobs (`JobQueue.table()` rows) as an HTML table: id, name, state, priority, when, and what to know."
@@ -669,7 +684,7 @@ def _build_queue(self:TrainForm) -> W.Widget:
                                     **labelled('priority', 'Jobs with a higher priority run first; equal ones in the order they were added'))
     self.queue_add = W.Button(description='Add to queue', icon='plus', layout=W.Layout(width='auto'),
                               tooltip='Check the form and queue the run it describes, with this priority')
-    self.queue_pick = W.Dropdown(options=_NO_JOB, style=_STYLE, layout=W.Layout(width='600px'),
+    self.queue_pick = W.Dropdown(options=_NO_JOB, index=0, style=_STYLE, layout=W.Layout(width='600px'),
                                  **labelled('job', 'A queued or running job of the queue'))
     self.queue_cancel = W.Button(description='Cancel job', icon='times', disabled=True, layout=W.Layout(width='auto'),
                                  tooltip='Cancel the selected job (a running one stops after its step, with a checkpoint)')
@@ -702,7 +717,7 @@ TrainForm.worker_running = _worker_running
 @patch
 def _sync_queue_buttons(self:TrainForm):
     "Cancel while a job is selected; Start worker while none runs from this form, Stop worker while one does."
-    self.queue_cancel.disabled = self.queue_pick.value is None
+    self.queue_cancel.disabled = self.queue_pick.value in (None, '')
     self.worker_start.disabled, self.worker_stop.disabled = self.worker_running, not self.worker_running
 
 @patch
@@ -713,9 +728,8 @@ def refresh_queue(self:TrainForm) -> list[dict]:
         self.queue_status.value = _msg(f'⚠ {e}', '#c33'); return []
     self.queue_jobs.value = jobs_html(jobs)
     live = [j for j in jobs if j['state'] in ('queued', 'running')]
-    pick = self.queue_pick.value
-    self.queue_pick.options = [(f"{j['id']}: {j['name']} ({j['state']}, priority {j['priority']})", j['id']) for j in live] or _NO_JOB
-    if pick in [j['id'] for j in live]: self.queue_pick.value = pick
+    set_options(self.queue_pick, [(f"{j['id']}: {j['name']} ({j['state']}, priority {j['priority']})", j['id']) for j in live] or _NO_JOB,
+           keep=self.queue_pick.value)
     self._sync_queue_buttons()
     return jobs
 
@@ -738,7 +752,7 @@ def add_job(self:TrainForm, priority:int|None=None):
 def cancel_job(self:TrainForm, job_id:int|None=None):
     "Cancel job `job_id` (default: the one selected); the `Job`, or None when there is none to cancel."
     job_id = self.queue_pick.value if job_id is None else job_id
-    if job_id is None:
+    if job_id in (None, ''):
         self.queue_status.value = _msg('⚠ No queued or running job to cancel.', '#c33'); return None
     try: job = self.queue().cancel(job_id)
     except NbtrainError as e:
