@@ -22,6 +22,8 @@ def only_run(out_dir:Path) -> Path:
 # one's imports overlap another's); each test reads its own result. {folder}: an empty folder of that test's own.
 CHECK_QUICK = ['--tiers', '1', '--quick', '--batch-size', '2', '--seq-len', '16']
 ONE_THREAD = {'OMP_NUM_THREADS': '1'}
+SECRETS = {'WANDB_API_KEY': 'wandb-key-0123456789abcdef', 'HF_TOKEN': 'hf_SecretToken0123456789'}
+GIST = ['train', '--model.name', 'file', '--model.path', str(FIXTURES/'gist_gpt'), *QUICK]
 EARLY = {'test_help_lists_commands': (['--help'], None),
          'test_bad_override_is_one_clear_line': (['train', '--optim.lerning_rate', '1e-3', '--output_dir', '{folder}'], None),
          'test_check_a_file_export_writes_the_report_and_exits_0':
@@ -30,17 +32,20 @@ EARLY = {'test_help_lists_commands': (['--help'], None),
              (['check', str(FIXTURES/'gist_gpt'), *CHECK_QUICK, '--out', '{folder}/report'], ONE_THREAD),
          'test_check_a_faulty_model_exits_1_and_names_the_check':
              (['check', str(FIXTURES/'faulty'/'dead_block'), '--trust-code', *CHECK_QUICK, '--out', '{folder}/report'], ONE_THREAD),
-         'test_check_unknown_tier_is_a_user_error': (['check', 'gpt', '--tiers', '1,3', '--out', '{folder}/report'], None)}
+         'test_check_unknown_tier_is_a_user_error': (['check', 'gpt', '--tiers', '1,3', '--out', '{folder}/report'], None),
+         'test_run_folder_complete_and_free_of_secrets': (['train', *QUICK, '--output_dir', '{folder}'], SECRETS),
+         'test_gist_export_trains_from_cli': (GIST + ['--output_dir', '{folder}', '--model.trust_code', 'true'], None),
+         'test_gist_export_trains_from_cli/refused': (GIST + ['--output_dir', '{folder}'], None)}  # a folder of its own
 
 @pytest.fixture(scope='module')
 def early(request, tmp_path_factory):
-    "`early(test_name)`: (the result of that test's command in EARLY, its folder)."
+    "`early(key)`: (the result of the command EARLY[key] of a selected test, its folder)."
     procs = {}
-    for item in request.session.items:
-        if item.module is request.module and item.name in EARLY and item.name not in procs:
-            argv, env = EARLY[item.name]
-            folder = tmp_path_factory.mktemp(item.name[5:25])
-            procs[item.name] = folder, subprocess.Popen([sys.executable, '-m', 'nbtrain.cli', *(a.format(folder=folder) for a in argv)],
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    for key, (argv, env) in EARLY.items():
+        if key.split('/')[0] in selected:
+            folder = tmp_path_factory.mktemp(key[5:25])
+            procs[key] = folder, subprocess.Popen([sys.executable, '-m', 'nbtrain.cli', *(a.format(folder=folder) for a in argv)],
                                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                                         env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
     def result(name):
@@ -63,9 +68,9 @@ def test_bad_override_is_one_clear_line(early):
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 @pytest.mark.slow
-def test_run_folder_complete_and_free_of_secrets(tmp_path):
-    secrets = {'WANDB_API_KEY': 'wandb-key-0123456789abcdef', 'HF_TOKEN': 'hf_SecretToken0123456789'}
-    r = nbtrain('train', *QUICK, '--output_dir', str(tmp_path), env=secrets)
+def test_run_folder_complete_and_free_of_secrets(early):
+    secrets = SECRETS
+    r, tmp_path = early('test_run_folder_complete_and_free_of_secrets')
     assert r.returncode == 0, r.stderr[-3000:]
     run = only_run(tmp_path)
     for f in ('config.yaml', 'metrics.jsonl', 'env.json', 'model.json', 'loss_curve.png',
@@ -86,12 +91,12 @@ def test_run_folder_complete_and_free_of_secrets(tmp_path):
     assert steps and memory[0] < steps[0], r.stdout
 
 @pytest.mark.slow
-def test_gist_export_trains_from_cli(tmp_path):
+def test_gist_export_trains_from_cli(early):
     src = FIXTURES/'gist_gpt'
-    args = ['train', '--model.name', 'file', '--model.path', str(src), *QUICK, '--output_dir', str(tmp_path)]
-    r = nbtrain(*args)
+    r, refused = early('test_gist_export_trains_from_cli/refused')
     assert r.returncode == 2 and 'trust_code' in r.stderr  # executing a file must be allowed explicitly
-    r = nbtrain(*args, '--model.trust_code', 'true')
+    assert not [p for p in refused.iterdir() if p.is_dir()]  # no run folder
+    r, tmp_path = early('test_gist_export_trains_from_cli')
     assert r.returncode == 0, r.stderr[-3000:]
     run = only_run(tmp_path)
     info = json.loads((run/'model.json').read_text())
