@@ -52,6 +52,11 @@ def no_widget_errors(driver):
     for bad in ('Error displaying widget', 'Loading widget', 'Failed to display'):
         assert bad not in text, f'the page says {bad!r}'
 
+def selected(driver, select) -> tuple[int, str]:
+    "A dropdown as the page shows it: its selected index (-1: none) and that option's text."
+    return tuple(driver.execute_script('const s = arguments[0], i = s.selectedIndex;'
+                                       'return [i, i < 0 ? "" : s.options[i].text.replace(/\\u00a0/g, " ")];', select))
+
 def test_training_form(page):
     driver, lab, shots = page
     t0 = time.monotonic()
@@ -62,6 +67,8 @@ def test_training_form(page):
         driver.execute_script('arguments[0].scrollIntoView()', form)
         assert tab_titles(form) == TABS
         no_widget_errors(driver)
+        runs_found = field(form, 'runs found')
+        assert selected(driver, runs_found) == (0, '(no runs yet)'), selected(driver, runs_found)  # shown, not an empty list
         snap('form')
 
         # every field a person can see: a label, and help on hover; in every tab and its "More settings"
@@ -135,6 +142,8 @@ def test_training_form(page):
         assert 'interrupted by the Stop button' in done and 'Checkpoint of step' in done, done
         wait_for(driver, lambda d: train.is_enabled() and not stop.is_enabled() and resume.is_enabled(), 30,
                  'the buttons did not come back after the run')
+        wait_for(driver, lambda d: selected(d, runs_found)[0] == 0 and selected(d, runs_found)[1].startswith('my-run ('), 30,
+                 f'the runs found list does not show the run: {selected(driver, runs_found)}')
         at = int(done.split('Checkpoint of step ')[1].split()[0])
         assert (lab.root/'runs'/'my-run'/'checkpoints'/f'step-{at:09d}'/'manifest.json').exists()
         snap('stopped')
