@@ -360,8 +360,8 @@ def _check_same(where:str, have:dict, want:dict, out:Path):
 
 def prepare_tokens(source, tokenizer='bpe', out_dir=None, *, workers:int|None=None, text_column:str|None=None,
                    val_fraction:float=VAL_FRACTION, shard_mb:float=SHARD_MB, vocab_size:int|None=None,
-                   sample_mb:float=BPE_SAMPLE_MB, progress:bool=True) -> TokenCorpus:
-    """Tokenise `source` once into `out_dir`: `train/shard-*.bin` (and `validation/`), `tokenizer/`, `manifest.json`.
+                   sample_mb:float=BPE_SAMPLE_MB, progress:bool=True):
+    """Tokenise `source` once into `out_dir` and return its `TokenCorpus`: `train/shard-*.bin` (and `validation/`), `tokenizer/`, `manifest.json`.
     `workers` processes (default: the cores, at most 8) tokenise shards of about `shard_mb` MB of text; a call on a
     folder a killed call left keeps its finished shards and writes the others."""
     if out_dir is None: raise DataError("prepare_tokens needs out_dir, the folder to write the token shards to (or use cached_corpus)")
