@@ -77,9 +77,11 @@ def cut_back(out, src, dst, step='step-000000006'):
 
 @pytest.fixture(scope='module')
 def started(tmp_path_factory):
-    "One process, DDP and FSDP on the same settings, started at once; the tests below read their run folders."
+    """One process, DDP and FSDP on the same settings, and the FSDP run of the best-weights test below, started at once;
+    the tests read their run folders."""
     out = tmp_path_factory.mktemp('distributed')
-    return out, together(*(start(out, name, *args) for name, args in (('single', ONE), ('ddp', DDP), ('fsdp', FSDP))))
+    return out, together(*(start(out, name, *args) for name, args in (('single', ONE), ('ddp', DDP), ('fsdp', FSDP))),
+                         launch(out, BEST))
 
 @pytest.fixture(scope='module')
 def runs(started): return started[0]
@@ -143,16 +145,14 @@ def test_clock_decisions_agree_across_processes(tmp_path):
         steps = sorted(int(p.name.split('-')[1]) for p in ck)
         assert steps and all(s % 3 == 0 for s in steps[:-1]), steps  # decided at logging steps (the last one: at the end)
 
-def test_fsdp_final_gets_the_best_checkpoint_weights(tmp_path):
+BEST = ['--name', 'best', '--data.corpus_size', '80', '--data.seq_len', '32', '--train.micro_batch_size', '8', '--train.devices', '2',
+        '--train.strategy', 'fsdp', '--train.accelerator', 'cpu', '--train.progress_bar', 'false',
+        '--train.deterministic', 'true', '--train.log_every', '3', '--train.max_steps', '9', '--train.eval_every', '3',
+        '--train.eval_batches', '2', '--optim.lr', '0.3', '--data.test_fraction', '0.1', '--checkpoint.keep_last_n', '1']
+
+def test_fsdp_final_gets_the_best_checkpoint_weights(started):
     "Under FSDP the best checkpoint's gathered weights go back into the shards: final/ and the test split get them."
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'OMP_NUM_THREADS': '1'}
-    r = subprocess.run([sys.executable, '-m', 'nbtrain.cli', 'train', '--output_dir', str(tmp_path), '--name', 'best',
-                        '--data.corpus_size', '80', '--data.seq_len', '32', '--train.micro_batch_size', '8', '--train.devices', '2',
-                        '--train.strategy', 'fsdp', '--train.accelerator', 'cpu', '--train.progress_bar', 'false',
-                        '--train.deterministic', 'true', '--train.log_every', '3', '--train.max_steps', '9', '--train.eval_every', '3',
-                        '--train.eval_batches', '2', '--optim.lr', '0.3', '--data.test_fraction', '0.1', '--checkpoint.keep_last_n', '1'],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    tmp_path, r = started[0], started[1][3]  # the run BEST, started by the fixture
     run = tmp_path/'best'
     rows = [json.loads(l) for l in (run/'metrics.jsonl').read_text().splitlines()]
     val = {x['step']: x['val_loss'] for x in rows if 'val_loss' in x and x['step'] > 0}
