@@ -502,7 +502,7 @@ def load_baseline(name:str) -> tuple[nn.Module, bool, str]:
     name, level = str(name), hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        try: return AutoModelForCausalLM.from_pretrained(name, local_files_only=True), True, ''
+        try: return AutoModelForCausalLM.from_pretrained(name, local_files_only=True, adapter_kwargs={'local_files_only': True}), True, ''  # no adapter lookup online either
         except Exception: pass
         if name in KNOWN_BASELINES: cfg = GPT2Config(**{k: v for k, v in KNOWN_BASELINES[name].items() if k != 'model_type'})
         else:

@@ -124,8 +124,10 @@ class CharTokenizer(_SpecialsFirst):
         return _with_eos(ids, lens, self.eos_id if add_eos else None)
 
     def decode(self, ids, skip_special:bool=True) -> str:
-        n = len(self.specials)
-        return ''.join(self.itos[i] for i in self._ids(ids) if i >= n or not skip_special)
+        # an id past the vocabulary (a model's embedding is often padded to a round size, and sampling can pick one)
+        # is unknown: dropped with the specials, else written as <unk>
+        n, V, unk = len(self.specials), len(self.itos), self.specials[self.unk_id]
+        return ''.join(self.itos[i] if i < V else unk for i in self._ids(ids) if n <= i < V or not skip_special)
 
 def _with_eos(ids:np.ndarray, lens:np.ndarray, eos:int|None) -> tuple[np.ndarray, np.ndarray]:
     "Flat ids and offsets, with `eos` inserted after each text when given."
@@ -159,9 +161,9 @@ class ByteTokenizer(_SpecialsFirst):
     def decode(self, ids, skip_special:bool=True) -> str:
         n, out, run = len(self.specials), [], bytearray()
         for i in self._ids(ids):
-            if i >= n: run.append(i - n); continue
+            if n <= i < n + 256: run.append(i - n); continue
             out.append(run.decode('utf-8', errors='replace')); run = bytearray()
-            if not skip_special: out.append(self.specials[i])
+            if not skip_special: out.append(self.specials[i] if i < n else self.specials[self.unk_id])  # past the vocabulary: unknown
         return ''.join(out) + run.decode('utf-8', errors='replace')
 
 # %% ../nbs/08c_tokenizer.ipynb #137afc1e
