@@ -39,7 +39,14 @@ SUGGESTIONS = {
 }
 "Text fields whose value is usually one of a few names: the form suggests them (any other value is still accepted)."
 
-_STYLE = {'description_width': '150px'}
+_LABEL_PX, _LABEL_CHARS = 190, 24
+"The width of a field's label, and the longest label shown whole in it ('schedule.warmup_steps', 'train.auto_micro_batch')."
+_STYLE = {'description_width': f'{_LABEL_PX}px'}
+
+def _hover(text:str, help:str) -> str:
+    "The hover help of the label `text`: its `help`, after the whole name where the label is too long to be shown whole."
+    if len(text) <= _LABEL_CHARS: return help
+    return f'{text}: {help}' if help else text
 # ipywidgets 8 calls it `tooltip`; 7 (still found in some Colab images) `description_tooltip`
 def _tip() -> str:
     "The hover-help trait of this ipywidgets: `tooltip` (8) or `description_tooltip` (7)."
@@ -51,14 +58,16 @@ def labelled(text:str, help:str='') -> dict:
     ipywidgets 8 shows a `tooltip` only on a widget without a description (a described text box, number box or
     dropdown gets no hover help at all), so there the label carries it: an HTML description whose text has a `title`.
     ipywidgets 7 puts `description_tooltip` on the label itself."""
+    help = _hover(text, help)
     if _tip() == 'description_tooltip': return dict(description=text, description_tooltip=help or None)
     label = f'<span title="{html.escape(help)}">{html.escape(text)}</span>' if help else html.escape(text)
     return dict(description=label, description_allow_html=True, tooltip=help or None)
 
 def side_label(text:str, help:str='') -> W.HTML:
     "A label to put before a widget that has none (a checkbox: ipywidgets 8 would show an HTML description's markup as its hover text)."
-    return W.HTML(f'<span title="{html.escape(help)}" style="display:block;width:146px;text-align:right;overflow:hidden;'
-                  f'text-overflow:ellipsis;white-space:nowrap">{html.escape(text)}</span>', layout=W.Layout(width='150px', min_width='150px', margin='0 4px 0 0'))
+    return W.HTML(f'<span title="{html.escape(_hover(text, help))}" style="display:block;width:{_LABEL_PX - 4}px;text-align:right;'
+                  f'overflow:hidden;text-overflow:ellipsis;white-space:nowrap">{html.escape(text)}</span>',
+                  layout=W.Layout(width=f'{_LABEL_PX}px', min_width=f'{_LABEL_PX}px', margin='0 4px 0 0'))
 
 def _is_text(row) -> bool:
     return row.get('choices') is None and row['type'] not in ('bool', 'int', 'float')
@@ -90,8 +99,8 @@ def field_widget(row:dict) -> W.Widget:
     return W.Text(value=to_text(default), placeholder='None' if 'None' in kind else '', continuous_update=False, **common)
 
 # %% ../nbs/18a_ui.ipynb #4b3fe312
-SECTION_TABS = {'model': 'Model', 'task': 'Task', 'data': 'Data', 'optim': 'Hyperparameters', 'schedule': 'Hyperparameters',
-                'train': 'Hyperparameters', 'checkpoint': 'Checkpoints & Drive', 'monitor': 'Tracking', 'tracking': 'Tracking',
+SECTION_TABS = {'model': 'Model', 'task': 'Task', 'data': 'Data', 'optim': 'Training', 'schedule': 'Training',
+                'train': 'Training', 'checkpoint': 'Checkpoints', 'monitor': 'Tracking', 'tracking': 'Tracking',
                 'lora': 'LoRA', 'eval': 'Evaluation', 'alerts': 'Tracking'}
 BASIC = ('model.name', 'model.size', 'model.path', 'model.trust_code', 'task.name', 'task.num_labels', 'data.source',
          'data.tokenizer', 'data.seq_len', 'data.text_column', 'data.label_column', 'optim.lr', 'optim.weight_decay',

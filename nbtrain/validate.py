@@ -1251,13 +1251,16 @@ class Report:
 
     def _repr_html_(self):
         e = html.escape
+        fixes = any(r.status != 'pass' and r.fix for r in self.results)  # no empty column when every check passes
+        left = "style='text-align:left'"
         rows = ''.join(f"<tr><td>{e(r.name)}</td><td>{r.tier}</td><td><b style='color:{_BADGE[r.status]}'>{r.status}</b></td>"
-                       f"<td style='text-align:left'>{e(r.explanation)}</td><td style='text-align:left'>{e(r.fix) if r.status != 'pass' else ''}</td>"
-                       f"<td>{r.seconds:.1f}s</td></tr>" for r in self.results)
+                       f"<td {left}>{e(r.explanation)}</td>" + (f"<td {left}>{e(r.fix) if r.status != 'pass' else ''}</td>" if fixes else '')
+                       + f"<td>{r.seconds:.1f}s</td></tr>" for r in self.results)
         figs = ''.join(f"<div style='display:inline-block;margin:4px'><div><code>{e(k)}</code></div><img src='data:image/png;base64,"
                        f"{base64.b64encode(_png(f)).decode()}'/></div>" for k, f in self.figures.items())
         return (f"<div><p><b>Model checks</b>: {e(self.headline())}</p><table><thead><tr><th>check</th><th>tier</th><th>status</th>"
-                f"<th>explanation</th><th>suggested fix</th><th>time</th></tr></thead><tbody>{rows}</tbody></table>"
+                f"<th {left}>explanation</th>" + (f"<th {left}>suggested fix</th>" if fixes else '')
+                + f"<th>time</th></tr></thead><tbody>{rows}</tbody></table>"
                 + (f"<details><summary>{len(self.figures)} plots</summary>{figs}</details>" if figs else '') + "</div>")
 
 # %% ../nbs/13_validate.ipynb #de1c9cb8

@@ -22,7 +22,7 @@ TEMPLATE = {'source': 'reference', 'reference': 'gpt', 'size': 'tiny', 'batch_si
             'speed_seconds': 0.2}
 # the kernel: one intra-op thread (tiny models, busy machines), nothing from the network, no Drive
 ENV = {'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true', 'NBTRAIN_DRIVE': ''}
-TABS = ['Model', 'Task', 'Data', 'Hyperparameters', 'Checkpoints & Drive', 'Tracking', 'LoRA', 'Evaluation', 'Queue']
+TABS = ['Model', 'Task', 'Data', 'Training', 'Checkpoints', 'Tracking', 'LoRA', 'Evaluation', 'Queue']
 
 def parameterised(src:Path, dest:Path, params:dict) -> Path:
     "A copy of the notebook `src` with `params` injected after its parameters cell, as papermill does."
@@ -256,6 +256,11 @@ def tab_titles(form) -> list[str]:
     from selenium.webdriver.common.by import By
     return [e.text.strip() for e in form.find_elements(By.CSS_SELECTOR, '.widget-tab-bar .lm-TabBar-tabLabel')]
 
+def cut_tab_titles(driver, form) -> list[str]:
+    "The tab titles a person sees cut short (with an ellipsis) at the page's width."
+    return driver.execute_script("""return [...arguments[0].querySelectorAll('.widget-tab-bar .lm-TabBar-tabLabel')]
+      .filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent.trim());""", form)
+
 def field(form, label:str):
     "The input of the field whose visible label reads `label`."
     from selenium.webdriver.common.by import By
@@ -305,22 +310,25 @@ UNLABELLED = """
 const form = arguments[0], problems = [], seen = [];
 form.querySelectorAll('input, select, textarea').forEach(el => {
   if (!el.offsetParent || el.closest('.widget-tab-bar')) return;  // not shown now (another tab, a closed section)
-  let text = '', help = el.getAttribute('title') || '';
+  let text = '', help = el.getAttribute('title') || '', cut = false;
   if (el.type === 'checkbox') {  // its label is the text before it in its row
     const row = el.closest('.widget-hbox'), side = row && row.querySelector('.widget-html-content [title]');
     text = side ? side.textContent.trim() : ''; help = help || (side ? side.getAttribute('title') : '');
+    cut = !!side && side.scrollWidth > side.clientWidth + 1;
   } else {
     const label = el.id ? form.querySelector(`label[for="${el.id}"]`) : null;
     if (label && label.offsetParent) {
       text = label.textContent.trim();
       const t = label.querySelector('[title]');
       help = help || label.getAttribute('title') || (t ? t.getAttribute('title') : '');
+      cut = label.scrollWidth > label.clientWidth + 1;
     }
   }
   if (help === 'null') help = '';
   seen.push(text);
   if (!text) problems.push('a control without a visible label: ' + el.outerHTML.slice(0, 160));
   else if (!help.trim()) problems.push(`${text}: no help on hover`);
+  else if (cut && !help.startsWith(text)) problems.push(`${text}: the label is cut off and its hover help does not give it whole`);
 });
 return [seen, problems];
 """

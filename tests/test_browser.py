@@ -10,7 +10,7 @@ install. Screenshots of each stage are written to the test's temporary folder (k
 import json, os, time
 from pathlib import Path
 import pytest
-from labsession import (ENV, TABS, TEMPLATE, TRAINING, Lab, parameterised, button, cell_index, console_errors, field, field_error, form_root, image_state, label_problems,
+from labsession import (ENV, TABS, TEMPLATE, TRAINING, Lab, parameterised, button, cell_index, console_errors, cut_tab_titles, field, field_error, form_root, image_state, label_problems,
                         lab_browser, missing, open_notebook, progress, run_cells, shot, status, step_shown, tab, tab_titles, type_into, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +66,7 @@ def test_training_form(page):
         form = form_root(driver)
         driver.execute_script('arguments[0].scrollIntoView()', form)
         assert tab_titles(form) == TABS
+        assert not cut_tab_titles(driver, form), cut_tab_titles(driver, form)
         no_widget_errors(driver)
         runs_found = field(form, 'runs found')
         assert selected(driver, runs_found) == (0, '(no runs yet)'), selected(driver, runs_found)  # shown, not an empty list
@@ -102,7 +103,7 @@ def test_training_form(page):
         assert train.is_enabled() and not stop.is_enabled() and not resume.is_enabled()
 
         # a bad learning rate: its message in words under the field, Train refused
-        tab(form, 'Hyperparameters').click()
+        tab(form, 'Training').click()
         lr = field(form, 'optim.lr')
         type_into(lr, '-0.5')
         err = wait_for(driver, lambda d: field_error(form, 'optim.lr').text.strip() or False, 30, 'no message under optim.lr')

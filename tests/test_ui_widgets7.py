@@ -66,12 +66,12 @@ def test_form_under_ipywidgets7(tmp_path):
     assert r['version'].startswith('7') and Path(r['file']).is_relative_to(W7), (r['version'], r['file'])
     assert r['tip'] == 'description_tooltip'
     assert r['problems'] == [] and r['fields'] > 100, r['problems']
-    assert 'Queue' in r['titles'] and 'Hyperparameters' in r['titles'], r['titles']
+    assert 'Queue' in r['titles'] and 'Training' in r['titles'], r['titles']
     s = r['start']
     assert not s['train'] and s['stop'] and s['resume'] and s['runs'] == '(no runs yet)', s  # nothing trains, no run yet
     assert s['status'].startswith('Ready to train'), s
     b = r['bad']
     assert b['error'].startswith('⚠ optim.lr=-0.5') and 'out of range' in b['error'], b
-    assert b['train'] and 'Fix the field' in b['tip'] and b['tab'] == 'Hyperparameters' and 'ConfigError' in b['status'], b
+    assert b['train'] and 'Fix the field' in b['tip'] and b['tab'] == 'Training' and 'ConfigError' in b['status'], b
     g = r['good']
     assert g['error'] == '' and not g['train'] and g['status'].startswith('Ready to train'), g

@@ -162,6 +162,9 @@ def test_report_files(tmp_path):
     assert '| attention | 2 | **fail** |' in md and '![attention attention_maps](attention__attention_maps.png)' in md
     html = report._repr_html_()
     assert html.count('<tr>') == 4 and 'data:image/png;base64,' in html
+    assert 'suggested fix' in html  # failures: their fixes get a column (an all-pass report has none)
+    passing = Report([r for r in report.results if r.status == 'pass'], report.info)
+    assert 'suggested fix' not in passing._repr_html_() and passing._repr_html_().count('<tr>') == 2
     frame = report.to_frame()
     assert list(frame['status']) == ['fail', 'pass', 'fail']
 

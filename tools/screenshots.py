@@ -29,7 +29,7 @@ def training(driver, lab, out:Path) -> list[Path]:
     open_notebook(driver, lab, 'training.ipynb')
     run_cells(driver)
     form = form_root(driver)
-    tab(form, 'Hyperparameters').click()
+    tab(form, 'Training').click()
     button(form, 'Train').click()
     img = form.find_element(By.CSS_SELECTOR, 'img.widget-image')
     wait_for(driver, lambda d: step_shown(form) >= STEPS and image_state(d, img)[1] > 0, 600, f'the run did not reach step {STEPS}')
