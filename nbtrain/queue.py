@@ -742,6 +742,13 @@ class QueueCommand:
         if act is None: args.queue_parser.print_help(); return 0
         if act != 'add' and rest:
             raise ConfigError(f"nbtrain queue {act} does not take {' '.join(rest)!r} (see nbtrain queue {act} --help)")
+        path = _sqlite_path(queue_url(args.queue, args.root))
+        if act in ('list', 'slurm', 'cancel', 'retry', 'run-job') and path is not None and not path.exists():
+            # only add and run make a queue: a mistyped --queue or --root must not leave an empty database behind
+            where = f"No queue at {path}"
+            if act in ('list', 'slurm'): print(f"{where}: nothing queued yet (nbtrain queue add creates it)"); return 0
+            raise ConfigError(f"{where}, so there is no job {' '.join(map(str, getattr(args, 'ids', None) or [args.job]))} to "
+                              f"{act.replace('-job', '')}: give the queue the jobs were added to with --queue FILE|URL or --root DIR")
         with JobQueue(args.queue, root=args.root, stale_s=getattr(args, 'stale', 120.0)) as q:
             return getattr(self, '_' + act.replace('-', '_'))(q, args, rest)
 

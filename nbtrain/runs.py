@@ -328,7 +328,7 @@ def _literal(s:str):
 def parse_where(expr:str) -> tuple[str, str, object]:
     "`'val_loss<2'` → `('val_loss', '<', 2)`; anything else is a `ConfigError` saying what works."
     m = _OP.match(str(expr))
-    if not m or m.group(3) == '':
+    if not m or m.group(3) == '' or m.group(3)[0] in '<>=!':  # 'val_loss<<2', 'val_loss=>2': a typo, not a value
         raise ConfigError(f"--where {expr!r} is not a filter: write FIELD OP VALUE with OP one of < <= > >= == !=, "
                           f"e.g. --where 'val_loss<2' or --where train.max_steps==1000 (quote it: < and > are shell redirections)")
     return m.group(1), m.group(2), _literal(m.group(3))
