@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/cli.html.md"""
 
 # %% ../nbs/12_cli.ipynb #b9bd0b21
 from __future__ import annotations
-import argparse, json, os, sys, traceback
+import argparse, contextlib, json, os, sys, traceback, warnings
 from pathlib import Path
 import yaml
 from . import __version__
@@ -14,8 +14,8 @@ from .config import PRESETS, DEFAULT_PRESET, load_config, redact, describe_field
 from .errors import NbtrainError, ConfigError, ModelLoadError, did_you_mean
 
 # %% auto #0
-__all__ = ['COMMANDS', 'QUICK_SETTINGS', 'cmd_train', 'cmd_config', 'main', 'parse_tiers', 'code_file', 'CheckCommand',
-           'GenerateCommand', 'metrics_lines', 'EvalCommand']
+__all__ = ['COMMANDS', 'QUICK_SETTINGS', 'cmd_train', 'cmd_config', 'plain_warnings', 'main', 'parse_tiers', 'code_file',
+           'CheckCommand', 'GenerateCommand', 'metrics_lines', 'EvalCommand']
 
 # %% ../nbs/12_cli.ipynb #7a3fd4ca
 COMMANDS = {  # name: ('module:object', help)
@@ -91,8 +91,25 @@ def cmd_config(cfg, fields:bool=False) -> int:
     return 0
 
 # %% ../nbs/12_cli.ipynb #0bb37c60
+_PACKAGE = str(Path(sys.modules[NbtrainError.__module__].__file__).resolve().parent)  # nbtrain's folder
+
+@contextlib.contextmanager
+def plain_warnings():
+    """nbtrain's own warnings as one line a person reads (`warning: ...`), not Python's `FILE:LINE: UserWarning: ...`
+    followed by a line of nbtrain's source; other libraries' warnings keep their usual form."""
+    default = warnings.formatwarning
+    def fmt(message, category, filename, lineno, line=None):
+        if str(Path(filename).resolve()).startswith(_PACKAGE) and issubclass(category, UserWarning): return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+    warnings.formatwarning = fmt
+    try: yield
+    finally: warnings.formatwarning = default
+
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `nbtrain` command."
+    with plain_warnings(): return _main(argv)
+
+def _main(argv:list[str]|None=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith('-')), None)
     try:

@@ -171,6 +171,10 @@ def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cach
         raise DataError(f"Task {t.name} learns from {what}; data.source={named!r} has none: give a file (.jsonl, .csv, .parquet"
                         f"{', .conll' if t.name != 'seq2seq' else ''}), a folder, hf:NAME or Python records")
     lm_text = TASK_KINDS.get(t.name) in ('lm', 'mlm') and c.format == 'text'
+    for key in ('streaming', 'memory_map'):
+        if named and getattr(c, key) is True:  # said, not ignored in silence
+            warnings.warn(f"data.{key}=true: data.source={named!r} is a built-in data set, small and held in memory, so it is read whole "
+                          f"(data.{key} applies to files, folders and hf: datasets)", stacklevel=2)
     if c.streaming and not named:
         if not lm_text: raise DataError(f"data.streaming=true reads language-model text (tasks causal_lm and masked_lm, data.format "
                                         f"'text'); task {t.name!r} with data.format={c.format!r} reads its data whole: set data.streaming=false")
