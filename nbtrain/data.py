@@ -454,6 +454,14 @@ def _mapped_bundle(src, c, t, info, cache) -> DataBundle:
     causal, tok = t.name == 'causal_lm', corpus.tokenizer
     train = corpus.dataset('train', c.seq_len, causal)
     val = corpus.dataset('validation', c.seq_len, causal) if 'validation' in corpus.splits and corpus.num_tokens('validation') else None
+    span = f"one window of data.seq_len={c.seq_len}" + (" and the token after it" if causal else '')
+    if not len(train):
+        raise DataError(f"The training split of {info['source']} ({train.num_tokens:,} tokens, {len(train.files)} shard(s)) holds not even "
+                        f"{span} in a shard: lower data.seq_len, or read it whole with data.memory_map=false")
+    if val is not None and not len(val):
+        warnings.warn(f"The validation split of {info['source']} ({val.num_tokens:,} tokens) holds not even {span}: "
+                      f"the run has no validation", stacklevel=2)
+        val = None
     info.update(memory_mapped=str(corpus.path), train_tokens=corpus.num_tokens('train'),
                 val_tokens=corpus.num_tokens('validation') if val is not None else 0,
                 train_documents=corpus.num_documents('train'), packing_efficiency=round(train.efficiency, 4),
