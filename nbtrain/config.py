@@ -283,7 +283,7 @@ class DataConfig(Section):
     vocab_size: int|None = opt(None, "Tokens of a trained 'bpe' tokenizer (None: 8192)", ge=260)
     seq_len: int|None = opt(None, "Tokens per training sequence (None: data.default_seq_len, shortened to the model's maximum length when that is less)", ge=2)
     default_seq_len: int = opt(128, "The sequence length when data.seq_len is unset (presets set it); a model that takes fewer positions shortens it", ge=2)
-    val_fraction: float = opt(0.1, "Fraction held out for validation when the source has no validation split", ge=0.0, lt=1.0)
+    val_fraction: float|None = opt(None, "Fraction held out for validation when the source has no validation split (None: 0.1 of the examples; 0.0005 of the documents of a memory-mapped corpus, where that is plenty)", ge=0.0, lt=1.0)
     test_fraction: float = opt(0.0, "Fraction held out for a test split when the source has none", ge=0.0, lt=1.0)
     stratify: bool = opt(True, "Classification splits keep the class ratios")
     train_split: str|None = opt(None, "The source's training split name (None: train)")
@@ -319,8 +319,9 @@ class DataConfig(Section):
     corpus_size: int = opt(2000, "Stories in the generated corpus (source='embedded')", ge=10)
 
     def check(self):
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError(f"data.val_fraction={self.val_fraction} + data.test_fraction={self.test_fraction} leave no "
+        val = 0.1 if self.val_fraction is None else self.val_fraction
+        if val + self.test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction={val}{' (its default)' if self.val_fraction is None else ''} + data.test_fraction={self.test_fraction} leave no "
                               f"training data: keep their sum below 1")
 
 @dataclass

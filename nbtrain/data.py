@@ -31,7 +31,7 @@ from .vision import ImageTransform, ImageDataset, check_images, normalize_stats,
 
 # %% auto #0
 __all__ = ['DATA_DEFAULTS', 'TASK_KINDS', 'DATA_FORMATS', 'CHAT_COLUMNS', 'SEQ2SEQ_COLUMNS', 'TOKEN_COLUMNS', 'Splits',
-           'split_indices', 'DataBundle', 'data_settings', 'task_settings', 'build_data', 'resolve_data',
+           'split_indices', 'DataBundle', 'data_settings', 'held_out', 'task_settings', 'build_data', 'resolve_data',
            'prompt_response_examples', 'chat_examples', 'seq2seq_pairs', 'token_tag_rows', 'align_words', 'epoch_seed',
            'sample_seed', 'EpochSampler', 'KeyedDataset', 'KeyedCollate', 'make_loader', 'loader_sampler', 'set_epoch',
            'embedded_corpus', 'embedded_sentiment', 'SENTIMENT_LABELS', 'digits_images', 'synthetic_data', 'Table',
@@ -121,7 +121,7 @@ class DataBundle:
 
 # %% ../nbs/08f_data.ipynb #13ded54b
 DATA_DEFAULTS = dict(
-    source='embedded', tokenizer='auto', seq_len=128, val_fraction=0.1, text_column=None, label_column=None,
+    source='embedded', tokenizer='auto', seq_len=128, val_fraction=None, text_column=None, label_column=None,
     num_workers=0, max_samples=None, corpus_size=2000,
     test_fraction=0.0, stratify=True, train_split=None, val_split=None, test_split=None, label_names=None,
     image_column=None, image_size=None, image_mode=None, normalize='data', augment=False,
@@ -136,6 +136,15 @@ def data_settings(data_cfg=None, **overrides) -> SimpleNamespace:
     "Every data setting: from `data_cfg` (a `DataConfig`, dict, namespace or None), then `overrides`, else the defaults."
     get = (lambda k, v: data_cfg.get(k, v)) if isinstance(data_cfg, dict) else (lambda k, v: getattr(data_cfg, k, v))
     return SimpleNamespace(**{k: overrides.get(k, get(k, v)) for k, v in DATA_DEFAULTS.items()})
+
+def held_out(c, mapped:bool=False) -> float:
+    """The fraction of validation examples for data settings `c`: `data.val_fraction`, or when that is None the default of
+    how the data is read: 0.1 of the examples read whole, or `tokens.VAL_FRACTION` (0.0005) of the documents of a
+    memory-mapped corpus, which is large enough that a small share makes a validation set."""
+    if c.val_fraction is not None: return c.val_fraction
+    if not mapped: return 0.1
+    from nbtrain.tokens import VAL_FRACTION
+    return VAL_FRACTION
 
 def task_settings(task) -> SimpleNamespace:
     "The task's name and the fields data preparation reads (`num_labels`, `mlm_probability`), from a name or a `TaskConfig`."
@@ -153,7 +162,7 @@ def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cach
     if c.max_samples is not None and c.max_samples < 1:
         raise DataError(f"data.max_samples={c.max_samples} must be >= 1 (or None for all)")
     cache = DataCache(cache_dir or c.cache_dir or default_cache_dir(), enabled=bool(c.cache))
-    info = dict(source=_describe_source(src), task=t.name, seed=seed, val_fraction=c.val_fraction,
+    info = dict(source=_describe_source(src), task=t.name, seed=seed, val_fraction=held_out(c),
                 test_fraction=c.test_fraction, seq_len=c.seq_len, tokenizer=None)
     named = src.lower() if isinstance(src, str) and src.lower() in NAMED_SOURCES else None
     if c.format != 'text':
@@ -235,7 +244,7 @@ def _source_tables(named, src, c, t, cache) -> dict[str, Table]:
 def _split_roles(splits, c, seed, labels=None) -> dict[str, tuple[str, list[int]]]:
     "For each role (train, validation, test): the source split it comes from and the row indices in it."
     n = len(splits['train'])
-    val_f = 0.0 if 'validation' in splits else c.val_fraction
+    val_f = 0.0 if 'validation' in splits else held_out(c)
     test_f = 0.0 if 'test' in splits else c.test_fraction
     s = split_indices(n, val_f, seed, test_fraction=test_f, labels=labels if c.stratify else None)
     roles = {'train': ('train', s.train)}
@@ -382,7 +391,7 @@ def _synthetic_bundle(c, t, seed, info) -> DataBundle:
     cols = synthetic_data(t.name, n, c.seq_len, seed)
     ds = DictDataset(**cols)
     cls = 'labels' in cols and t.name != 'causal_lm'
-    s = split_indices(n, c.val_fraction, seed, test_fraction=c.test_fraction,
+    s = split_indices(n, held_out(c), seed, test_fraction=c.test_fraction,
                       labels=cols['labels'].tolist() if cls and c.stratify else None)
     part = lambda idx: ds.take(idx) if idx else None
     collate = {'causal_lm': collate_stack, 'image_classification': collate_stack, 'sequence_classification': PadCollator(0),
@@ -446,10 +455,17 @@ def _mapped_bundle(src, c, t, info, cache) -> DataBundle:
             raise DataError(f"data.tokenizer={want!r}, but the token corpus {p} was tokenised with {have.get('spec')!r}: its ids "
                             f"only mean something with that tokenizer. Set data.tokenizer='auto' (the corpus's own), or "
                             f"prepare the corpus again with nbtrain prepare ... --tokenizer {want}")
+        held = corpus.manifest.get('validation') or {}
+        if c.val_fraction is not None and held.get('from') != 'source' and c.val_fraction != held.get('fraction', 0.0):
+            warnings.warn(f"data.val_fraction={c.val_fraction} does not apply to the prepared corpus {p}: its validation split was "
+                          f"made when it was prepared ({held.get('fraction', 0.0)} of the documents). Prepare it again with "
+                          f"nbtrain prepare ... --val-fraction {c.val_fraction} to change it", stacklevel=2)
+        info.update(val_fraction=held.get('fraction'))
     else:
         name = str(c.tokenizer).strip()
         corpus = cached_corpus(src, 'char' if name.lower() == 'auto' else name, cache.root, workers=c.prepare_workers,
-                               text_column=c.text_column, vocab_size=c.vocab_size)
+                               text_column=c.text_column, vocab_size=c.vocab_size, val_fraction=held_out(c, mapped=True))
+        info.update(val_fraction=held_out(c, mapped=True))
     if c.local_copy is True or (c.local_copy == 'auto' and on_drive(corpus.path)): corpus = local_copy(corpus)
     causal, tok = t.name == 'causal_lm', corpus.tokenizer
     train = corpus.dataset('train', c.seq_len, causal)

@@ -339,6 +339,11 @@ def card_metadata(run:RunSummary, repo_id:str|None=None, license:str|None=None, 
                                 'results': [result(s, ms) for s, ms in (('validation', metrics), ('test', tested)) if ms]}]
     return meta
 
+def _data_info(run:RunSummary) -> dict:
+    "What the run recorded of its data (`data.json`: the validation fraction it used, token counts), or {}."
+    try: return _read_json(run.run_dir/'data.json')
+    except Exception: return {}  # an older or partial run folder: the card leaves the row out
+
 def model_card(run:RunSummary, repo_id:str|None=None, *, revision:str|None=None, files:dict|None=None,
                license:str|None=None, tags=(), secrets=(), max_rows:int=10, what:str='auto') -> str:
     """README.md for the Hub: YAML metadata, then task, loading, data, metrics, training, hardware, environment, limitations.
@@ -372,7 +377,7 @@ def model_card(run:RunSummary, repo_id:str|None=None, *, revision:str|None=None,
     s = ['\n'.join(head), "## How to load it\n\n" + how]
     if lo: s.append("## LoRA adapters\n\n" + _table(['setting', 'value'], _lora_rows(lo, layout)))
     d_rows = [['source', data.get('source')], ['tokenizer', data.get('tokenizer')], ['sequence length', data.get('seq_len')],
-              ['validation fraction', data.get('val_fraction')]]
+              ['validation fraction', data.get('val_fraction') if data.get('val_fraction') is not None else _data_info(run).get('val_fraction')]]
     if data.get('source') == 'embedded': d_rows.append(['stories in the corpus', data.get('corpus_size')])
     if data.get('max_samples'): d_rows.append(['examples used at most', data['max_samples']])
     s.append("## Training data\n\n" + _table(['setting', 'value'], [r for r in d_rows if r[1] is not None]))
