@@ -7,13 +7,13 @@ Docs: https://nbtrain.github.io/nbtrain/data.html.md"""
 # %% ../nbs/08f_data.ipynb #5f3aaaf7
 from __future__ import annotations
 import json, math, os, random, warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from .errors import DataError, did_you_mean, format_choices
 from .registry import COLLATORS, TOKENIZERS, Registry
 from .repro import seed_worker, mix64
@@ -207,8 +207,16 @@ def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cach
     return b
 
 def resolve_data(data, data_cfg, task, seed:int, **kwargs) -> DataBundle:
-    "`data` itself if it is a `DataBundle`, else `build_data` with `data` as the source (None: `data_cfg.source`)."
-    if isinstance(data, DataBundle): return data
+    """`data` itself if it is a `DataBundle`, else `build_data` with `data` as the source (None: `data_cfg.source`).
+    A bundle whose training set is iterable only (an `IterableDataset`) gets it wrapped in a `stream.IterableStream`
+    that reads this process's share (`rank` of `world_size`) and resumes exactly."""
+    if isinstance(data, DataBundle):
+        tr = data.train
+        if isinstance(tr, IterableDataset) or (hasattr(tr, '__iter__') and not hasattr(tr, '__len__')):
+            from nbtrain.stream import TokenStream, IterableStream
+            if not isinstance(tr, (TokenStream, IterableStream)):
+                data = replace(data, train=IterableStream(tr, seed, kwargs.get('rank', 0), kwargs.get('world_size', 1)))
+        return data
     return build_data(data_cfg, task, seed, source=data, **kwargs)
 
 def _describe_source(src) -> str:

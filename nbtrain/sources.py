@@ -387,6 +387,11 @@ def memory_tables(obj, origin:str='the in-memory data') -> dict[str, Table]:
         elif _is_image_like(first): t = Table({'image': obj}, origin)
         else: raise DataError(f"{origin}: a list of {type(first).__name__} is not data nbtrain can read; give texts, "
                               f"records (dicts), images, or an (inputs, labels) pair")
+    elif hasattr(obj, '__iter__') and not hasattr(obj, '__len__'):  # an IterableDataset, a generator: examples of its own
+        raise DataError(f"{origin} is a {type(obj).__name__}, read only by iterating it: examples ready for the model train "
+                        f"as a stream given as DataBundle(train=it, val=None, collate=collate_stack) (nbtrain.data), "
+                        f"resumed exactly when it gives the same examples each time; text to tokenise goes in data.source "
+                        f"with data.streaming=true")
     else:
         raise DataError(f"{origin} is a {type(obj).__name__}: give a list of texts or records, a dict of columns, an "
                         f"(inputs, labels) pair, a DataFrame, a Hugging Face dataset, or a path")

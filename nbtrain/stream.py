@@ -6,7 +6,7 @@ Docs: https://nbtrain.github.io/nbtrain/stream.html.md"""
 
 # %% ../nbs/08h_stream.ipynb #9349f631
 from __future__ import annotations
-import copy, inspect, queue, re, threading, warnings
+import copy, hashlib, inspect, queue, re, threading, warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +22,9 @@ from .processing import IGNORE_INDEX, PackedLMDataset, collate_stack
 from .repro import mix64
 
 # %% auto #0
-__all__ = ['STREAM_BUILDERS', 'STATE_FORMAT', 'STREAM_TASKS', 'StreamSource', 'stream_source', 'stream_seed', 'TokenStream',
-           'StreamLoader', 'stream_validation', 'stream_tokenizer', 'StreamData', 'stream_data']
+__all__ = ['STREAM_BUILDERS', 'STATE_FORMAT', 'ITERABLE_FORMAT', 'STREAM_TASKS', 'StreamSource', 'stream_source', 'stream_seed',
+           'TokenStream', 'StreamLoader', 'IterableStream', 'stream_validation', 'stream_tokenizer', 'StreamData',
+           'stream_data']
 
 # %% ../nbs/08h_stream.ipynb #9534bada
 STREAM_BUILDERS = {'.txt': 'text', '.jsonl': 'json', '.ndjson': 'json', '.json': 'json', '.csv': 'csv', '.tsv': 'csv',
@@ -546,6 +547,126 @@ class StreamLoader:
 
     def __repr__(self):
         return f"StreamLoader({self.stream!r}, micro_batch_size={self.micro_batch_size}, prefetch={self.prefetch})"
+
+# %% ../nbs/08h_stream.ipynb #6ac8bf6b
+ITERABLE_FORMAT = 'nbtrain.iterable_stream.v1'
+
+def _digest(example) -> str:
+    "A short fingerprint of one example (a dict of tensors, arrays or plain values): resuming checks it is the same one."
+    h = hashlib.blake2b(digest_size=12)
+    items = sorted(example.items()) if isinstance(example, dict) else [('', example)]
+    for k, v in items:
+        h.update(str(k).encode())
+        if isinstance(v, torch.Tensor): v = v.detach().cpu().contiguous().numpy()
+        h.update(v.tobytes() + str((v.dtype, v.shape)).encode() if isinstance(v, np.ndarray) else repr(v).encode())
+    return h.hexdigest()
+
+def _positions(example) -> int:
+    "Token positions in an example (its `input_ids`), 0 when it has none."
+    x = example.get('input_ids') if isinstance(example, dict) else None
+    return int(x.numel()) if isinstance(x, torch.Tensor) else len(x) if x is not None and hasattr(x, '__len__') else 0
+
+@dataclass
+class _Place:
+    "Where an `IterableStream` stands: pass `epoch` (`done` once it ended), examples `read` of it (by every process), "
+    "`blocks` this process handed out in it, `tokens` over the run, and the `last` example read."
+    epoch: int
+    done: bool
+    read: int
+    blocks: int
+    tokens: int
+    last: object = None
+
+class IterableStream:
+    """Any iterable dataset of ready examples (a torch `IterableDataset`, a `datasets.IterableDataset`, a class with
+    `__iter__`) as a stream the trainer resumes exactly. Process `rank` of `world_size` keeps every `world_size`-th
+    example. A resumed stream iterates the dataset again from the start of its pass and skips the examples already
+    read, which is exact for a dataset that gives the same examples in the same order each time (a fixed seed); the
+    last example before the saved place is checked, so one that does not is refused rather than silently trained
+    on other data. A dataset with `set_epoch` (as `datasets`' has) is told each pass's number."""
+    def __init__(self, dataset, seed:int=0, rank:int=0, world_size:int=1):
+        if not hasattr(dataset, '__iter__'):
+            raise DataError(f"data.train is a {type(dataset).__name__}, which can be neither indexed nor iterated: give a Dataset "
+                            f"(with __len__ and __getitem__) or an IterableDataset (with __iter__)")
+        if not 0 <= rank < world_size: raise DataError(f"rank {rank} is not one of the {world_size} processes (0..{world_size - 1})")
+        self.dataset, self.seed, self.rank, self.world_size = dataset, int(seed), int(rank), int(world_size)
+        self.name, self.seq_len, self._expect = type(dataset).__name__, None, None
+        self._restore(_Place(0, False, 0, 0, 0))
+
+    # ---- position (the protocol `StreamLoader` reads, as `TokenStream` has it)
+    def _restore(self, s:_Place):
+        self.epoch, self._done, self._read, self.blocks, self.tokens, self._last = s.epoch, s.done, s.read, s.blocks, s.tokens, s.last
+        self._it = None  # the next read iterates the dataset again and skips to `_read`
+    def _snapshot(self) -> _Place: return _Place(self.epoch, self._done, self._read, self.blocks, self.tokens, self._last)
+    def _start_pass(self, epoch:int): self._expect = None; self._restore(_Place(int(epoch), False, 0, 0, self.tokens))
+    def set_epoch(self, epoch:int):
+        "Make the next pass epoch `epoch`: from its beginning, unless this stream is inside that epoch already."
+        if int(epoch) != self.epoch or self._done: self._start_pass(epoch)
+    @property
+    def exhausted(self) -> bool: return self._done
+
+    def _state(self, s:_Place) -> dict:
+        if s.done: s = _Place(s.epoch + 1, False, 0, 0, s.tokens)  # the next pass, from its start
+        return dict(format=ITERABLE_FORMAT, dataset=self.name, world_size=self.world_size, epoch=s.epoch, read=s.read,
+                    blocks=s.blocks, tokens=s.tokens, last=_digest(s.last) if s.read else '')
+    def state_dict(self) -> dict:
+        "Where the stream is: plain values (`torch.save`-able)."
+        return self._state(self._snapshot())
+    def load_state_dict(self, state:dict):
+        "Continue after the example the state was taken at (checked when the dataset is read again)."
+        if not isinstance(state, dict) or state.get('format') != ITERABLE_FORMAT:
+            raise DataError(f"This is not the state of an iterable dataset's stream (expected format {ITERABLE_FORMAT!r}): the "
+                            f"checkpoint was made by a run on other data")
+        if state['world_size'] != self.world_size:
+            raise DataError(f"The saved place in {state.get('dataset')} was taken with {state['world_size']} processes, this run has "
+                            f"{self.world_size}: each keeps every {self.world_size}-th example, so the process count must stay the same")
+        self._restore(_Place(int(state['epoch']), False, int(state['read']), int(state['blocks']), int(state['tokens'])))
+        self._expect = state.get('last') or None
+
+    # ---- reading
+    def _open(self):
+        if hasattr(self.dataset, 'set_epoch'): self.dataset.set_epoch(self.epoch)
+        it, last = iter(self.dataset), None
+        for i in range(self._read):  # back to the saved place
+            try: last = next(it)
+            except StopIteration:
+                raise DataError(f"{self.name} gives {i} examples in pass {self.epoch} now; the checkpoint was taken after "
+                                f"{self._read}: the data changed since, so the run cannot continue where it was") from None
+        if self._expect is not None and _digest(last) != self._expect:
+            raise DataError(f"Example {self._read} of {self.name} (pass {self.epoch}) is not the one the checkpoint was taken "
+                            f"after: the dataset does not give the same examples in the same order each time it is "
+                            f"iterated, so the run cannot continue exactly. Seed its randomness (e.g. by the epoch), or "
+                            f"start a new run")
+        self._expect, self._it, self._last = None, it, last
+
+    def __iter__(self) -> Iterator:
+        "The examples of the pass in progress that are this process's, from where the stream is (a finished pass: the next one's)."
+        if self._done: self._start_pass(self.epoch + 1)
+        while True:
+            if self._it is None: self._open()
+            try: ex = next(self._it)
+            except StopIteration: break
+            except DataError: raise
+            except Exception as e:
+                raise DataError(f"{self.name}: reading example {self._read + 1} of pass {self.epoch} failed: "
+                                f"{type(e).__name__}: {_first_line(e)}") from None
+            self._read, self._last = self._read + 1, ex
+            if (self._read - 1) % self.world_size != self.rank: continue
+            self.blocks += 1; self.tokens += _positions(ex)
+            yield ex
+        self._done, self._it = True, None
+
+    def peek(self):
+        "The next example, leaving the stream where it is."
+        s, expect = self._snapshot(), self._expect
+        try:
+            for ex in self: return ex
+        finally: self._restore(s); self._expect = expect
+        raise DataError(f"{self.name} gives no example: there is nothing to train on")
+
+    def __repr__(self):
+        return (f"IterableStream({self.name}, rank={self.rank}/{self.world_size}, epoch={self.epoch}, "
+                f"read={self._read}, blocks={self.blocks})")
 
 # %% ../nbs/08h_stream.ipynb #ff6f97e2
 def _first_docs(src:StreamSource, split:str, column:str, n:int) -> tuple[list[str], int]:

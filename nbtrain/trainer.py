@@ -28,7 +28,7 @@ from .lora import (apply_lora, compute_dtype, freeze_base_dtype, base_fingerprin
 import dataclasses
 from .tasks import build_task
 from .data import resolve_data, make_loader, set_epoch, loader_sampler, default_cache_dir
-from .stream import TokenStream, StreamLoader
+from .stream import IterableStream, TokenStream, StreamLoader
 from .loading import check_vocab
 from .optim import build_optimizer, build_scheduler, LRSchedule
 from .callbacks import Callback, CallbackList, JSONLLogger, ProgressBar, EarlyStopping, LossCurve, read_metrics
@@ -177,8 +177,8 @@ class Trainer:
 
     @property
     def streaming(self) -> bool:
-        "Whether the training data is a stream of unknown length (`data.streaming`): progress is counted in tokens."
-        return isinstance(self.data.train, (TokenStream, _IterableDataset))
+        "Whether the training data is a stream of unknown length (`data.streaming`, or an iterable dataset): progress is counted in tokens."
+        return isinstance(self.data.train, (TokenStream, IterableStream, _IterableDataset))
 
     @property
     def tokens_per_step(self) -> int|None:

@@ -245,3 +245,39 @@ def test_parquet_and_csv(tmp_path):
     torch.save(dl.state_dict(), tmp_path / 's.pt'); dl.close()
     r = mk(); r.load_state_dict(torch.load(tmp_path / 's.pt', weights_only=True))
     assert same(full, first + list(r))
+
+
+class Generated(torch.utils.data.IterableDataset):
+    "A user's own stream of ready examples, made from a seed and the pass number (the same each time a pass is read)."
+    def __init__(self, n=40): self.n, self.epoch = n, 0
+    def set_epoch(self, epoch): self.epoch = epoch
+    def __iter__(self):
+        g = torch.Generator().manual_seed(1000 + self.epoch)
+        for _ in range(self.n):
+            x = torch.randint(0, 40, (17,), generator=g)
+            yield {'input_ids': x[:16], 'labels': x}
+
+
+def test_a_users_iterable_dataset_trains_and_resumes_exactly(tmp_path):
+    "A DataBundle whose train is an IterableDataset trains as a stream (passes counted as they end), and a run cut off and resumed ends with the uninterrupted run's weights."
+    from safetensors.torch import load_file
+    from nbtrain.callbacks import Callback
+    from nbtrain.config import load_config
+    from nbtrain.data import DataBundle
+    from nbtrain.processing import collate_stack
+    from nbtrain.trainer import Trainer
+    bundle = lambda: DataBundle(Generated(), None, collate_stack, None, 40, None, {})
+    over = lambda name: {'train.max_steps': 14, 'data.seq_len': 16, 'train.micro_batch_size': 4, 'train.eval_every': None,
+                         'checkpoint.every_steps': 3, 'output_dir': str(tmp_path), 'name': name, 'tracking.backends': ['jsonl'],
+                         'eval.samples': False, 'train.deterministic': True}
+    full = Trainer(load_config(None, 'tiny-cpu', over('full')), data=bundle()).fit()
+    assert full.step == 14
+    class CutAt7(Callback):
+        def on_step_end(self, trainer):
+            if trainer.step == 7: trainer.should_stop = True
+    cut = Trainer(load_config(None, 'tiny-cpu', over('cut')), data=bundle(), callbacks=[CutAt7()]).fit()
+    assert cut.step == 7  # 10 batches a pass: the cut is in the second pass
+    rest = Trainer(load_config(None, 'tiny-cpu', over('cut')), data=bundle()).fit()
+    assert rest.step == 14
+    a, b = (load_file(r.run_dir/'final'/'model.safetensors') for r in (full, rest))
+    assert all(torch.equal(a[k], b[k]) for k in a), 'the resumed run differs'
