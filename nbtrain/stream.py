@@ -568,8 +568,8 @@ def _positions(example) -> int:
 
 @dataclass
 class _Place:
-    "Where an `IterableStream` stands: pass `epoch` (`done` once it ended), examples `read` of it (by every process), "
-    "`blocks` this process handed out in it, `tokens` over the run, and the `last` example read."
+    """Where an `IterableStream` stands: pass `epoch` (`done` once it ended), examples `read` of it (by every process),
+    `blocks` this process handed out in it, `tokens` over the run, and the `last` example read."""
     epoch: int
     done: bool
     read: int
