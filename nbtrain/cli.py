@@ -67,7 +67,7 @@ def cmd_train(cfg) -> int:
     train = 'a stream of unknown length' if tr.streaming else f"{len(tr.data.train):,} train"
     say(f"model: {cfg.model.name} ({n/1e6:.2f}M parameters) | task: {cfg.task.name} | data: {cfg.data.source} "
         f"({train} / {len(tr.data.val or ()):,} val examples)")
-    per = f" ({tr.tokens_per_step:,} tokens each, {tr.total_steps * tr.tokens_per_step:,} in all)" if tr.streaming else ''
+    per = f" ({tr.tokens_per_step:,} tokens each, {tr.total_steps * tr.tokens_per_step:,} in all)" if tr.streaming and tr.tokens_per_step else ''
     say(f"device: {tr.fabric.device} | {tr.precision_note} | {tr.total_steps} optimizer steps of "
         f"{cfg.train.micro_batch_size * cfg.train.grad_accum * tr.fabric.world_size} examples{per}")
     if getattr(tr, 'memory_note', None): say(f"memory: {tr.memory_note}")  # before the first step: on a GPU, the advice if it will not fit
@@ -99,7 +99,7 @@ def plain_warnings():
     followed by a line of nbtrain's source; other libraries' warnings keep their usual form."""
     default = warnings.formatwarning
     def fmt(message, category, filename, lineno, line=None):
-        if str(Path(filename).resolve()).startswith(_PACKAGE) and issubclass(category, UserWarning): return f"warning: {message}\n"
+        if str(Path(filename).resolve()).startswith(_PACKAGE + os.sep) and issubclass(category, UserWarning): return f"warning: {message}\n"
         return default(message, category, filename, lineno, line)
     warnings.formatwarning = fmt
     try: yield

@@ -192,6 +192,7 @@ def build_data(data_cfg=None, task='causal_lm', seed:int=0, *, source=None, cach
     elif named == 'synthetic': b = _synthetic_bundle(c, t, seed, info)
     else:
         splits = _source_tables(named, src, c, t, cache)
+        if 'validation' in splits: info['val_fraction'] = None  # the source's own validation split: nothing held out
         if 'input_ids' in splits['train'].columns and c.text_column is None: b = _pretokenized_bundle(splits, c, t, seed, info)
         elif c.format != 'text': b = _chat_bundle(splits, c, t, seed, info, cache, run_dir)
         elif t.name not in TASK_KINDS: _unprepared(t)
@@ -504,7 +505,7 @@ def _stream_bundle(src, c, t, seed, info, run_dir, rank, world_size) -> DataBund
                             train_split=c.train_split)
     train = TokenStream(src, tok, c.seq_len, causal, shuffle_buffer=c.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
                         text_column=c.text_column, skip_examples=val.skip_examples if val is not None else 0, split=c.train_split)
-    info.update(streaming=True, shuffle_buffer=c.shuffle_buffer, val_examples=val.examples if val is not None else 0,
+    info.update(streaming=True, val_fraction=None, shuffle_buffer=c.shuffle_buffer, val_examples=val.examples if val is not None else 0,
                 val_held_out_of_train=bool(val is not None and val.skip_examples), val_tokens=val.num_tokens if val is not None else 0,
                 tokenizer=str(c.tokenizer), tokenizer_type=tok.type, tokenizer_fingerprint=tok.fingerprint())
     collate = collate_stack if causal else MLMCollator(tok.mask_id, tok.vocab_size, tok.pad_id, tok.special_ids, t.mlm_probability)

@@ -37,7 +37,7 @@ def queue_url(url=None, root='runs') -> str:
     return f'sqlite:///{p.expanduser().resolve()}'
 
 def _sqlite_path(url:str) -> Path|None:
-    path = url.split(':///', 1)[1] if url.startswith('sqlite') and ':///' in url else ''
+    path = url.split(':///', 1)[1].split('?', 1)[0] if url.startswith('sqlite') and ':///' in url else ''
     return Path(path) if path and path != ':memory:' else None
 
 def _on_drive(path) -> bool:
@@ -746,6 +746,7 @@ class QueueCommand:
         if act in ('list', 'slurm', 'cancel', 'retry', 'run-job') and path is not None and not path.exists():
             # only add and run make a queue: a mistyped --queue or --root must not leave an empty database behind
             where = f"No queue at {path}"
+            if act == 'list' and args.json: print('[]'); return 0
             if act in ('list', 'slurm'): print(f"{where}: nothing queued yet (nbtrain queue add creates it)"); return 0
             raise ConfigError(f"{where}, so there is no job {' '.join(map(str, getattr(args, 'ids', None) or [args.job]))} to "
                               f"{act.replace('-job', '')}: give the queue the jobs were added to with --queue FILE|URL or --root DIR")

@@ -447,9 +447,9 @@ class StreamLoader:
         self._thread = self._stop = None
 
     @property
-    def tokens_per_batch(self) -> int:
-        "Token positions of a full batch (micro_batch_size x seq_len)."
-        return self.micro_batch_size * self.stream.seq_len
+    def tokens_per_batch(self) -> int|None:
+        "Token positions of a full batch (micro_batch_size x seq_len); None for examples of no fixed length."
+        return self.micro_batch_size * self.stream.seq_len if self.stream.seq_len else None
 
     @property
     def epoch(self) -> int:
@@ -551,14 +551,26 @@ class StreamLoader:
 # %% ../nbs/08h_stream.ipynb #6ac8bf6b
 ITERABLE_FORMAT = 'nbtrain.iterable_stream.v1'
 
+def _feed(h, v):
+    "Add value `v` to hash `h`: tensors and arrays by their bytes (any dtype), containers item by item, plain values by repr."
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)}".encode())
+        if t.numel(): h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(v, np.ndarray) and v.dtype != object:
+        h.update(f"array {v.dtype} {v.shape}".encode()); h.update(np.ascontiguousarray(v).tobytes())
+    elif isinstance(v, dict):
+        for k in sorted(v, key=str): h.update(repr(k).encode()); _feed(h, v[k])
+    elif isinstance(v, (list, tuple)):
+        h.update(f"{type(v).__name__} {len(v)}".encode())
+        for x in v: _feed(h, x)
+    elif isinstance(v, (str, bytes, int, float, bool, type(None))): h.update(repr(v).encode())
+    else: h.update(type(v).__name__.encode())  # an object whose repr may hold its address (an image, ...): its type only
+
 def _digest(example) -> str:
-    "A short fingerprint of one example (a dict of tensors, arrays or plain values): resuming checks it is the same one."
+    "A short fingerprint of one example (a dict of tensors, arrays or plain values), the same in every process: resuming checks it is the same one."
     h = hashlib.blake2b(digest_size=12)
-    items = sorted(example.items()) if isinstance(example, dict) else [('', example)]
-    for k, v in items:
-        h.update(str(k).encode())
-        if isinstance(v, torch.Tensor): v = v.detach().cpu().contiguous().numpy()
-        h.update(v.tobytes() + str((v.dtype, v.shape)).encode() if isinstance(v, np.ndarray) else repr(v).encode())
+    _feed(h, example)
     return h.hexdigest()
 
 def _positions(example) -> int:
@@ -569,13 +581,15 @@ def _positions(example) -> int:
 @dataclass
 class _Place:
     """Where an `IterableStream` stands: pass `epoch` (`done` once it ended), examples `read` of it (by every process),
-    `blocks` this process handed out in it, `tokens` over the run, and the `last` example read."""
+    `blocks` this process handed out in it, `tokens` over the run, and the `last` example read (or, right after a
+    resume, before it is read again: its fingerprint `digest`)."""
     epoch: int
     done: bool
     read: int
     blocks: int
     tokens: int
     last: object = None
+    digest: str = ''
 
 class IterableStream:
     """Any iterable dataset of ready examples (a torch `IterableDataset`, a `datasets.IterableDataset`, a class with
@@ -583,11 +597,16 @@ class IterableStream:
     example. A resumed stream iterates the dataset again from the start of its pass and skips the examples already
     read, which is exact for a dataset that gives the same examples in the same order each time (a fixed seed); the
     last example before the saved place is checked, so one that does not is refused rather than silently trained
-    on other data. A dataset with `set_epoch` (as `datasets`' has) is told each pass's number."""
+    on other data. A dataset with `set_epoch` (as `datasets`' has) is told each pass's number. Give each process the
+    whole dataset: one already split per process would be split again."""
     def __init__(self, dataset, seed:int=0, rank:int=0, world_size:int=1):
         if not hasattr(dataset, '__iter__'):
             raise DataError(f"data.train is a {type(dataset).__name__}, which can be neither indexed nor iterated: give a Dataset "
                             f"(with __len__ and __getitem__) or an IterableDataset (with __iter__)")
+        if hasattr(dataset, '__next__'):
+            raise DataError(f"data.train is a {type(dataset).__name__}, an iterator that can be read once: training reads it once "
+                            f"per pass and again on resume. Give an IterableDataset whose __iter__ starts from the beginning "
+                            f"each time it is called (a generator function in a class: def __iter__(self): yield ...)")
         if not 0 <= rank < world_size: raise DataError(f"rank {rank} is not one of the {world_size} processes (0..{world_size - 1})")
         self.dataset, self.seed, self.rank, self.world_size = dataset, int(seed), int(rank), int(world_size)
         self.name, self.seq_len, self._expect = type(dataset).__name__, None, None
@@ -596,8 +615,10 @@ class IterableStream:
     # ---- position (the protocol `StreamLoader` reads, as `TokenStream` has it)
     def _restore(self, s:_Place):
         self.epoch, self._done, self._read, self.blocks, self.tokens, self._last = s.epoch, s.done, s.read, s.blocks, s.tokens, s.last
+        self._saved = s.digest if s.last is None else ''
         self._it = None  # the next read iterates the dataset again and skips to `_read`
-    def _snapshot(self) -> _Place: return _Place(self.epoch, self._done, self._read, self.blocks, self.tokens, self._last)
+    def _snapshot(self) -> _Place:
+        return _Place(self.epoch, self._done, self._read, self.blocks, self.tokens, self._last, self._saved if self._last is None else '')
     def _start_pass(self, epoch:int): self._expect = None; self._restore(_Place(int(epoch), False, 0, 0, self.tokens))
     def set_epoch(self, epoch:int):
         "Make the next pass epoch `epoch`: from its beginning, unless this stream is inside that epoch already."
@@ -608,7 +629,7 @@ class IterableStream:
     def _state(self, s:_Place) -> dict:
         if s.done: s = _Place(s.epoch + 1, False, 0, 0, s.tokens)  # the next pass, from its start
         return dict(format=ITERABLE_FORMAT, dataset=self.name, world_size=self.world_size, epoch=s.epoch, read=s.read,
-                    blocks=s.blocks, tokens=s.tokens, last=_digest(s.last) if s.read else '')
+                    blocks=s.blocks, tokens=s.tokens, last=(s.digest or _digest(s.last)) if s.read else '')
     def state_dict(self) -> dict:
         "Where the stream is: plain values (`torch.save`-able)."
         return self._state(self._snapshot())
@@ -620,7 +641,8 @@ class IterableStream:
         if state['world_size'] != self.world_size:
             raise DataError(f"The saved place in {state.get('dataset')} was taken with {state['world_size']} processes, this run has "
                             f"{self.world_size}: each keeps every {self.world_size}-th example, so the process count must stay the same")
-        self._restore(_Place(int(state['epoch']), False, int(state['read']), int(state['blocks']), int(state['tokens'])))
+        self._restore(_Place(int(state['epoch']), False, int(state['read']), int(state['blocks']), int(state['tokens']),
+                             None, state.get('last') or ''))
         self._expect = state.get('last') or None
 
     # ---- reading

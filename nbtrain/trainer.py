@@ -374,9 +374,13 @@ def _total_steps(self:Trainer) -> int:
                               f"sequence length to count: use train.max_steps or train.max_epochs")
         caps.append(max(1, math.ceil(t.max_tokens / self.tokens_per_step)))
     if self.steps_per_epoch is None and (t.max_epochs or not caps):  # a stream: its length is unknown until it ends
-        raise ConfigError(f"data.streaming=true: the stream's length is unknown, so {'train.max_epochs' if t.max_epochs else 'train.max_time alone'} "
-                          f"cannot fix the number of steps (nor the learning-rate schedule). Set train.max_tokens (e.g. "
-                          f"{self.tokens_per_step * 1000:,} = 1,000 steps of {self.tokens_per_step:,} tokens) or train.max_steps")
+        what = ("the training set is an iterable dataset: its length" if isinstance(self.data.train, IterableStream)
+                else "data.streaming=true: the stream's length")
+        per = self.tokens_per_step
+        fix = (f"train.max_tokens (e.g. {per * 1000:,} = 1,000 steps of {per:,} tokens) or train.max_steps" if per
+               else "train.max_steps")
+        raise ConfigError(f"{what} is unknown, so {'train.max_epochs' if t.max_epochs else 'train.max_time alone'} "
+                          f"cannot fix the number of steps (nor the learning-rate schedule). Set {fix}")
     if t.max_epochs: caps.append(max(1, math.ceil(t.max_epochs * self.steps_per_epoch)))
     if caps: return min(caps)
     # only a time limit: the schedule still needs a length
@@ -388,6 +392,7 @@ def _total_steps(self:Trainer) -> int:
 def _build_loaders(self:Trainer):
     t = self.cfg.train
     before = getattr(self, 'train_loader', None)
+    if self.streaming and before is not None: before.close()  # its prefetching thread reads the same stream: stopped first
     self.train_loader, self.val_loader = self._loaders()
     if self.streaming:  # no length: passes are counted as they end
         if before is not None: self.train_loader.load_state_dict(before.state_dict())  # a new micro-batch size, the same place

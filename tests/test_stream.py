@@ -281,3 +281,26 @@ def test_a_users_iterable_dataset_trains_and_resumes_exactly(tmp_path):
     assert rest.step == 14
     a, b = (load_file(r.run_dir/'final'/'model.safetensors') for r in (full, rest))
     assert all(torch.equal(a[k], b[k]) for k in a), 'the resumed run differs'
+
+
+class Labelled(torch.utils.data.IterableDataset):
+    "A stream of classification examples (no sequence length the trainer could count tokens by)."
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(24):
+            yield {'input_ids': torch.randint(4, 40, (16,), generator=g), 'attention_mask': torch.ones(16, dtype=torch.long),
+                   'labels': torch.randint(0, 2, (), generator=g)}
+
+
+def test_an_iterable_dataset_of_unknown_length_needs_a_step_count(tmp_path):
+    "max_epochs cannot size a stream of unknown length: the error names the iterable dataset and what to set, for a task with no tokens to count too."
+    from nbtrain.config import load_config
+    from nbtrain.data import DataBundle
+    from nbtrain.errors import ConfigError
+    from nbtrain.processing import collate_stack
+    from nbtrain.trainer import Trainer
+    cfg = load_config(None, 'tiny-cpu', {'task.name': 'sequence_classification', 'task.num_labels': 2, 'model.name': 'encoder_classifier',
+                                         'data.seq_len': 16, 'train.max_steps': None, 'train.max_epochs': 1, 'output_dir': str(tmp_path)})
+    with pytest.raises(ConfigError, match=r'the training set is an iterable dataset: its length is unknown, so train.max_epochs '
+                                          r'cannot fix the number of steps .* Set train.max_steps$'):
+        Trainer(cfg, data=DataBundle(Labelled(), None, collate_stack, None, 40, 2, {}))
