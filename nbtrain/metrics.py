@@ -141,11 +141,14 @@ class EvalStats:
             lp = z.log_softmax(-1)
             p = lp.exp()
             lp.clamp_min_(torch.finfo(lp.dtype).min)  # a masked (-inf) logit: 0 * -inf would be NaN in the entropy
-            ent = -torch.bmm(p.unsqueeze(1), lp.unsqueeze(2)).flatten()  # row-wise dot products, no [rows, C] temporary
+            # elementwise products and sums rather than bmm/gemv: a BLAS kernel may split its sums differently from one
+            # call to the next (threads, alignment, reduced-precision fp32 matmuls), and a resumed run must log the
+            # same numbers as an uninterrupted one; the [rows, C] temporary is bounded by `chunk_elements`
+            ent = -(p * lp).sum(-1)
             top_p = lp.topk(k, -1).values.exp()
             wi, ki = w[i:i+rows], keep[i:i+rows]
             s['scalars'] += torch.stack([wi.sum(), (top_p[:, 0] * wi).sum(), (top_p.sum(-1) * wi).sum(), (ent * wi).sum()])
-            s['pred_mass'] += (wi.to(p.dtype) @ p).to(dt)  # the predicted distributions, summed over targets
+            s['pred_mass'] += (p * wi.to(p.dtype)[:, None]).sum(0).to(dt)  # the predicted distributions, summed over targets
             zk, yk = z[ki], y[i:i+rows][ki]  # the targets that count (a boolean index: one host sync per chunk)
             if not len(yk): continue  # none here (padding): torchmetrics takes no empty batch
             for name, m in self.tm.items():
