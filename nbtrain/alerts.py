@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 from .callbacks import Callback
+from .files import append_whole, atomic_write
 from .errors import ConfigError, did_you_mean
 
 # %% auto #0
@@ -174,10 +175,8 @@ class AlertRules(Callback):
         if trainer.run_dir is None or not trainer.is_global_zero: return
         p = Path(trainer.run_dir)/self.filename
         if p.exists() and trainer.step:  # resumed from an earlier checkpoint: the alerts after it happen again, or not
-            rows = [l for l in p.read_text(encoding='utf-8').splitlines() if _row_step(l) is not None and _row_step(l) <= trainer.step]
-            tmp = p.with_name(p.name + '.tmp')
-            tmp.write_text(''.join(l + '\n' for l in rows), encoding='utf-8')
-            os.replace(tmp, p)
+            rows = [l for l in p.read_text(encoding='utf-8').splitlines() if (s := _row_step(l)) is not None and s <= trainer.step]
+            atomic_write(p, ''.join(l + '\n' for l in rows))
 
     def on_log(self, trainer, metrics):
         f = getattr(trainer, 'fabric', None)
@@ -207,7 +206,7 @@ class AlertRules(Callback):
         if trainer.is_global_zero:
             _say(f"alert at step {trainer.step}: {r.text}: {why}" + (' -> stopping the run' if stop else ''))
             if trainer.run_dir is not None:
-                with open(Path(trainer.run_dir)/self.filename, 'a', encoding='utf-8') as f: f.write(json.dumps(row) + '\n')
+                append_whole(Path(trainer.run_dir)/self.filename, json.dumps(row) + '\n')
         if stop:
             trainer.should_stop = True
             trainer.stop_reason = trainer.stop_reason or f"alert {r.where} '{r.text}' fired at step {trainer.step}"
