@@ -652,6 +652,7 @@ class DataProfile(Callback):
     def on_fit_start(self, trainer):
         if not getattr(trainer, 'is_global_zero', True) or getattr(trainer, 'run_dir', None) is None: return
         if not hasattr(trainer.data.train, '__len__'): return  # a streamed training set: nothing to sample ahead
+        if getattr(trainer, 'step', 0) and (Path(trainer.run_dir)/PROFILE_FILE).exists(): return  # resumed: the same data, profiled
         try:
             p = _profile(trainer.data.train, trainer.data, max_examples=self.max_examples, seed=trainer.cfg.train.seed)
             write_json(Path(trainer.run_dir)/PROFILE_FILE, p)
