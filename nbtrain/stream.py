@@ -454,8 +454,8 @@ class StreamLoader:
     @property
     def epoch(self) -> int:
         "Passes completed, as of the last batch handed out: the epoch that batch belongs to, or the next one when it ended its pass."
-        s = self._last if self._last is not None else self.stream._snapshot()
-        return s.epoch + 1 if s.done else s.epoch
+        if self._last is None: return self.stream.epoch + self.stream.exhausted  # the stream itself is there: no snapshot
+        return self._last.epoch + 1 if self._last.done else self._last.epoch
 
     def _seeds(self, n:int) -> list[int]:
         s = self.stream
