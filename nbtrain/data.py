@@ -432,12 +432,11 @@ def _pretokenized_bundle(splits, c, t, seed, info) -> DataBundle:
     return DataBundle(parts['train'], parts.get('validation'), collate, None, vocab, num_labels, info, parts.get('test'))
 
 # %% ../nbs/08f_data.ipynb #eabc00ab
-_TEXT_SUFFIXES = ('.txt', '.jsonl', '.ndjson', '.json', '.csv', '.tsv', '.parquet')
-
 def _text_bytes(p:Path) -> int:
     "Bytes of the text files at `p` (a file or a folder, recursively)."
-    if p.is_file(): return p.stat().st_size if p.suffix.lower() in _TEXT_SUFFIXES else 0
-    return sum(f.stat().st_size for f in p.rglob('*') if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES)
+    from nbtrain.tokens import TEXT_SUFFIXES
+    if p.is_file(): return p.stat().st_size if p.suffix.lower() in TEXT_SUFFIXES else 0
+    return sum(f.stat().st_size for f in p.rglob('*') if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
 
 def _use_memory_map(src, c, lm_text:bool, t) -> bool:
     "Whether `src` is read through memory-mapped token shards: a prepared corpus, or `data.memory_map` says so."
